@@ -1,0 +1,1 @@
+"""One site: its store of volumes and snapshots, its keys, and its HTTP API."""

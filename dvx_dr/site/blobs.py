@@ -1,0 +1,331 @@
+"""The blob pipeline: block -> id = SHA-256 -> zstd -> AES-256-XTS -> segment, and back.
+
+Writing a batch of plaintexts:
+
+1. hash every plaintext (in the worker pool) and drop the ones already in the index (looked
+   up by keyed name) or repeated in the batch: dedup;
+2. compress the new ones with zstd (in the worker pool), keeping the plaintext when that is
+   not smaller;
+3. give each extent its address in the open segment, encrypt it with XTS under the current
+   key version using that address as the tweak, and append it;
+4. fsync the segment, then insert the index rows in the caller's transaction. The caller
+   commits, so an index row never names an extent that is not durable.
+
+Reading decrypts, decompresses and checks ``SHA-256(plaintext) == id``; a mismatch raises
+``IntegrityError`` and never returns data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import zstandard
+
+from dvx_dr.errors import IntegrityError
+from dvx_dr.site import extent
+from dvx_dr.site.crypto import ExtentCipher, IndexKeys, PlainIndex
+from dvx_dr.site.segments import SegmentReader, SegmentWriter
+
+ZSTD_LEVEL = 3
+#: The largest plaintext a blob may have (a 1 MiB block; pages and roots are smaller).
+MAX_PLAIN = 4 * 1024 * 1024
+_CHUNK = 16
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_local, "cctx", None)
+    if c is None:
+        c = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
+def blob_id(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _hash_chunk(chunk: Sequence[bytes]) -> list[bytes]:
+    return [hashlib.sha256(b).digest() for b in chunk]
+
+
+def compress(plain: bytes) -> tuple[bool, bytes]:
+    """``(True, zstd(plain))`` when that is smaller, else ``(False, plain)``."""
+    packed = _compressor().compress(plain)
+    return (True, packed) if len(packed) < len(plain) else (False, plain)
+
+
+def _compress_chunk(chunk: Sequence[bytes]) -> list[tuple[bool, bytes]]:
+    return [compress(b) for b in chunk]
+
+
+def decompress(payload: bytes, plain_len: int) -> bytes:
+    if plain_len > MAX_PLAIN:
+        raise IntegrityError(f"blob claims {plain_len} bytes of plaintext, above the limit")
+    try:
+        return _decompressor().decompress(payload, max_output_size=max(plain_len, 1))
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"compressed payload does not decompress ({exc})") from None
+
+
+def _chunks(items: Sequence[bytes]) -> list[Sequence[bytes]]:
+    return [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A blob as it travels between sites: compressed or not, never encrypted."""
+
+    id: bytes
+    compressed: bool
+    data: bytes
+    plain_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRow:
+    row: int
+    seg: int
+    off: int
+    length: int
+    plain_len: int
+    key_version: int
+
+
+class BlobStore:
+    """The blob index plus the segment files, with the cipher and compression in between."""
+
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        writer: SegmentWriter,
+        reader: SegmentReader,
+        index: IndexKeys | PlainIndex,
+        cipher: ExtentCipher | None,
+        pool: Executor,
+    ) -> None:
+        self.db = db
+        self.writer = writer
+        self.reader = reader
+        self.index = index
+        self.cipher = cipher
+        self.pool = pool
+        #: TEK version new extents are encrypted with; 0 writes them plain.
+        self.write_key_version = 0
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def lookup(self, ids: Iterable[bytes]) -> dict[bytes, int]:
+        """Map each id the index holds to its row; ids it lacks are absent."""
+        names = {self.index.name(i): i for i in ids}
+        found: dict[bytes, int] = {}
+        keys = list(names)
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
+            marks = ",".join("?" * len(part))
+            for row, name in self.db.execute(
+                f"SELECT row, name FROM blobs WHERE name IN ({marks})", part
+            ):
+                found[names[name]] = row
+        return found
+
+    def id_of(self, row: int) -> bytes:
+        r = self.db.execute("SELECT name, sealed_id FROM blobs WHERE row=?", (row,)).fetchone()
+        if r is None:
+            raise IntegrityError(f"blob row {row} is referenced but missing from the index")
+        return self.index.unseal(r[0], r[1])
+
+    def ids_of(self, rows: Iterable[int]) -> dict[int, bytes]:
+        wanted = list(set(rows))
+        out: dict[int, bytes] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start:start + 500]
+            marks = ",".join("?" * len(part))
+            for row, name, sealed in self.db.execute(
+                f"SELECT row, name, sealed_id FROM blobs WHERE row IN ({marks})", part
+            ):
+                out[row] = self.index.unseal(name, sealed)
+        missing = set(wanted) - set(out)
+        if missing:
+            raise IntegrityError(f"blob rows {sorted(missing)[:5]} are referenced but missing "
+                                 "from the index")
+        return out
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def put_many(self, plaintexts: Sequence[bytes]) -> tuple[list[bytes], list[int]]:
+        """Store a batch of plaintexts; returns their ids and rows, in order.
+
+        Must be called inside a transaction the caller commits.
+        """
+        if not plaintexts:
+            return [], []
+        ids = [i for part in self.pool.map(_hash_chunk, _chunks(plaintexts)) for i in part]
+        known = self.lookup(ids)
+        new: dict[bytes, bytes] = {}
+        for i, plain in zip(ids, plaintexts, strict=True):
+            if i not in known and i not in new:
+                new[i] = plain
+        if new:
+            plains = list(new.values())
+            packed = [p for part in self.pool.map(_compress_chunk, _chunks(plains)) for p in part]
+            payloads = [
+                Payload(i, c, data, len(plain))
+                for (i, plain), (c, data) in zip(new.items(), packed, strict=True)
+            ]
+            known.update(self.put_payloads(payloads, verified=True))
+        return ids, [known[i] for i in ids]
+
+    def put_payloads(self, payloads: Sequence[Payload], verified: bool = False) -> dict[bytes, int]:
+        """Store payloads that are already compressed (or not), e.g. received from a peer.
+
+        Unless ``verified``, each payload is decompressed and checked against its id first.
+        Ids the index already holds are not written again. Returns id -> row for all.
+        """
+        if not verified:
+            checks = list(self.pool.map(_verify_payload, payloads))
+            bad = [p.id.hex() for p, ok in zip(payloads, checks, strict=True) if not ok]
+            if bad:
+                raise IntegrityError(f"payload does not match its id {bad[0]}")
+        known = self.lookup(p.id for p in payloads)
+        pending: list[tuple[bytes, tuple[bytes, bytes, int, int, int, int, int]]] = []
+        seen: set[bytes] = set()
+        for p in payloads:
+            if p.id in known or p.id in seen:
+                continue
+            seen.add(p.id)
+            pending.append((p.id, self._append(p)))
+        if pending:
+            self.writer.sync()
+            for pid, values in pending:
+                cur = self.db.execute(
+                    "INSERT INTO blobs (name, sealed_id, seg, off, length, plain_len, "
+                    "key_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    values,
+                )
+                assert cur.lastrowid is not None
+                known[pid] = cur.lastrowid
+        return known
+
+    def _append(self, p: Payload) -> tuple[bytes, bytes, int, int, int, int, int]:
+        """Append one extent to the open segment; returns its future index row values."""
+        kv = self.write_key_version if self.cipher is not None else 0
+        flags = extent.FLAG_COMPRESSED if p.compressed else 0
+        if kv:
+            flags |= extent.FLAG_ENCRYPTED
+        header = extent.pack_header(flags, kv, len(p.data))
+        total = extent.HEADER_SIZE + extent.stored_length(len(p.data), bool(kv))
+        seg, off = self.writer.reserve(total)
+        if kv:
+            assert self.cipher is not None
+            body = self.cipher.encrypt(kv, seg, off, extent.pad(p.data))
+        else:
+            body = p.data
+        self.writer.write(header + body)
+        name = self.index.name(p.id)
+        return name, self.index.seal(name, p.id), seg, off, total, p.plain_len, kv
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def row_info(self, row: int) -> BlobRow:
+        r = self.db.execute(
+            "SELECT seg, off, length, plain_len, key_version FROM blobs WHERE row=?", (row,)
+        ).fetchone()
+        if r is None:
+            raise IntegrityError(f"blob row {row} is referenced but missing from the index")
+        return BlobRow(row, *r)
+
+    def read_payload(self, info: BlobRow) -> tuple[bool, bytes]:
+        """Read and decrypt one extent: ``(compressed, payload)``; not yet verified."""
+        return self._open_raw(info, self.reader.read(info.seg, info.off, info.length))
+
+    def _open_raw(self, info: BlobRow, raw: bytes) -> tuple[bool, bytes]:
+        where = f"segment {info.seg:08d} offset {info.off}"
+        header = extent.unpack_header(raw, where)
+        if header.total_len != info.length:
+            raise IntegrityError(f"{where}: extent length differs from the index")
+        body = raw[extent.HEADER_SIZE:]
+        if header.encrypted:
+            if self.cipher is None:
+                raise IntegrityError(f"{where}: extent is encrypted but the store has no keys")
+            body = self.cipher.decrypt(header.key_version, info.seg, info.off, body)
+        return header.compressed, body[:header.payload_len]
+
+    def _decode(self, info: BlobRow, raw: bytes, want: bytes) -> bytes:
+        compressed, payload = self._open_raw(info, raw)
+        plain = decompress(payload, info.plain_len) if compressed else payload
+        if blob_id(plain) != want:
+            raise IntegrityError(
+                f"blob at segment {info.seg:08d} offset {info.off} fails its integrity check "
+                "(its content does not match its id): the segment file is damaged or was "
+                "tampered with"
+            )
+        return plain
+
+    def get_row(self, row: int, expect: bytes | None = None) -> bytes:
+        """The verified plaintext of a blob row."""
+        info = self.row_info(row)
+        want = expect if expect is not None else self.id_of(row)
+        return self._decode(info, self.reader.read(info.seg, info.off, info.length), want)
+
+    def get_rows(self, rows: Sequence[int]) -> list[bytes]:
+        """Verified plaintexts of many rows; decryption and checks run in the worker pool."""
+        if not rows:
+            return []
+        unique = list(dict.fromkeys(rows))
+        infos: dict[int, tuple[BlobRow, bytes]] = {}
+        for start in range(0, len(unique), 500):
+            part = unique[start:start + 500]
+            marks = ",".join("?" * len(part))
+            for r in self.db.execute(
+                "SELECT row, seg, off, length, plain_len, key_version, name, sealed_id "
+                f"FROM blobs WHERE row IN ({marks})", part
+            ):
+                infos[r[0]] = (BlobRow(*r[:6]), self.index.unseal(r[6], r[7]))
+        missing = [r for r in unique if r not in infos]
+        if missing:
+            raise IntegrityError(f"blob row {missing[0]} is referenced but missing from the index")
+        jobs = [(infos[r][0], self.reader.read(infos[r][0].seg, infos[r][0].off,
+                                               infos[r][0].length), infos[r][1]) for r in unique]
+        plains = dict(zip(unique, self.pool.map(lambda j: self._decode(*j), jobs), strict=True))
+        return [plains[r] for r in rows]
+
+    def get(self, blob: bytes) -> bytes:
+        row = self.lookup([blob]).get(blob)
+        if row is None:
+            raise IntegrityError(f"blob {blob.hex()[:16]}… is referenced but not in the store")
+        return self.get_row(row, blob)
+
+    def get_payload(self, blob: bytes) -> Payload:
+        """A blob as it is sent to a peer: decrypted, still compressed, verified."""
+        row = self.lookup([blob]).get(blob)
+        if row is None:
+            raise IntegrityError(f"blob {blob.hex()[:16]}… is referenced but not in the store")
+        info = self.row_info(row)
+        compressed, payload = self.read_payload(info)
+        p = Payload(blob, compressed, payload, info.plain_len)
+        if not _verify_payload(p):
+            raise IntegrityError(
+                f"blob at segment {info.seg:08d} offset {info.off} fails its integrity check"
+            )
+        return p
+
+
+def _verify_payload(p: Payload) -> bool:
+    try:
+        plain = decompress(p.data, p.plain_len) if p.compressed else p.data
+    except IntegrityError:
+        return False
+    return len(plain) == p.plain_len and blob_id(plain) == p.id

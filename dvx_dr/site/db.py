@@ -1,0 +1,151 @@
+"""The store's metadata database (SQLite, WAL, synchronous=FULL, secure_delete).
+
+Schema version 1, created by ``create_schema``; later versions are numbered migrations in
+``MIGRATIONS`` applied in order by ``open_db``. A database of a newer schema than this build
+knows is refused.
+
+Nothing here names a blob by its raw id: ``blobs.name`` is ``HMAC-SHA256(index key, id)`` on
+a store with keys (the raw id only on a store that never had encryption), ``blobs.sealed_id``
+is the id sealed with AES-GCM, and every other table refers to blobs by ``blobs.row``.
+Volume, snapshot and group names are not secret.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from dvx_dr.errors import FormatError
+
+SCHEMA_VERSION = 1
+
+
+def create_schema(db: sqlite3.Connection) -> None:
+    db.executescript(
+        """
+        -- Store-wide settings: schema_version, store_id, site, block_size, encryption
+        -- ('on'/'off': how new extents are written), key_version (the TEK version new
+        -- extents use), created.
+        CREATE TABLE meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+
+        -- The blob index: where each content-addressed blob's extent lies.
+        CREATE TABLE blobs (
+            row         INTEGER PRIMARY KEY,
+            name        BLOB NOT NULL UNIQUE,   -- keyed name of the id (see module docstring)
+            sealed_id   BLOB NOT NULL,          -- the id, sealed (AES-GCM) on a keyed store
+            seg         INTEGER NOT NULL,       -- segment number
+            off         INTEGER NOT NULL,       -- offset of the extent header in the segment
+            length      INTEGER NOT NULL,       -- header + stored bytes
+            plain_len   INTEGER NOT NULL,       -- bytes of plaintext
+            key_version INTEGER NOT NULL        -- TEK version, 0 when stored plain
+        );
+        CREATE INDEX blobs_by_segment ON blobs (seg);
+
+        -- Volumes. state 'ready', or 'importing' for a volume import not yet finished
+        -- (such leftovers of a crash are dropped when the store opens).
+        CREATE TABLE volumes (
+            vol         INTEGER PRIMARY KEY,
+            name        TEXT NOT NULL UNIQUE,
+            size        INTEGER NOT NULL,
+            created     TEXT NOT NULL,
+            state       TEXT NOT NULL DEFAULT 'ready'
+        );
+
+        -- The live block map: a missing row is a hole (reads as zeros).
+        CREATE TABLE blocks (
+            vol   INTEGER NOT NULL,
+            blk   INTEGER NOT NULL,
+            blob  INTEGER NOT NULL,             -- blobs.row
+            PRIMARY KEY (vol, blk)
+        ) WITHOUT ROWID;
+
+        -- Leaf pages whose blocks changed since the volume's tree was last built.
+        CREATE TABLE dirty_leaves (
+            vol   INTEGER NOT NULL,
+            leaf  INTEGER NOT NULL,
+            PRIMARY KEY (vol, leaf)
+        ) WITHOUT ROWID;
+
+        -- The volume's Merkle tree as last built: page (level, idx) -> blob; absent = hole.
+        -- Level 0 pages list block ids; level k+1 pages list ids of level k pages.
+        CREATE TABLE tree_pages (
+            vol   INTEGER NOT NULL,
+            level INTEGER NOT NULL,
+            idx   INTEGER NOT NULL,
+            blob  INTEGER NOT NULL,
+            PRIMARY KEY (vol, level, idx)
+        ) WITHOUT ROWID;
+
+        -- Immutable snapshots: a root blob naming the volume's tree at one instant.
+        -- origin is 'local' or the name of the site a replica came from.
+        CREATE TABLE snapshots (
+            snap          INTEGER PRIMARY KEY,
+            volume        TEXT NOT NULL,
+            name          TEXT NOT NULL,
+            root          INTEGER NOT NULL,     -- blobs.row of the root blob
+            size          INTEGER NOT NULL,
+            mapped_blocks INTEGER NOT NULL,
+            created       TEXT NOT NULL,
+            origin        TEXT NOT NULL DEFAULT 'local',
+            UNIQUE (volume, name)
+        );
+        """
+    )
+
+
+#: Migration N takes a database from schema version N to N + 1.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA secure_delete=ON")
+    db.execute("PRAGMA foreign_keys=OFF")
+    return db
+
+
+def init_db(path: Path, meta: dict[str, str]) -> sqlite3.Connection:
+    db = connect(path)
+    create_schema(db)  # executescript commits on its own
+    rows = dict(meta, schema_version=str(SCHEMA_VERSION))
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", rows.items())
+    db.execute("COMMIT")
+    return db
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    db = connect(path)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise FormatError(f"store database {path} is unreadable ({exc})") from None
+    if row is None:
+        raise FormatError(f"store database {path} has no schema version")
+    version = int(row[0])
+    if version > SCHEMA_VERSION:
+        raise FormatError(f"store database {path} has schema version {version}; this dvx-dr "
+                          f"knows up to {SCHEMA_VERSION}: upgrade dvx-dr")
+    while version < SCHEMA_VERSION:
+        db.execute("BEGIN")
+        MIGRATIONS[version](db)
+        version += 1
+        db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
+        db.execute("COMMIT")
+    return db
+
+
+def get_meta(db: sqlite3.Connection, key: str) -> str | None:
+    row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
+    db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+               "ON CONFLICT (key) DO UPDATE SET value=excluded.value", (key, value))

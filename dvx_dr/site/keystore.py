@@ -1,0 +1,221 @@
+"""The keystore file: the store's keys, wrapped, never in the clear.
+
+``keystore.json`` in the store directory, format ``dvx-dr-keystore`` version 1::
+
+    {
+      "format": "dvx-dr-keystore",
+      "version": 1,
+      "store_id": "<uuid of the store this keystore belongs to>",
+      "site": "<site name>",
+      "kdf": {"name": "scrypt", "salt": "<b64>", "n": 32768, "r": 8, "p": 1}
+           | {"name": "pbkdf2-sha256", "salt": "<b64>", "iterations": 600000},
+      "index_key": {"password": "<b64>", "startup": "<b64>" | null},
+      "teks": [{"version": 1, "created": "<ISO 8601>",
+                "password": "<b64>", "startup": "<b64>" | null}, ...],
+      "mac": "<hex>"
+    }
+
+Each key is wrapped with AES key wrap (RFC 3394) under a key-encryption key (KEK): the
+*password* KEK is derived from the password with the named KDF and salt; the *startup* KEK is a
+random 256-bit key kept in a startup key file outside the store (unlocked startup mode only).
+``mac`` is HMAC-SHA256, under a key derived from the index key, over the canonical JSON of
+every other field, so any edit to the file is detected once the keys are unwrapped. A wrong
+password fails the key unwrap's integrity check. The file is replaced atomically (write a
+temporary file, fsync, rename, fsync the directory), so a crash leaves the old or the new file.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from dvx_dr.errors import FormatError, UserError, WrongPasswordError
+from dvx_dr.site.crypto import IndexKeys
+
+FORMAT = "dvx-dr-keystore"
+VERSION = 1
+MIN_PASSWORD = 8
+KEK_BYTES = 32
+#: Test suites set DVX_DR_KDF_COST=test to make keystores cheap to create; the cost chosen is
+#: recorded in the keystore itself, so this never weakens an existing store.
+KDF_COST_ENV = "DVX_DR_KDF_COST"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+def kdf_params(fips: bool = False) -> dict[str, Any]:
+    """Fresh KDF parameters (new salt) at the configured cost."""
+    weak = os.environ.get(KDF_COST_ENV) == "test"
+    salt = _b64(os.urandom(16))
+    if fips:
+        return {"name": "pbkdf2-sha256", "salt": salt, "iterations": 1000 if weak else 600_000}
+    return {"name": "scrypt", "salt": salt, "n": 2**10 if weak else 2**15, "r": 8, "p": 1}
+
+
+def derive_kek(password: str, params: dict[str, Any]) -> bytes:
+    secret = password.encode("utf-8")
+    salt = _unb64(params["salt"])
+    if params["name"] == "scrypt":
+        return Scrypt(salt=salt, length=KEK_BYTES, n=params["n"], r=params["r"],
+                      p=params["p"]).derive(secret)
+    if params["name"] == "pbkdf2-sha256":
+        return PBKDF2HMAC(algorithm=hashes.SHA256(), length=KEK_BYTES, salt=salt,
+                          iterations=params["iterations"]).derive(secret)
+    raise FormatError(f"keystore names an unknown key derivation function {params['name']!r}")
+
+
+def check_password_strength(password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise UserError(f"the password must have at least {MIN_PASSWORD} characters")
+
+
+@dataclass
+class KeyMaterial:
+    """Unwrapped keys, held only in memory."""
+
+    index_key: bytes
+    teks: dict[int, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class Keystore:
+    path: Path
+    doc: dict[str, Any]
+
+    # -- creation and loading -------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: Path, store_id: str, site: str, password: str,
+               keys: KeyMaterial, fips: bool = False) -> Keystore:
+        check_password_strength(password)
+        params = kdf_params(fips)
+        kek = derive_kek(password, params)
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        doc: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "store_id": store_id,
+            "site": site,
+            "kdf": params,
+            "index_key": {"password": _b64(aes_key_wrap(kek, keys.index_key)), "startup": None},
+            "teks": [
+                {"version": v, "created": now, "password": _b64(aes_key_wrap(kek, k)),
+                 "startup": None}
+                for v, k in sorted(keys.teks.items())
+            ],
+        }
+        store = cls(path, doc)
+        store.save(keys)
+        return store
+
+    @classmethod
+    def load(cls, path: Path, store_id: str | None = None) -> Keystore:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise UserError(f"keystore {path} is missing: the store is encrypted and cannot "
+                            "be opened without it; restore it from your keystore backup") from None
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FormatError(f"keystore {path} is corrupt ({exc}); restore it from your "
+                              "keystore backup") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise FormatError(f"{path} is not a dvx-dr keystore")
+        if doc.get("version") != VERSION:
+            raise FormatError(f"keystore {path} has format version {doc.get('version')!r}; "
+                              f"this dvx-dr reads version {VERSION}")
+        try:
+            _ = doc["kdf"]["name"], doc["index_key"]["password"], doc["mac"]
+            for entry in doc["teks"]:
+                _ = int(entry["version"]), entry["password"]
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"keystore {path} is corrupt (fields missing or malformed); "
+                              "restore it from your keystore backup") from None
+        if store_id is not None and doc.get("store_id") != store_id:
+            raise UserError(f"keystore {path} belongs to another store "
+                            f"(store id {doc.get('store_id')!r}, this store is {store_id!r}); "
+                            "put this store's own keystore back")
+        return cls(path, doc)
+
+    # -- unwrapping -----------------------------------------------------------------------
+
+    def _unwrap_all(self, kek: bytes, slot: str) -> KeyMaterial:
+        try:
+            index_key = aes_key_unwrap(kek, _unb64(self.doc["index_key"][slot]))
+            teks = {int(e["version"]): aes_key_unwrap(kek, _unb64(e[slot]))
+                    for e in self.doc["teks"]}
+        except InvalidUnwrap:
+            if slot == "password":
+                raise WrongPasswordError(f"wrong password for the keystore {self.path}") from None
+            raise UserError(f"the startup key does not open keystore {self.path}") from None
+        except (ValueError, TypeError):
+            raise FormatError(f"keystore {self.path} is corrupt (a wrapped key is not valid "
+                              "base64); restore it from your keystore backup") from None
+        keys = KeyMaterial(index_key, teks)
+        self._check_mac(keys)
+        return keys
+
+    def unlock(self, password: str) -> KeyMaterial:
+        return self._unwrap_all(derive_kek(password, self.doc["kdf"]), "password")
+
+    def unlock_with_startup_key(self, startup_key: bytes) -> KeyMaterial:
+        if self.doc["index_key"].get("startup") is None:
+            raise UserError(f"keystore {self.path} has no startup key (locked startup mode)")
+        return self._unwrap_all(startup_key, "startup")
+
+    # -- integrity and persistence --------------------------------------------------------
+
+    def _body(self) -> bytes:
+        body = {k: v for k, v in self.doc.items() if k != "mac"}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def _check_mac(self, keys: KeyMaterial) -> None:
+        want = IndexKeys(keys.index_key).mac(self._body()).hex()
+        if self.doc.get("mac") != want:
+            raise FormatError(f"keystore {self.path} was altered (its MAC does not verify); "
+                              "restore it from your keystore backup")
+
+    def save(self, keys: KeyMaterial) -> None:
+        self.doc["mac"] = IndexKeys(keys.index_key).mac(self._body()).hex()
+        write_atomic(self.path, json.dumps(self.doc, indent=2, sort_keys=True).encode() + b"\n")
+
+    @property
+    def store_id(self) -> str:
+        return str(self.doc["store_id"])
+
+    @property
+    def fips(self) -> bool:
+        return bool(self.doc["kdf"]["name"] == "pbkdf2-sha256")
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,204 @@
+"""Opening, creating and owning a site's store directory.
+
+Layout of a store directory::
+
+    store.db, store.db-wal   metadata (see ``db``)
+    keystore.json            wrapped keys (see ``keystore``); absent on a store never encrypted
+    segments/NNNNNNNN.seg    extents (see ``segments`` and ``extent``)
+    segments/next            the segment number high-water mark
+    lock                     held (flock) by the one process that owns the store
+
+One process owns a store at a time. Everything that changes the store goes through one
+``Store`` object, and through ``Store.transaction()``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dvx_dr.errors import StoreBusyError, UserError
+from dvx_dr.site import db as dbmod
+from dvx_dr.site.blobs import BlobStore
+from dvx_dr.site.crypto import ExtentCipher, IndexKeys, PlainIndex, new_index_key, new_tek
+from dvx_dr.site.keystore import KeyMaterial, Keystore, check_password_strength
+from dvx_dr.site.segments import SegmentNumbers, SegmentReader, SegmentWriter
+
+DB_NAME = "store.db"
+KEYSTORE_NAME = "keystore.json"
+MIN_BLOCK = 4096
+MAX_BLOCK = 1024 * 1024
+DEFAULT_BLOCK = 64 * 1024
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+PasswordSource = Callable[[], str]
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _check_block_size(block_size: int) -> None:
+    if not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
+        raise UserError(f"block size {block_size}: expected a power of two from 4KiB to 1MiB")
+
+
+class Store:
+    """An open store: metadata, blob pipeline and keys, owned by this process."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection, lock_fd: int,
+                 keys: KeyMaterial | None, keystore: Keystore | None) -> None:
+        self.path = path
+        self.db = db
+        self._lock_fd = lock_fd
+        self.keystore = keystore
+        self.keys = keys
+        self.mutex = threading.RLock()
+        self.store_id = dbmod.get_meta(db, "store_id") or ""
+        self.site = dbmod.get_meta(db, "site") or ""
+        self.block_size = int(dbmod.get_meta(db, "block_size") or DEFAULT_BLOCK)
+        self.pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                       thread_name_prefix="dvx-pipeline")
+        segdir = path / "segments"
+        self.segment_numbers = SegmentNumbers(segdir)
+        self.writer = SegmentWriter(segdir, self.segment_numbers.take)
+        self.reader = SegmentReader(segdir)
+        index = IndexKeys(keys.index_key) if keys else PlainIndex()
+        cipher = ExtentCipher(keys.teks) if keys else None
+        self.blobs = BlobStore(db, self.writer, self.reader, index, cipher, self.pool)
+        self._apply_write_setting()
+
+    # -- creation --------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: Path, name: str, block_size: int = DEFAULT_BLOCK,
+             password: str | None = None) -> Store:
+        """Create a new store; encrypted when a password is given."""
+        if not SITE_NAME.match(name):
+            raise UserError(f"site name {name!r}: use 1-63 lowercase letters, digits and '-', "
+                            "starting with a letter or digit")
+        _check_block_size(block_size)
+        if password is not None:
+            check_password_strength(password)
+        if (path / DB_NAME).exists():
+            raise UserError(f"{path} already holds a dvx-dr store; choose an empty directory")
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"{path} is not empty; choose an empty or new directory")
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "segments").mkdir(mode=0o700, exist_ok=True)
+        store_id = str(uuid.uuid4())
+        keys = None
+        keystore = None
+        if password is not None:
+            keys = KeyMaterial(new_index_key(), {1: new_tek()})
+            keystore = Keystore.create(path / KEYSTORE_NAME, store_id, name, password, keys)
+        db = dbmod.init_db(path / DB_NAME, {
+            "store_id": store_id,
+            "site": name,
+            "block_size": str(block_size),
+            "encryption": "on" if keys else "off",
+            "keyed": "1" if keys else "0",
+            "key_version": "1" if keys else "0",
+            "created": now_iso(),
+        })
+        db.close()
+        return cls.open(path, (lambda: password) if password is not None else None)
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, password: PasswordSource | None = None) -> Store:
+        """Open a store this process will own. ``password`` is asked only if it is needed."""
+        path = Path(path)
+        if not (path / DB_NAME).exists():
+            raise UserError(f"{path} is not a dvx-dr store (no {DB_NAME}); create one with "
+                            "'dvx-dr site init'")
+        lock_fd = _lock(path)
+        try:
+            db = dbmod.open_db(path / DB_NAME)
+            keys = keystore = None
+            if dbmod.get_meta(db, "keyed") == "1":
+                keystore = Keystore.load(path / KEYSTORE_NAME, dbmod.get_meta(db, "store_id"))
+                if password is None:
+                    raise UserError(f"store {path} is encrypted: give its password "
+                                    "(--password-file FILE, or type it at the prompt)")
+                keys = keystore.unlock(password())
+            store = cls(path, db, lock_fd, keys, keystore)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        store._drop_unfinished_imports()
+        return store
+
+    def close(self) -> None:
+        self.writer.close()
+        self.reader.close()
+        self.pool.shutdown(wait=True)
+        self.db.close()
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- settings --------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        return dbmod.get_meta(self.db, key)
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether new extents are written encrypted."""
+        return self.meta("encryption") == "on"
+
+    def _apply_write_setting(self) -> None:
+        self.blobs.write_key_version = int(self.meta("key_version") or 0) if self.encrypted \
+            else 0
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One SQLite write transaction; rolled back if the block raises."""
+        with self.mutex:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _drop_unfinished_imports(self) -> None:
+        with self.transaction() as db:
+            for (vol,) in db.execute("SELECT vol FROM volumes WHERE state='importing'").fetchall():
+                for table in ("blocks", "dirty_leaves", "tree_pages"):
+                    db.execute(f"DELETE FROM {table} WHERE vol=?", (vol,))
+                db.execute("DELETE FROM volumes WHERE vol=?", (vol,))
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode().strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise StoreBusyError(
+            f"store {path} is in use by another dvx-dr process (pid {holder}); stop it, or "
+            "run the command against the running site"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

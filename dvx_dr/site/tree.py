@@ -1,0 +1,167 @@
+"""Snapshot trees: Merkle trees of blob ids over a volume's blocks.
+
+Format version 1.
+
+- A *page* is a blob holding the concatenated 32-byte ids of up to ``FANOUT`` (512) children,
+  in order. Level-0 pages (leaves) list block ids: leaf ``i`` covers blocks
+  ``[i*512, (i+1)*512)``. A level-k page lists the ids of up to 512 level-(k-1) pages. The last
+  page of a level lists only the children that exist. An id of 32 zero bytes is a *hole*: an
+  all-zero block, or a page all of whose children are holes; holes are never stored.
+- The *root* blob names one volume at one instant; its id is the snapshot's id::
+
+      offset  size  field
+      0       4     magic b"DXVR"
+      4       1     format version (1)
+      5       1     depth: number of page levels (>= 1); the top level has one page
+      6       2     reserved (0)
+      8       4     block size
+      12      8     volume size in bytes
+      20      8     mapped (non-hole) blocks
+      28      32    id of the top page (or a hole)
+
+Building a new tree rewrites only the pages over changed blocks (the store keeps the last built
+tree's pages), so a snapshot costs O(changed); diffing two trees descends only into pages whose
+ids differ.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from dvx_dr.errors import FormatError, IntegrityError
+
+FANOUT = 512
+ID = 32
+HOLE = bytes(ID)
+ROOT_MAGIC = b"DXVR"
+ROOT_VERSION = 1
+_ROOT = struct.Struct("<4sBBHIQQ32s")
+
+GetBlob = Callable[[bytes], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Root:
+    depth: int
+    block_size: int
+    size: int
+    mapped_blocks: int
+    top: bytes
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.size // self.block_size)
+
+    def pack(self) -> bytes:
+        return _ROOT.pack(ROOT_MAGIC, ROOT_VERSION, self.depth, 0, self.block_size, self.size,
+                          self.mapped_blocks, self.top)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Root:
+        if len(data) != _ROOT.size or data[:4] != ROOT_MAGIC:
+            raise IntegrityError("snapshot root blob is malformed")
+        _, version, depth, _, block_size, size, mapped, top = _ROOT.unpack(data)
+        if version != ROOT_VERSION:
+            raise FormatError(f"snapshot root format version {version} is not known to this "
+                              f"dvx-dr (it reads version {ROOT_VERSION}); upgrade dvx-dr")
+        return cls(depth, block_size, size, mapped, top)
+
+
+def level_counts(nblocks: int) -> list[int]:
+    """Pages per level, leaves first, up to the single top page."""
+    counts = [max(1, -(-nblocks // FANOUT))]
+    while counts[-1] > 1:
+        counts.append(-(-counts[-1] // FANOUT))
+    return counts
+
+
+def split_ids(page: bytes) -> list[bytes]:
+    if len(page) % ID or not page or len(page) > FANOUT * ID:
+        raise IntegrityError("snapshot tree page has a malformed length")
+    return [page[i:i + ID] for i in range(0, len(page), ID)]
+
+
+def is_hole(blob_id: bytes) -> bool:
+    return blob_id == HOLE
+
+
+def child_count(root: Root, level: int, index: int) -> int:
+    """How many children page ``index`` at ``level`` has."""
+    below = root.nblocks if level == 0 else level_counts(root.nblocks)[level - 1]
+    return max(0, min(FANOUT, below - index * FANOUT))
+
+
+def iter_leaves(root: Root, get: GetBlob) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield ``(first block number, block ids)`` for every leaf range, holes included."""
+    yield from _iter_pages(root, root.depth - 1, 0, root.top, get)
+
+
+def _iter_pages(
+    root: Root, level: int, index: int, page_id: bytes, get: GetBlob
+) -> Iterator[tuple[int, list[bytes]]]:
+    n = child_count(root, level, index)
+    if n == 0:
+        return
+    ids = [HOLE] * n if is_hole(page_id) else split_ids(get(page_id))
+    if len(ids) != n:
+        raise IntegrityError(f"snapshot tree page at level {level} has {len(ids)} children, "
+                             f"expected {n}")
+    if level == 0:
+        yield index * FANOUT, ids
+        return
+    for k, child in enumerate(ids):
+        yield from _iter_pages(root, level - 1, index * FANOUT + k, child, get)
+
+
+def iter_pages(root: Root, get: GetBlob) -> Iterator[tuple[int, bytes, list[bytes]]]:
+    """Yield ``(level, page id, child ids)`` for every stored page, top-down (for gc/scrub)."""
+    stack = [(root.depth - 1, 0, root.top)]
+    while stack:
+        level, index, page_id = stack.pop()
+        if is_hole(page_id) or child_count(root, level, index) == 0:
+            continue
+        ids = split_ids(get(page_id))
+        yield level, page_id, ids
+        if level > 0:
+            stack.extend((level - 1, index * FANOUT + k, c) for k, c in enumerate(ids))
+
+
+def diff_blocks(a: Root, b: Root, get: GetBlob) -> Iterator[int]:
+    """Block numbers whose content differs between two trees, in ascending order.
+
+    Descends only into pages whose ids differ. Trees of different shapes are compared leaf by
+    leaf (a block past the end of the shorter volume counts as a hole).
+    """
+    if a.block_size != b.block_size:
+        raise FormatError("cannot diff snapshots of different block sizes")
+    if a.depth == b.depth and a.nblocks == b.nblocks:
+        yield from _diff(a, b, a.depth - 1, 0, a.top, b.top, get)
+        return
+    la = dict(iter_leaves(a, get))
+    lb = dict(iter_leaves(b, get))
+    for first in sorted(set(la) | set(lb)):
+        ia, ib = la.get(first, []), lb.get(first, [])
+        for k in range(max(len(ia), len(ib))):
+            x = ia[k] if k < len(ia) else HOLE
+            y = ib[k] if k < len(ib) else HOLE
+            if x != y:
+                yield first + k
+
+
+def _diff(
+    ra: Root, rb: Root, level: int, index: int, pa: bytes, pb: bytes, get: GetBlob
+) -> Iterator[int]:
+    if pa == pb:
+        return
+    n = child_count(ra, level, index)
+    ia = [HOLE] * n if is_hole(pa) else split_ids(get(pa))
+    ib = [HOLE] * n if is_hole(pb) else split_ids(get(pb))
+    for k, (x, y) in enumerate(zip(ia, ib, strict=True)):
+        if x == y:
+            continue
+        if level == 0:
+            yield index * FANOUT + k
+        else:
+            yield from _diff(ra, rb, level - 1, index * FANOUT + k, x, y, get)

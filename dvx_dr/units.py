@@ -1,0 +1,71 @@
+"""Parsing and printing of byte sizes and durations as users write them (``64KiB``, ``15m``)."""
+
+from __future__ import annotations
+
+import re
+
+from dvx_dr.errors import UserError
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """``"10GiB"`` -> 10737418240. Decimal (GB) and binary (GiB) units are both accepted."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise UserError(f"{what}: expected a size like 64KiB or 10GiB, got {text!r}")
+    value = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if value != int(value):
+        raise UserError(f"{what}: {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def parse_duration(text: str | int | float, what: str = "duration") -> float:
+    """``"1h30m"`` -> 5400.0 seconds. A bare number is seconds."""
+    if isinstance(text, int | float):
+        return float(text)
+    s = str(text).strip().lower()
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for m in _DURATION_RE.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or not s:
+        raise UserError(f"{what}: expected a duration like 15m or 1h30m, got {text!r}")
+    return total
+
+
+def format_size(n: float) -> str:
+    """1536 -> ``"1.5 KiB"``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
