@@ -237,6 +237,30 @@ class BlobStore:
         name = self.index.name(p.id)
         return name, self.index.seal(name, p.id), seg, off, total, p.plain_len, kv
 
+    def rewrite(self, rows: Sequence[int]) -> int:
+        """Copy extents to the open segment under the current write setting (new tweaks).
+
+        Each extent is read and verified first; a damaged one raises ``IntegrityError`` and
+        nothing is changed. Must be called inside a transaction; the caller deletes the old
+        segment only after committing. Returns the bytes written.
+        """
+        written = 0
+        for row in rows:
+            info = self.row_info(row)
+            want = self.id_of(row)
+            raw = self.reader.read(info.seg, info.off, info.length)
+            compressed, payload = self._open_raw(info, raw)
+            p = Payload(want, compressed, payload, info.plain_len)
+            if not _verify_payload(p):
+                raise IntegrityError(f"blob at segment {info.seg:08d} offset {info.off} fails "
+                                     "its integrity check; run 'dvx-dr datastore scrub'")
+            _, _, seg, off, length, _, kv = self._append(p)
+            self.db.execute("UPDATE blobs SET seg=?, off=?, length=?, key_version=? WHERE row=?",
+                            (seg, off, length, kv, row))
+            written += length
+        self.writer.sync()
+        return written
+
     # -- reading ---------------------------------------------------------------------------
 
     def row_info(self, row: int) -> BlobRow:
@@ -301,6 +325,29 @@ class BlobStore:
                                                infos[r][0].length), infos[r][1]) for r in unique]
         plains = dict(zip(unique, self.pool.map(lambda j: self._decode(*j), jobs), strict=True))
         return [plains[r] for r in rows]
+
+    def verify_rows(self, rows: Sequence[int]) -> list[tuple[int, bool, int]]:
+        """``(row, good, plaintext bytes)`` for each row: read, decrypt, check the id."""
+        results: dict[int, tuple[int, bool, int]] = {}
+        jobs: list[tuple[int, BlobRow, bytes, bytes]] = []
+        for row in rows:
+            try:
+                info = self.row_info(row)
+                jobs.append((row, info, self.reader.read(info.seg, info.off, info.length),
+                             self.id_of(row)))
+            except IntegrityError:
+                results[row] = (row, False, 0)
+
+        def check(job: tuple[int, BlobRow, bytes, bytes]) -> tuple[int, bool, int]:
+            row, info, raw, want = job
+            try:
+                return row, True, len(self._decode(info, raw, want))
+            except IntegrityError:
+                return row, False, 0
+
+        for result in self.pool.map(check, jobs):
+            results[result[0]] = result
+        return [results[row] for row in rows]
 
     def get(self, blob: bytes) -> bytes:
         row = self.lookup([blob]).get(blob)

@@ -97,10 +97,9 @@ class Store:
         (path / "segments").mkdir(mode=0o700, exist_ok=True)
         store_id = str(uuid.uuid4())
         keys = None
-        keystore = None
         if password is not None:
             keys = KeyMaterial(new_index_key(), {1: new_tek()})
-            keystore = Keystore.create(path / KEYSTORE_NAME, store_id, name, password, keys)
+            Keystore.create(path / KEYSTORE_NAME, store_id, name, password, keys)
         db = dbmod.init_db(path / DB_NAME, {
             "store_id": store_id,
             "site": name,

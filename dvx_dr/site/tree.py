@@ -93,16 +93,25 @@ def child_count(root: Root, level: int, index: int) -> int:
     return max(0, min(FANOUT, below - index * FANOUT))
 
 
-def iter_leaves(root: Root, get: GetBlob) -> Iterator[tuple[int, list[bytes]]]:
-    """Yield ``(first block number, block ids)`` for every leaf range, holes included."""
-    yield from _iter_pages(root, root.depth - 1, 0, root.top, get)
+def iter_leaves(
+    root: Root, get: GetBlob, prune: Callable[[bytes], bool] | None = None
+) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield ``(first block number, block ids)`` for every leaf range, holes included.
+
+    ``prune(page_id)`` returning True skips that page and everything under it (used by gc and
+    scrub to visit a subtree shared by many snapshots once).
+    """
+    yield from _iter_pages(root, root.depth - 1, 0, root.top, get, prune)
 
 
 def _iter_pages(
-    root: Root, level: int, index: int, page_id: bytes, get: GetBlob
+    root: Root, level: int, index: int, page_id: bytes, get: GetBlob,
+    prune: Callable[[bytes], bool] | None,
 ) -> Iterator[tuple[int, list[bytes]]]:
     n = child_count(root, level, index)
     if n == 0:
+        return
+    if prune is not None and not is_hole(page_id) and prune(page_id):
         return
     ids = [HOLE] * n if is_hole(page_id) else split_ids(get(page_id))
     if len(ids) != n:
@@ -112,7 +121,7 @@ def _iter_pages(
         yield index * FANOUT, ids
         return
     for k, child in enumerate(ids):
-        yield from _iter_pages(root, level - 1, index * FANOUT + k, child, get)
+        yield from _iter_pages(root, level - 1, index * FANOUT + k, child, get, prune)
 
 
 def iter_pages(root: Root, get: GetBlob) -> Iterator[tuple[int, bytes, list[bytes]]]:

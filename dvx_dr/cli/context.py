@@ -1,0 +1,106 @@
+"""What every command shares: finding the store, getting the password, showing progress."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dvx_dr.errors import UserError
+from dvx_dr.site.store import Store
+
+STORE_ENV = "DVX_DR_STORE"
+
+
+def add_store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", type=Path, default=None,
+                        help=f"store directory (default: ${STORE_ENV})")
+    parser.add_argument("--password-file", type=Path, default=None,
+                        help="read the store password from the first line of this file")
+
+
+def store_path(args: argparse.Namespace) -> Path:
+    path = args.store or os.environ.get(STORE_ENV)
+    if not path:
+        raise UserError(f"no store given: pass --store DIR or set {STORE_ENV}")
+    return Path(path)
+
+
+def read_password_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read password file {path}: {exc.strerror}") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise UserError(f"password file {path} is empty")
+    return password
+
+
+def password_source(args: argparse.Namespace, prompt: str = "Store password: "
+                    ) -> Callable[[], str]:
+    def get() -> str:
+        if args.password_file is not None:
+            return read_password_file(args.password_file)
+        if not sys.stdin.isatty():
+            raise UserError("the store is encrypted and no terminal is attached to ask for its "
+                            "password: pass --password-file FILE")
+        return getpass.getpass(prompt)
+    return get
+
+
+def new_password(args: argparse.Namespace, file_attr: str = "password_file") -> str:
+    """A new password: from a file, or typed twice at the prompt."""
+    path = getattr(args, file_attr, None)
+    if path is not None:
+        return read_password_file(path)
+    if not sys.stdin.isatty():
+        raise UserError("no terminal to ask for a new password: pass --password-file FILE")
+    first = getpass.getpass("New password (at least 8 characters): ")
+    second = getpass.getpass("Repeat it: ")
+    if first != second:
+        raise UserError("the two passwords differ; nothing was changed")
+    return first
+
+
+@contextmanager
+def open_store(args: argparse.Namespace) -> Iterator[Store]:
+    store = Store.open(store_path(args), password_source(args))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextmanager
+def progress_bar(total: int | None, desc: str) -> Iterator[Callable[[int], None] | None]:
+    """A byte progress bar on stderr when it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+               file=sys.stderr, leave=False)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

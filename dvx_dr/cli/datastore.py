@@ -1,0 +1,84 @@
+"""``dvx-dr datastore ...``: statistics, scrub and garbage collection."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from dvx_dr.cli.context import add_store_args, open_store, print_json, progress_bar
+from dvx_dr.site import gc, scrub, stats
+from dvx_dr.units import format_size
+
+
+def register(groups: Any) -> None:
+    p = groups.add_parser("datastore", help="store-wide operations")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        add_store_args(c)
+        c.set_defaults(func=func)
+        return c
+
+    c = cmd("stats", cmd_stats, "logical, unique and stored bytes; dedup and compression")
+    c.add_argument("--json", action="store_true")
+    c = cmd("scrub", cmd_scrub, "verify every live extent")
+    c.add_argument("--json", action="store_true")
+    c = cmd("gc", cmd_gc, "reclaim space of deleted volumes and snapshots, compact segments")
+    c.add_argument("--json", action="store_true")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        s = stats.collect(store)
+    if args.json:
+        print_json(s.to_json())
+        return 0
+    print(f"site               {s.site}")
+    print(f"encryption         {'on (AES-256-XTS)' if s.encryption else 'off'}")
+    print(f"block size         {format_size(s.block_size)}")
+    print(f"volumes            {s.volumes}")
+    print(f"snapshots          {s.snapshots}")
+    print(f"logical bytes      {format_size(s.logical_bytes)}  ({s.logical_bytes})")
+    print(f"unique bytes       {format_size(s.unique_bytes)}  ({s.unique_bytes})")
+    print(f"stored bytes       {format_size(s.stored_bytes)}  ({s.stored_bytes})")
+    print(f"metadata bytes     {format_size(s.metadata_bytes)}")
+    print(f"dedup ratio        {s.dedup_ratio:.2f}x")
+    print(f"compression ratio  {s.compression_ratio:.2f}x")
+    print(f"reduction ratio    {s.reduction_ratio:.2f}x")
+    for k in s.by_key_version:
+        label = f"key version {k.key_version}" if k.key_version else "plain (unencrypted)"
+        print(f"  {label:<20} {k.extents} extents, {format_size(k.stored_bytes)}")
+    return 0
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    with open_store(args) as store, progress_bar(None, "scrub") as bar:
+        report = scrub.scrub(store, bar)
+    if args.json:
+        print_json({"checked_blobs": report.checked_blobs,
+                    "checked_bytes": report.checked_bytes, "damaged": report.damaged})
+    else:
+        for line in report.damaged:
+            print(f"DAMAGED {line}")
+        state = "clean" if report.clean else f"{len(report.damaged)} damaged"
+        print(f"scrub {state}: verified {report.checked_blobs} blobs "
+              f"({format_size(report.checked_bytes)})")
+    if not report.clean:
+        print("dvx-dr: error: scrub found damaged data; restore the named volumes or snapshots "
+              "from a replica", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        report = gc.gc(store)
+    if args.json:
+        print_json(vars(report) | {"reclaimed": report.reclaimed})
+        return 0
+    print(f"gc: removed {report.blobs_deleted} unused blobs, compacted "
+          f"{report.segments_compacted} segments, deleted {report.segments_deleted} segment "
+          f"files; reclaimed {format_size(report.reclaimed)}")
+    return 0

@@ -1,0 +1,191 @@
+"""``dvx-dr volume ...``: create, fill, read and manage volumes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from dvx_dr.cli.context import add_store_args, open_store, print_json, print_table, progress_bar
+from dvx_dr.errors import UserError
+from dvx_dr.site import snapshots, volumes
+from dvx_dr.units import format_size, parse_size
+
+
+def register(groups: Any) -> None:
+    p = groups.add_parser("volume", help="manage volumes")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        add_store_args(c)
+        c.set_defaults(func=func)
+        return c
+
+    c = cmd("create", cmd_create, "create an empty (all-zero) volume")
+    c.add_argument("name")
+    c.add_argument("--size", required=True, help="size, like 10GiB")
+
+    c = cmd("import", cmd_import, "create a volume from a raw disk image")
+    c.add_argument("name")
+    c.add_argument("file", type=Path)
+
+    c = cmd("export", cmd_export, "write a volume out as a raw disk image")
+    c.add_argument("name")
+    c.add_argument("file", help="output file, or - for standard output")
+
+    c = cmd("write", cmd_write, "write a file (or - for standard input) at a byte offset")
+    c.add_argument("name")
+    c.add_argument("file")
+    c.add_argument("--offset", default="0")
+
+    c = cmd("read", cmd_read, "read bytes of a volume to standard output")
+    c.add_argument("name")
+    c.add_argument("--offset", default="0")
+    c.add_argument("--length", required=True)
+    c.add_argument("--output", "-o", default="-", help="output file (default standard output)")
+
+    c = cmd("list", cmd_list, "list volumes")
+    c.add_argument("--json", action="store_true")
+
+    c = cmd("resize", cmd_resize, "grow or shrink a volume")
+    c.add_argument("name")
+    c.add_argument("--size", required=True)
+
+    c = cmd("delete", cmd_delete, "delete a volume (its snapshots stay)")
+    c.add_argument("name")
+
+    c = cmd("clone", cmd_clone, "create a writable volume from a snapshot")
+    c.add_argument("name")
+    c.add_argument("--from", dest="source", required=True, metavar="SNAPSHOT",
+                   help="snapshot as VOLUME@NAME")
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        info = volumes.create(store, args.name, parse_size(args.size, "--size"))
+    print(f"created volume {info.name} ({format_size(info.size)})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    try:
+        size = os.stat(args.file).st_size
+    except OSError as exc:
+        raise UserError(f"cannot read image {args.file}: {exc.strerror}") from None
+    with open_store(args) as store, progress_bar(size, f"import {args.name}") as bar:
+        volumes.import_file(store, args.name, args.file, bar)
+        info = volumes.get(store, args.name)
+    print(f"imported {args.file} as volume {info.name} ({format_size(info.size)}, "
+          f"{info.mapped_blocks} blocks stored, the rest holes)")
+    return 0
+
+
+def open_output(target: str) -> BinaryIO:
+    if target == "-":
+        return sys.stdout.buffer
+    try:
+        return open(target, "wb")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror}") from None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        info = volumes.get(store, args.name)
+        out = open_output(args.file)
+        with progress_bar(info.size, f"export {args.name}") as bar:
+            try:
+                volumes.export(store, args.name, out, bar)
+            finally:
+                if out is not sys.stdout.buffer:
+                    out.close()
+    if args.file != "-":
+        print(f"exported volume {args.name} to {args.file} ({format_size(info.size)})")
+    return 0
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    offset = parse_size(args.offset, "--offset")
+    if args.file == "-":
+        source: BinaryIO = sys.stdin.buffer
+    else:
+        try:
+            source = open(args.file, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise UserError(f"cannot read {args.file}: {exc.strerror}") from None
+    try:
+        with open_store(args) as store:
+            if args.file != "-":
+                end = offset + os.fstat(source.fileno()).st_size
+                size = volumes.get(store, args.name).size
+                if end > size:
+                    raise UserError(f"write past the end of volume {args.name!r}: it is {size} "
+                                    f"bytes, the write reaches byte {end}; nothing was written "
+                                    "(resize it first)")
+            n = volumes.write(store, args.name, offset, source)
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+    print(f"wrote {n} bytes to volume {args.name} at offset {offset}")
+    return 0
+
+
+def copy_out(chunks: Any, target: str) -> None:
+    out = open_output(target)
+    try:
+        for chunk in chunks:
+            out.write(chunk)
+        out.flush()
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    offset = parse_size(args.offset, "--offset")
+    length = parse_size(args.length, "--length")
+    with open_store(args) as store:
+        info = volumes.get(store, args.name)
+        if offset + length > info.size:
+            raise UserError(f"range {offset}+{length} is outside volume {args.name!r} of "
+                            f"{info.size} bytes")
+        copy_out(volumes.iter_range(store, info.id, info.size, offset, length), args.output)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        infos = volumes.list_volumes(store)
+        bs = store.block_size
+    if args.json:
+        print_json([{"name": v.name, "size": v.size, "mapped_bytes": v.mapped_blocks * bs,
+                     "created": v.created} for v in infos])
+        return 0
+    print_table(["NAME", "SIZE", "STORED BLOCKS", "CREATED"],
+                [[v.name, format_size(v.size), str(v.mapped_blocks), v.created] for v in infos])
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        volumes.resize(store, args.name, parse_size(args.size, "--size"))
+        info = volumes.get(store, args.name)
+    print(f"volume {info.name} is now {format_size(info.size)}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        volumes.delete(store, args.name)
+    print(f"deleted volume {args.name}; 'dvx-dr datastore gc' reclaims its space")
+    return 0
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        info = snapshots.clone(store, args.name, args.source)
+    print(f"created volume {info.name} from snapshot {args.source}")
+    return 0

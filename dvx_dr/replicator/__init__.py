@@ -1,0 +1,1 @@
+"""Moving snapshots between sites: protocol, sender, receiver, mutual TLS, PKI, scheduler."""

@@ -1,0 +1,74 @@
+"""Test isolation: every test gets its own directories and a clean DVX_DR_* environment."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from dvx_dr.site.store import Store
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    for name in list(os.environ):
+        if name.startswith("DVX_DR_"):
+            monkeypatch.delenv(name)
+    # Cheap keystore KDF: the cost is recorded per keystore, so this only affects test stores.
+    monkeypatch.setenv("DVX_DR_KDF_COST", "test")
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+@pytest.fixture
+def password_file(tmp_path: Path) -> Path:
+    path = tmp_path / "password"
+    path.write_text(PASSWORD + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def new_store(store_dir: Path) -> Iterator[Callable[..., Store]]:
+    """Create a store in a fresh directory (encrypted unless ``encrypted=False``)."""
+    opened: list[Store] = []
+
+    def make(encrypted: bool = True, block_size: int = 64 * 1024, path: Path | None = None
+             ) -> Store:
+        store = Store.init(path or store_dir, "site-a", block_size,
+                           PASSWORD if encrypted else None)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        with contextlib.suppress(Exception):
+            store.close()
+
+
+def run_cli(*args: str | Path, input: bytes | None = None, check: bool = True,
+            timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+    """Run the real ``dvx-dr`` command in a child process."""
+    proc = subprocess.run([sys.executable, "-m", "dvx_dr", *map(str, args)], input=input,
+                          capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvx-dr {' '.join(map(str, args))} exited {proc.returncode}: "
+                             f"{proc.stderr.decode(errors='replace')}")
+    return proc
+
+
+@pytest.fixture
+def cli() -> Callable[..., subprocess.CompletedProcess[bytes]]:
+    return run_cli
