@@ -36,7 +36,9 @@ class StoreLockedError(UserError):
 
 
 class StoreBusyError(UserError):
-    """Another process owns the store."""
+    """Another process owns the store; ``admin_socket`` is where a running site listens."""
+
+    admin_socket: str | None = None
 
 
 class KeysDestroyedError(UserError):

@@ -14,7 +14,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dvx_dr.errors import UserError
+from dvx_dr.cli import remote
+from dvx_dr.errors import StoreBusyError, UserError
+from dvx_dr.site import ops
 from dvx_dr.site.store import Store
 
 STORE_ENV = "DVX_DR_STORE"
@@ -71,11 +73,21 @@ def new_password(args: argparse.Namespace, file_attr: str = "password_file") -> 
     return first
 
 
-@contextmanager
-def open_store(args: argparse.Namespace) -> Iterator[Store]:
-    store = Store.open(store_path(args), password_source(args))
+def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
+           local: Callable[[Store], Any] | None = None) -> Any:
+    """Run a named store operation: in the running site that owns the store, through its
+    admin socket, or else with the store opened here. ``local`` replaces the in-process
+    implementation when it can do more here (stream to a file, draw a progress bar)."""
     try:
-        yield store
+        store = Store.open(store_path(args), password_source(args))
+    except StoreBusyError as exc:
+        if exc.admin_socket:
+            materialise = getattr(params, "materialise", None)
+            return remote.call_op(exc.admin_socket, name,
+                                  materialise() if materialise else params)
+        raise
+    try:
+        return local(store) if local is not None else ops.run(store, name, params)
     finally:
         store.close()
 

@@ -6,8 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-from dvx_dr.cli.context import add_store_args, open_store, print_json, progress_bar
-from dvx_dr.site import gc, scrub, stats
+from dvx_dr.cli.context import add_store_args, print_json, progress_bar, run_op
+from dvx_dr.site import scrub
+from dvx_dr.site.store import Store
 from dvx_dr.units import format_size
 
 
@@ -30,55 +31,57 @@ def register(groups: Any) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        s = stats.collect(store)
+    s = run_op(args, "datastore.stats", {})
     if args.json:
-        print_json(s.to_json())
+        print_json(s)
         return 0
-    print(f"site               {s.site}")
-    print(f"encryption         {'on (AES-256-XTS)' if s.encryption else 'off'}")
-    print(f"block size         {format_size(s.block_size)}")
-    print(f"volumes            {s.volumes}")
-    print(f"snapshots          {s.snapshots}")
-    print(f"logical bytes      {format_size(s.logical_bytes)}  ({s.logical_bytes})")
-    print(f"unique bytes       {format_size(s.unique_bytes)}  ({s.unique_bytes})")
-    print(f"stored bytes       {format_size(s.stored_bytes)}  ({s.stored_bytes})")
-    print(f"metadata bytes     {format_size(s.metadata_bytes)}")
-    print(f"dedup ratio        {s.dedup_ratio:.2f}x")
-    print(f"compression ratio  {s.compression_ratio:.2f}x")
-    print(f"reduction ratio    {s.reduction_ratio:.2f}x")
-    for k in s.by_key_version:
-        label = f"key version {k.key_version}" if k.key_version else "plain (unencrypted)"
-        print(f"  {label:<20} {k.extents} extents, {format_size(k.stored_bytes)}")
+    print(f"site               {s['site']}")
+    print(f"encryption         {'on (AES-256-XTS)' if s['encryption'] else 'off'}")
+    print(f"block size         {format_size(s['block_size'])}")
+    print(f"volumes            {s['volumes']}")
+    print(f"snapshots          {s['snapshots']}")
+    for key in ("logical_bytes", "unique_bytes", "stored_bytes", "metadata_bytes"):
+        label = key.replace("_", " ")
+        print(f"{label:<18} {format_size(s[key])}  ({s[key]})")
+    print(f"dedup ratio        {s['dedup_ratio']:.2f}x")
+    print(f"compression ratio  {s['compression_ratio']:.2f}x")
+    print(f"reduction ratio    {s['reduction_ratio']:.2f}x")
+    for k in s["by_key_version"]:
+        label = f"key version {k['key_version']}" if k["key_version"] else "plain (unencrypted)"
+        print(f"  {label:<20} {k['extents']} extents, {format_size(k['stored_bytes'])}")
     return 0
 
 
 def cmd_scrub(args: argparse.Namespace) -> int:
-    with open_store(args) as store, progress_bar(None, "scrub") as bar:
-        report = scrub.scrub(store, bar)
+    report = run_op(args, "datastore.scrub", {}, _local_scrub)
     if args.json:
-        print_json({"checked_blobs": report.checked_blobs,
-                    "checked_bytes": report.checked_bytes, "damaged": report.damaged})
+        print_json(report)
     else:
-        for line in report.damaged:
+        for line in report["damaged"]:
             print(f"DAMAGED {line}")
-        state = "clean" if report.clean else f"{len(report.damaged)} damaged"
-        print(f"scrub {state}: verified {report.checked_blobs} blobs "
-              f"({format_size(report.checked_bytes)})")
-    if not report.clean:
+        state = "clean" if not report["damaged"] else f"{len(report['damaged'])} damaged"
+        print(f"scrub {state}: verified {report['checked_blobs']} blobs "
+              f"({format_size(report['checked_bytes'])})")
+    if report["damaged"]:
         print("dvx-dr: error: scrub found damaged data; restore the named volumes or snapshots "
               "from a replica", file=sys.stderr)
         return 3
     return 0
 
 
+def _local_scrub(store: Store) -> dict[str, Any]:
+    with progress_bar(None, "scrub") as bar:
+        report = scrub.scrub(store, bar)
+    return {"checked_blobs": report.checked_blobs, "checked_bytes": report.checked_bytes,
+            "damaged": report.damaged}
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        report = gc.gc(store)
+    report = run_op(args, "datastore.gc", {})
     if args.json:
-        print_json(vars(report) | {"reclaimed": report.reclaimed})
+        print_json(report)
         return 0
-    print(f"gc: removed {report.blobs_deleted} unused blobs, compacted "
-          f"{report.segments_compacted} segments, deleted {report.segments_deleted} segment "
-          f"files; reclaimed {format_size(report.reclaimed)}")
+    print(f"gc: removed {report['blobs_deleted']} unused blobs, compacted "
+          f"{report['segments_compacted']} segments, deleted {report['segments_deleted']} "
+          f"segment files; reclaimed {format_size(report['reclaimed'])}")
     return 0

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import sys
+from pathlib import Path
 from typing import Any
 
-from dvx_dr.cli.context import add_store_args, new_password, store_path
+from dvx_dr.cli.context import add_store_args, new_password, password_source, store_path
+from dvx_dr.replicator import server
+from dvx_dr.site.config import load_site_config
 from dvx_dr.site.store import DEFAULT_BLOCK, Store
 from dvx_dr.units import parse_size
 
@@ -28,6 +33,7 @@ def register(groups: Any) -> None:
     init.add_argument("--no-encryption", action="store_true",
                       help="store data unencrypted (encryption can be enabled later)")
     init.set_defaults(func=cmd_init)
+    register_serve(sub)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -42,4 +48,22 @@ def cmd_init(args: argparse.Namespace) -> int:
     store.close()
     mode = "encrypted (AES-256-XTS)" if password else "unencrypted"
     print(f"created {mode} store for site {args.name} at {path} (block size {block_size})")
+    return 0
+
+
+def register_serve(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the site: peer API over mutual TLS, admin socket")
+    serve.add_argument("--config", type=Path, required=True, help="site.yaml")
+    serve.add_argument("--password-file", type=Path, default=None,
+                       help="store password (encrypted stores; else asked at the terminal)")
+    serve.add_argument("--log-level", default="INFO")
+    serve.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = load_site_config(args.config)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    asyncio.run(server.serve(config, args.config, password_source(args)))
     return 0

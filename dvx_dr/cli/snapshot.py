@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import base64
+from pathlib import Path
 from typing import Any
 
-from dvx_dr.cli.context import add_store_args, open_store, print_json, print_table, progress_bar
-from dvx_dr.cli.volume import copy_out, open_output
+from dvx_dr.cli.context import add_store_args, print_json, print_table, progress_bar, run_op
+from dvx_dr.cli.volume import copy_out
 from dvx_dr.site import snapshots
+from dvx_dr.site.store import Store
 from dvx_dr.units import format_size, parse_size
 
 
@@ -25,7 +28,7 @@ def register(groups: Any) -> None:
     c.add_argument("volume")
     c.add_argument("--name", help="snapshot name (default: the UTC time)")
 
-    c = cmd("list", cmd_list, "list snapshots")
+    c = cmd("list", cmd_list, "list snapshots (and replicas received from other sites)")
     c.add_argument("volume", nargs="?")
     c.add_argument("--json", action="store_true")
 
@@ -49,43 +52,36 @@ def register(groups: Any) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        snap = snapshots.create(store, args.volume, args.name)
-    print(f"created snapshot {snap.spec}")
+    snap = run_op(args, "snapshot.create", {"volume": args.volume, "name": args.name})
+    print(f"created snapshot {snap['snapshot']}")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        snaps = snapshots.list_snapshots(store, args.volume)
-        bs = store.block_size
+    snaps = run_op(args, "snapshot.list", {"volume": args.volume})
     if args.json:
-        print_json([{"snapshot": s.spec, "volume": s.volume, "name": s.name, "size": s.size,
-                     "mapped_bytes": s.mapped_blocks * bs, "created": s.created,
-                     "origin": s.origin} for s in snaps])
+        print_json(snaps)
         return 0
     print_table(["SNAPSHOT", "SIZE", "STORED BLOCKS", "CREATED", "ORIGIN"],
-                [[s.spec, format_size(s.size), str(s.mapped_blocks), s.created, s.origin]
-                 for s in snaps])
+                [[s["snapshot"], format_size(s["size"]), str(s["mapped_blocks"]), s["created"],
+                  s["origin"]] for s in snaps])
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        snapshots.delete(store, args.snapshot)
+    run_op(args, "snapshot.delete", {"snapshot": args.snapshot})
     print(f"deleted snapshot {args.snapshot}; 'dvx-dr datastore gc' reclaims its space")
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        ranges = snapshots.diff(store, args.a, args.b)
+    ranges = run_op(args, "snapshot.diff", {"a": args.a, "b": args.b})
     if args.json:
-        print_json([{"offset": o, "length": n} for o, n in ranges])
+        print_json(ranges)
         return 0
-    for o, n in ranges:
-        print(f"{o}\t{n}")
-    total = sum(n for _, n in ranges)
+    for r in ranges:
+        print(f"{r['offset']}\t{r['length']}")
+    total = sum(r["length"] for r in ranges)
     print(f"# {len(ranges)} ranges, {total} bytes ({format_size(total)}) differ")
     return 0
 
@@ -93,21 +89,38 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_read(args: argparse.Namespace) -> int:
     offset = parse_size(args.offset, "--offset")
     length = parse_size(args.length, "--length")
-    with open_store(args) as store:
+
+    def local(store: Store) -> Any:
         copy_out(snapshots.iter_range(store, args.snapshot, offset, length), args.output)
+        return None
+
+    result = run_op(args, "snapshot.read", {"snapshot": args.snapshot, "offset": offset,
+                                            "length": length}, local)
+    if result is not None:
+        copy_out([base64.b64decode(result["data"])], args.output)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        snap = snapshots.get(store, args.snapshot)
-        out = open_output(args.file)
-        try:
-            with progress_bar(snap.size, f"export {args.snapshot}") as bar:
-                snapshots.export(store, args.snapshot, out, bar)
-        finally:
-            if args.file != "-":
-                out.close()
-    if args.file != "-":
-        print(f"exported snapshot {args.snapshot} to {args.file} ({format_size(snap.size)})")
+    def local(store: Store) -> Any:
+        size = snapshots.get(store, args.snapshot).size
+        with progress_bar(size, f"export {args.snapshot}") as bar:
+            def counted() -> Any:
+                for chunk in snapshots.iter_range(store, args.snapshot, 0, size):
+                    if bar:
+                        bar(len(chunk))
+                    yield chunk
+            copy_out(counted(), args.file)
+        return {"size": size, "exported": True}
+
+    if args.file == "-":
+        info = run_op(args, "snapshot.get", {"snapshot": args.snapshot}, local)
+        if not info.get("exported"):
+            data = run_op(args, "snapshot.read", {"snapshot": args.snapshot, "offset": 0,
+                                                  "length": info["size"]})
+            copy_out([base64.b64decode(data["data"])], "-")
+        return 0
+    target = str(Path(args.file).resolve())
+    result = run_op(args, "snapshot.export", {"snapshot": args.snapshot, "path": target}, local)
+    print(f"exported snapshot {args.snapshot} to {args.file} ({format_size(result['size'])})")
     return 0

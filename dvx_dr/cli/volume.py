@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from dvx_dr.cli.context import add_store_args, open_store, print_json, print_table, progress_bar
+from dvx_dr.cli.context import (
+    add_store_args,
+    print_json,
+    print_table,
+    progress_bar,
+    run_op,
+)
 from dvx_dr.errors import UserError
-from dvx_dr.site import snapshots, volumes
+from dvx_dr.site import ops, volumes
+from dvx_dr.site.store import Store
 from dvx_dr.units import format_size, parse_size
 
 
@@ -60,26 +69,31 @@ def register(groups: Any) -> None:
     c = cmd("clone", cmd_clone, "create a writable volume from a snapshot")
     c.add_argument("name")
     c.add_argument("--from", dest="source", required=True, metavar="SNAPSHOT",
-                   help="snapshot as VOLUME@NAME")
+                   help="snapshot as VOLUME@NAME (a replica: SITE/VOLUME@NAME)")
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        info = volumes.create(store, args.name, parse_size(args.size, "--size"))
-    print(f"created volume {info.name} ({format_size(info.size)})")
+    info = run_op(args, "volume.create", {"name": args.name,
+                                          "size": parse_size(args.size, "--size")})
+    print(f"created volume {info['name']} ({format_size(info['size'])})")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    path = args.file.resolve()
     try:
-        size = os.stat(args.file).st_size
+        size = os.stat(path).st_size
     except OSError as exc:
         raise UserError(f"cannot read image {args.file}: {exc.strerror}") from None
-    with open_store(args) as store, progress_bar(size, f"import {args.name}") as bar:
-        volumes.import_file(store, args.name, args.file, bar)
-        info = volumes.get(store, args.name)
-    print(f"imported {args.file} as volume {info.name} ({format_size(info.size)}, "
-          f"{info.mapped_blocks} blocks stored, the rest holes)")
+
+    def local(store: Store) -> Any:
+        with progress_bar(size, f"import {args.name}") as bar:
+            volumes.import_file(store, args.name, path, bar)
+        return ops.volume_get(store, args.name)
+
+    info = run_op(args, "volume.import", {"name": args.name, "path": str(path)}, local)
+    print(f"imported {args.file} as volume {info['name']} ({format_size(info['size'])}, "
+          f"{info['mapped_blocks']} blocks stored, the rest holes)")
     return 0
 
 
@@ -92,19 +106,42 @@ def open_output(target: str) -> BinaryIO:
         raise UserError(f"cannot write {target}: {exc.strerror}") from None
 
 
+def copy_out(chunks: Iterable[bytes], target: str) -> None:
+    out = open_output(target)
+    try:
+        for chunk in chunks:
+            out.write(chunk)
+        out.flush()
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    def local(store: Store) -> Any:
         info = volumes.get(store, args.name)
-        out = open_output(args.file)
         with progress_bar(info.size, f"export {args.name}") as bar:
-            try:
-                volumes.export(store, args.name, out, bar)
-            finally:
-                if out is not sys.stdout.buffer:
-                    out.close()
-    if args.file != "-":
-        print(f"exported volume {args.name} to {args.file} ({format_size(info.size)})")
+            copy_out(volumes.iter_range(store, info.id, info.size, 0, info.size)
+                     if bar is None else _counted(store, info, bar), args.file)
+        return {"size": info.size, "exported": True}
+
+    if args.file == "-":
+        result = run_op(args, "volume.get", {"name": args.name}, local)
+        if not result.get("exported"):
+            data = run_op(args, "volume.read", {"name": args.name, "offset": 0,
+                                                "length": result["size"]})
+            copy_out([base64.b64decode(data["data"])], "-")
+    else:
+        target = str(Path(args.file).resolve())
+        result = run_op(args, "volume.export", {"name": args.name, "path": target}, local)
+        print(f"exported volume {args.name} to {args.file} ({format_size(result['size'])})")
     return 0
+
+
+def _counted(store: Store, info: volumes.VolumeInfo, bar: Any) -> Iterable[bytes]:
+    for chunk in volumes.iter_range(store, info.id, info.size, 0, info.size):
+        bar(len(chunk))
+        yield chunk
 
 
 def cmd_write(args: argparse.Namespace) -> int:
@@ -116,76 +153,90 @@ def cmd_write(args: argparse.Namespace) -> int:
             source = open(args.file, "rb")  # noqa: SIM115 - closed below
         except OSError as exc:
             raise UserError(f"cannot read {args.file}: {exc.strerror}") from None
+
+    def local(store: Store) -> Any:
+        if args.file != "-":
+            end = offset + os.fstat(source.fileno()).st_size
+            size = volumes.get(store, args.name).size
+            if end > size:
+                raise UserError(f"write past the end of volume {args.name!r}: it is {size} "
+                                f"bytes, the write reaches byte {end}; nothing was written "
+                                "(resize it first)")
+        return {"written": volumes.write(store, args.name, offset, source)}
+
+    def remote_params() -> dict[str, Any]:
+        if args.file != "-":
+            return {"name": args.name, "offset": offset, "path": str(Path(args.file).resolve())}
+        data = source.read(ops.MAX_INLINE + 1)
+        if len(data) > ops.MAX_INLINE:
+            raise UserError("a write through a running site is limited to "
+                            f"{ops.MAX_INLINE} bytes")
+        return {"name": args.name, "offset": offset, "data": base64.b64encode(data).decode()}
+
     try:
-        with open_store(args) as store:
-            if args.file != "-":
-                end = offset + os.fstat(source.fileno()).st_size
-                size = volumes.get(store, args.name).size
-                if end > size:
-                    raise UserError(f"write past the end of volume {args.name!r}: it is {size} "
-                                    f"bytes, the write reaches byte {end}; nothing was written "
-                                    "(resize it first)")
-            n = volumes.write(store, args.name, offset, source)
+        result = run_op(args, "volume.write", _Lazy(remote_params), local)
     finally:
         if source is not sys.stdin.buffer:
             source.close()
-    print(f"wrote {n} bytes to volume {args.name} at offset {offset}")
+    print(f"wrote {result['written']} bytes to volume {args.name} at offset {offset}")
     return 0
 
 
-def copy_out(chunks: Any, target: str) -> None:
-    out = open_output(target)
-    try:
-        for chunk in chunks:
-            out.write(chunk)
-        out.flush()
-    finally:
-        if out is not sys.stdout.buffer:
-            out.close()
+class _Lazy(dict[str, Any]):
+    """Parameters built only when the operation goes to a running site (reads the input)."""
+
+    def __init__(self, build: Any) -> None:
+        super().__init__()
+        self._build = build
+
+    def materialise(self) -> dict[str, Any]:
+        return dict(self._build())
 
 
 def cmd_read(args: argparse.Namespace) -> int:
     offset = parse_size(args.offset, "--offset")
     length = parse_size(args.length, "--length")
-    with open_store(args) as store:
+
+    def local(store: Store) -> Any:
         info = volumes.get(store, args.name)
         if offset + length > info.size:
             raise UserError(f"range {offset}+{length} is outside volume {args.name!r} of "
                             f"{info.size} bytes")
         copy_out(volumes.iter_range(store, info.id, info.size, offset, length), args.output)
+        return None
+
+    result = run_op(args, "volume.read", {"name": args.name, "offset": offset,
+                                          "length": length}, local)
+    if result is not None:
+        copy_out([base64.b64decode(result["data"])], args.output)
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        infos = volumes.list_volumes(store)
-        bs = store.block_size
+    infos = run_op(args, "volume.list", {})
     if args.json:
-        print_json([{"name": v.name, "size": v.size, "mapped_bytes": v.mapped_blocks * bs,
-                     "created": v.created} for v in infos])
+        print_json(infos)
         return 0
     print_table(["NAME", "SIZE", "STORED BLOCKS", "CREATED"],
-                [[v.name, format_size(v.size), str(v.mapped_blocks), v.created] for v in infos])
+                [[v["name"], format_size(v["size"]), str(v["mapped_blocks"]), v["created"]]
+                 for v in infos])
     return 0
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        volumes.resize(store, args.name, parse_size(args.size, "--size"))
-        info = volumes.get(store, args.name)
-    print(f"volume {info.name} is now {format_size(info.size)}")
+    info = run_op(args, "volume.resize", {"name": args.name,
+                                          "size": parse_size(args.size, "--size")})
+    print(f"volume {info['name']} is now {format_size(info['size'])}")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        volumes.delete(store, args.name)
+    run_op(args, "volume.delete", {"name": args.name})
     print(f"deleted volume {args.name}; 'dvx-dr datastore gc' reclaims its space")
     return 0
 
 
 def cmd_clone(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
-        info = snapshots.clone(store, args.name, args.source)
-    print(f"created volume {info.name} from snapshot {args.source}")
+    info = run_op(args, "volume.clone", {"name": args.name, "source": args.source})
+    print(f"created volume {info['name']} from snapshot {args.source}")
     return 0

@@ -107,7 +107,13 @@ def issue_site(directory: Path, site: str, hosts: list[str], days: int = 825) ->
         raise UserError(
             f"site {site!r}: give at least one host name or IP address the site is reached at"
         )
-    alt_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(SITE_URI_PREFIX + site)]
+    # The site name is also a DNS name of the certificate: peers connect with TLS SNI and
+    # host-name checking set to the site name they expect, so OpenSSL itself refuses a server
+    # whose certificate names another site.
+    alt_names: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(SITE_URI_PREFIX + site),
+        x509.DNSName(site),
+    ]
     for host in hosts:
         general_name = _host_name(host)
         if general_name not in alt_names:

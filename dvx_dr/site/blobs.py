@@ -355,6 +355,28 @@ class BlobStore:
             raise IntegrityError(f"blob {blob.hex()[:16]}… is referenced but not in the store")
         return self.get_row(row, blob)
 
+    def get_payloads(self, ids: Sequence[bytes]) -> list[Payload]:
+        """Blobs as sent to a peer (decrypted, still compressed), verified in the worker pool."""
+        rows = self.lookup(ids)
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise IntegrityError(f"blob {missing[0].hex()[:16]}… is referenced but not in the "
+                                 "store; run 'dvx-dr datastore scrub'")
+        infos = {r: self.row_info(r) for r in set(rows.values())}
+        jobs = [(i, infos[rows[i]], self.reader.read(infos[rows[i]].seg, infos[rows[i]].off,
+                                                     infos[rows[i]].length)) for i in ids]
+
+        def open_one(job: tuple[bytes, BlobRow, bytes]) -> Payload:
+            blob, info, raw = job
+            compressed, payload = self._open_raw(info, raw)
+            p = Payload(blob, compressed, payload, info.plain_len)
+            if not _verify_payload(p):
+                raise IntegrityError(f"blob at segment {info.seg:08d} offset {info.off} fails "
+                                     "its integrity check; run 'dvx-dr datastore scrub'")
+            return p
+
+        return list(self.pool.map(open_one, jobs))
+
     def get_payload(self, blob: bytes) -> Payload:
         """A blob as it is sent to a peer: decrypted, still compressed, verified."""
         row = self.lookup([blob]).get(blob)

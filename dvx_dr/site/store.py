@@ -138,6 +138,11 @@ class Store:
         store._drop_unfinished_imports()
         return store
 
+    def announce(self, admin_socket: str) -> None:
+        """Record in the lock file where the owning site's admin socket is, for the CLI."""
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n{admin_socket}\n".encode(), 0)
+
     def close(self) -> None:
         self.writer.close()
         self.reader.close()
@@ -191,13 +196,16 @@ def _lock(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         try:
-            holder = os.pread(fd, 32, 0).decode().strip() or "unknown"
+            lines = os.pread(fd, 4096, 0).decode(errors="replace").splitlines()
         finally:
             os.close(fd)
-        raise StoreBusyError(
+        holder = lines[0] if lines else "unknown"
+        error = StoreBusyError(
             f"store {path} is in use by another dvx-dr process (pid {holder}); stop it, or "
             "run the command against the running site"
-        ) from None
+        )
+        error.admin_socket = lines[1] if len(lines) > 1 else None
+        raise error from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

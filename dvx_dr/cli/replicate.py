@@ -1,0 +1,112 @@
+"""``dvx-dr replicate`` and ``dvx-dr status``: work done by the running site."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dvx_dr.cli import remote
+from dvx_dr.cli.context import STORE_ENV, print_json
+from dvx_dr.errors import UserError
+from dvx_dr.site.config import load_site_config
+from dvx_dr.units import format_size
+
+CONFIG_ENV = "DVX_DR_CONFIG"
+
+
+def add_site_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"the running site's site.yaml (default: ${CONFIG_ENV})")
+    parser.add_argument("--store", type=Path, default=None,
+                        help=f"or its store directory (default: ${STORE_ENV})")
+
+
+def admin_socket(args: argparse.Namespace) -> str:
+    config = args.config or os.environ.get(CONFIG_ENV)
+    if config:
+        return str(load_site_config(Path(config)).admin_socket)
+    store = args.store or os.environ.get(STORE_ENV)
+    if store:
+        try:
+            lines = (Path(store) / "lock").read_text().splitlines()
+        except OSError:
+            lines = []
+        if len(lines) > 1:
+            return lines[1]
+        raise UserError(f"no site is running on store {store}; start it with "
+                        "'dvx-dr site serve --config site.yaml'")
+    raise UserError(f"name the site: --config site.yaml (or ${CONFIG_ENV}), or --store DIR")
+
+
+def register(groups: Any) -> None:
+    c = groups.add_parser("replicate", help="replicate a snapshot to another site now")
+    c.add_argument("snapshot", nargs="?", help="VOLUME@NAME")
+    c.add_argument("--to", required=True, metavar="SITE")
+    c.add_argument("--volume", help="snapshot this volume first, then replicate that snapshot")
+    c.add_argument("--json", action="store_true")
+    add_site_args(c)
+    c.set_defaults(func=cmd_replicate)
+
+    c = groups.add_parser("status", help="the running site's status")
+    c.add_argument("--json", action="store_true")
+    add_site_args(c)
+    c.set_defaults(func=cmd_status)
+
+
+def cmd_replicate(args: argparse.Namespace) -> int:
+    if bool(args.snapshot) == bool(args.volume):
+        raise UserError("give either a snapshot (VOLUME@NAME) or --volume VOLUME")
+    socket = admin_socket(args)
+    bar: tqdm[Any] | None = None
+
+    def on_line(line: dict[str, Any]) -> None:
+        nonlocal bar
+        if "snapshot_created" in line and not args.json:
+            print(f"created snapshot {line['snapshot_created']}", file=sys.stderr)
+        if "progress" in line and sys.stderr.isatty():
+            p = line["progress"]
+            if bar is None:
+                bar = tqdm(total=p["logical_bytes"], unit="B", unit_scale=True,
+                           unit_divisor=1024, desc=f"replicate to {args.to}", leave=False)
+            bar.n = min(p["logical_bytes"], p["blocks_sent"] * 0 + p["payload_bytes"])
+            bar.refresh()
+
+    try:
+        stats = remote.replicate(socket, {"snapshot": args.snapshot, "volume": args.volume,
+                                          "to": args.to}, on_line)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print_json(stats)
+        return 0
+    if stats["already_replicated"]:
+        print(f"{stats['snapshot']} is already replicated to {args.to} as {stats['replica']}; "
+              "nothing sent")
+        return 0
+    print(f"replicated {stats['snapshot']} to {args.to} as {stats['replica']}")
+    print(f"  ids exchanged     {stats['ids_exchanged']} ({format_size(stats['id_bytes'])})")
+    print(f"  blocks sent       {stats['blocks_sent']} (+{stats['pages_sent']} tree pages)")
+    print(f"  bytes on wire     {format_size(stats['bytes_on_wire'])}")
+    print(f"  skipped (target had them) {format_size(stats['bytes_skipped'])}")
+    print(f"  duration          {stats['seconds']:.2f}s, "
+          f"{format_size(stats['rate'])}/s of volume data")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = remote.status(admin_socket(args))
+    if args.json:
+        print_json(status)
+        return 0
+    print(f"site {status['site']} (pid {status['pid']})")
+    print(f"peers: {', '.join(f'{k} {v}' for k, v in status['peers'].items()) or 'none'}")
+    for t in status["transfers"]:
+        print(f"transfer {t['snapshot']} -> {t['target']} attempt {t['attempt']}"
+              + (f" last error: {t['last_error']}" if t["last_error"] else ""))
+    return 0

@@ -1,0 +1,149 @@
+"""The replication wire format between sites, version 1.
+
+A transfer runs over HTTPS (mutual TLS) as a short series of requests from the source site to
+the target site, all under ``/v1/replication``:
+
+``POST /sessions``  JSON ``{"version": 1, "volume": "vm1", "snapshot": "daily-1",
+    "root": "<hex id>", "created": "<ISO time>"}``; answers ``{"session": "<id>",
+    "complete": bool}`` (complete: the target already holds this replica).
+
+``POST /sessions/<id>/have``  body: concatenated 32-byte ids (at most ``MAX_HAVE_IDS``);
+    answers one byte per id: 1 when the target lacks it, 0 when it holds it. The source walks
+    the snapshot's Merkle tree top-down and descends only into pages the target lacks.
+
+``POST /sessions/<id>/blobs``  body: one *batch*, a framed stream of records (below). The
+    target verifies every record, re-encrypts the payloads with its own key and makes them
+    durable, or rejects the whole batch; answers ``{"stored": n, "bytes": n}``.
+
+``POST /sessions/<id>/commit``  the target checks that the root and its top page are
+    present and makes the replica visible as ``<source site>/<volume>@<snapshot>``.
+
+Batch layout, all integers little-endian::
+
+    batch header (8 bytes)
+      0   4   magic b"DXRB"
+      4   1   protocol version (1)
+      5   3   reserved (0)
+    record header (44 bytes), repeated
+      0   1   kind: 1 = data block, 2 = tree page, 3 = snapshot root, 0 = end of batch
+      1   1   flags: bit 0 = payload is zstd-compressed; other bits must be zero
+      2   2   reserved (0)
+      4   4   plaintext length
+      8   4   payload length
+      12  32  blob id = SHA-256(plaintext)
+    payload (payload length bytes)
+    ...
+    end record: kind 0 with every other field zero; nothing may follow it.
+
+Hard limits: a payload and a plaintext at most ``MAX_PLAIN`` bytes; at most
+``MAX_RECORDS`` records and ``MAX_BATCH`` bytes per batch. Records come bottom-up: a tree page
+only after every child it names that the target lacked, the root last, so whatever part of an
+interrupted transfer is durable at the target is complete below each stored page, and a rerun
+sends only what is still missing.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from dvx_dr.errors import ProtocolError
+
+VERSION = 1
+BATCH_MAGIC = b"DXRB"
+_BATCH_HEADER = struct.Struct("<4sB3x")
+_RECORD = struct.Struct("<BBHII32s")
+KIND_END = 0
+KIND_BLOCK = 1
+KIND_PAGE = 2
+KIND_ROOT = 3
+FLAG_COMPRESSED = 0x01
+MAX_PLAIN = 4 * 1024 * 1024
+MAX_RECORDS = 4096
+MAX_BATCH = 64 * 1024 * 1024
+MAX_HAVE_IDS = 16384
+ID = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    kind: int
+    compressed: bool
+    plain_len: int
+    id: bytes
+    payload: bytes
+
+
+def encode_batch(records: Iterable[Record]) -> bytes:
+    parts = [_BATCH_HEADER.pack(BATCH_MAGIC, VERSION)]
+    for r in records:
+        parts.append(_RECORD.pack(r.kind, FLAG_COMPRESSED if r.compressed else 0, 0,
+                                  r.plain_len, len(r.payload), r.id))
+        parts.append(r.payload)
+    parts.append(_RECORD.pack(KIND_END, 0, 0, 0, 0, bytes(ID)))
+    return b"".join(parts)
+
+
+def decode_batch(data: bytes) -> list[Record]:
+    """Parse a whole batch, enforcing every limit; raises ``ProtocolError`` on any defect."""
+    if len(data) > MAX_BATCH:
+        raise ProtocolError(f"batch of {len(data)} bytes exceeds the limit of {MAX_BATCH}")
+    if len(data) < _BATCH_HEADER.size:
+        raise ProtocolError("batch is truncated before its header ends")
+    magic, version = _BATCH_HEADER.unpack_from(data)
+    if magic != BATCH_MAGIC:
+        raise ProtocolError("batch does not start with the replication magic; the peer is not "
+                            "speaking dvx-dr replication")
+    if version != VERSION:
+        raise ProtocolError(f"batch uses protocol version {version}; this site speaks version "
+                            f"{VERSION}: upgrade the older site")
+    return list(_records(data, _BATCH_HEADER.size))
+
+
+def _records(data: bytes, pos: int) -> Iterator[Record]:
+    count = 0
+    view = memoryview(data)
+    while True:
+        if pos + _RECORD.size > len(data):
+            raise ProtocolError(f"batch is truncated: record header at byte {pos} is incomplete "
+                                "(the connection was probably cut)")
+        kind, flags, reserved, plain_len, length, blob_id = _RECORD.unpack_from(data, pos)
+        pos += _RECORD.size
+        if kind == KIND_END:
+            if flags or reserved or plain_len or length or blob_id != bytes(ID):
+                raise ProtocolError("malformed end-of-batch record")
+            if pos != len(data):
+                raise ProtocolError(f"{len(data) - pos} bytes follow the end-of-batch record")
+            return
+        if kind not in (KIND_BLOCK, KIND_PAGE, KIND_ROOT):
+            raise ProtocolError(f"record {count} has unknown kind {kind}")
+        if flags & ~FLAG_COMPRESSED or reserved:
+            raise ProtocolError(f"record {count} has unknown flags {flags:#x}")
+        if length > MAX_PLAIN or plain_len > MAX_PLAIN:
+            raise ProtocolError(f"record {count} claims {max(length, plain_len)} bytes, above "
+                                f"the limit of {MAX_PLAIN}")
+        if not flags & FLAG_COMPRESSED and length != plain_len:
+            raise ProtocolError(f"record {count}: uncompressed payload length differs from its "
+                                "plaintext length")
+        if pos + length > len(data):
+            raise ProtocolError(f"batch is truncated inside record {count}'s payload")
+        count += 1
+        if count > MAX_RECORDS:
+            raise ProtocolError(f"batch has more than {MAX_RECORDS} records")
+        yield Record(kind, bool(flags & FLAG_COMPRESSED), plain_len, blob_id,
+                     bytes(view[pos:pos + length]))
+        pos += length
+
+
+def encode_ids(ids: Iterable[bytes]) -> bytes:
+    return b"".join(ids)
+
+
+def decode_ids(data: bytes) -> list[bytes]:
+    if len(data) % ID:
+        raise ProtocolError("id list length is not a multiple of 32 bytes")
+    n = len(data) // ID
+    if n > MAX_HAVE_IDS:
+        raise ProtocolError(f"id list of {n} ids exceeds the limit of {MAX_HAVE_IDS}")
+    return [data[i:i + ID] for i in range(0, len(data), ID)]

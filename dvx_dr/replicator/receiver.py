@@ -1,0 +1,167 @@
+"""The target side of a transfer: answer have/want, store batches, commit replicas.
+
+Every method is synchronous and runs in the site's store thread. A batch is parsed, every
+payload verified (``SHA-256(plaintext) == id``) and every tree page and root checked for
+completeness (each child it names is a hole, already durable here, or earlier in the same
+batch) *before* anything is written; then the payloads are re-encrypted with this site's key,
+fsync'ed and indexed in one transaction. A bad batch therefore writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dvx_dr.errors import IntegrityError, NotFoundError, ProtocolError, UserError
+from dvx_dr.replicator import protocol
+from dvx_dr.site import snapshots, tree
+from dvx_dr.site.blobs import Payload, blob_id, decompress
+from dvx_dr.site.store import Store
+from dvx_dr.site.tree import HOLE, Root
+
+log = logging.getLogger("dvx_dr.receiver")
+MAX_SESSIONS = 64
+SESSION_IDLE = 3600.0
+
+
+@dataclass
+class Session:
+    id: str
+    source: str
+    volume: str
+    snapshot: str
+    root: bytes
+    created: str
+    started: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    blobs: int = 0
+    bytes: int = 0
+
+    @property
+    def replica_volume(self) -> str:
+        return f"{self.source}/{self.volume}"
+
+
+class Receiver:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.sessions: dict[str, Session] = {}
+
+    def open(self, source: str, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            version = int(request["version"])
+            volume = str(request["volume"])
+            name = str(request["snapshot"])
+            root = bytes.fromhex(str(request["root"]))
+            created = str(request.get("created") or "")
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError("session request is malformed: expected version, volume, "
+                                "snapshot and root") from None
+        if version != protocol.VERSION:
+            raise ProtocolError(f"peer speaks protocol version {version}; this site speaks "
+                                f"version {protocol.VERSION}: upgrade the older site")
+        if len(root) != protocol.ID:
+            raise ProtocolError("session root id is not 32 bytes")
+        if not snapshots.SNAP_NAME.match(name) or "/" in volume or "@" in volume:
+            raise ProtocolError(f"session names an invalid snapshot {volume}@{name}")
+        self._expire()
+        session = Session(secrets.token_hex(16), source, volume, name, root, created)
+        existing = self._existing(session)
+        if existing is not None:
+            if existing != root:
+                raise UserError(f"replica {session.replica_volume}@{name} already exists here "
+                                "with different content; delete it first")
+            return {"session": None, "complete": True}
+        if len(self.sessions) >= MAX_SESSIONS:
+            raise ProtocolError("too many open replication sessions; retry later")
+        self.sessions[session.id] = session
+        log.info("session %s from %s: %s@%s", session.id[:8], source, volume, name)
+        return {"session": session.id, "complete": False}
+
+    def _existing(self, s: Session) -> bytes | None:
+        try:
+            snap = snapshots.get(self.store, f"{s.replica_volume}@{s.snapshot}")
+        except NotFoundError:
+            return None
+        return self.store.blobs.id_of(snap.root_row)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sid in [k for k, s in self.sessions.items() if now - s.last_used > SESSION_IDLE]:
+            del self.sessions[sid]
+
+    def session(self, source: str, sid: str) -> Session:
+        s = self.sessions.get(sid)
+        if s is None or s.source != source:
+            raise NotFoundError(f"unknown replication session {sid[:8]}… (the target may have "
+                                "restarted); start the transfer again")
+        s.last_used = time.monotonic()
+        return s
+
+    def have(self, source: str, sid: str, body: bytes) -> bytes:
+        self.session(source, sid)
+        ids = protocol.decode_ids(body)
+        known = self.store.blobs.lookup(ids)
+        return bytes(0 if i in known else 1 for i in ids)
+
+    def receive(self, source: str, sid: str, body: bytes) -> dict[str, int]:
+        s = self.session(source, sid)
+        records = protocol.decode_batch(body)
+        payloads = [Payload(r.id, r.compressed, r.payload, r.plain_len) for r in records]
+        plains = self._verify(records)
+        in_batch = {r.id for r in records}
+        needed: set[bytes] = set()
+        for r, plain in zip(records, plains, strict=True):
+            if r.kind == protocol.KIND_PAGE:
+                assert plain is not None
+                needed.update(c for c in tree.split_ids(plain) if c != HOLE)
+            elif r.kind == protocol.KIND_ROOT:
+                assert plain is not None
+                top = Root.unpack(plain).top
+                if top != HOLE:
+                    needed.add(top)
+        needed -= in_batch
+        if needed:
+            present = self.store.blobs.lookup(needed)
+            lacking = needed - set(present)
+            if lacking:
+                raise ProtocolError(f"batch sends a tree page before {len(lacking)} of the "
+                                    "blobs it names; pages must follow their children")
+        with self.store.transaction():
+            self.store.blobs.put_payloads(payloads, verified=True)
+        size = len(body)
+        s.blobs += len(records)
+        s.bytes += size
+        return {"stored": len(records), "bytes": size}
+
+    def _verify(self, records: list[protocol.Record]) -> list[bytes | None]:
+        """Check every payload against its id (in the worker pool); plaintext of pages/roots."""
+
+        def check(r: protocol.Record) -> bytes | None:
+            plain = decompress(r.payload, r.plain_len) if r.compressed else r.payload
+            if len(plain) != r.plain_len or blob_id(plain) != r.id:
+                raise IntegrityError(f"record for blob {r.id.hex()[:16]}… does not match its "
+                                     "id: the data was corrupted or forged; batch rejected")
+            return plain if r.kind != protocol.KIND_BLOCK else None
+
+        return list(self.store.pool.map(check, records))
+
+    def commit(self, source: str, sid: str) -> dict[str, Any]:
+        s = self.session(source, sid)
+        row = self.store.blobs.lookup([s.root]).get(s.root)
+        if row is None:
+            raise ProtocolError("commit before the snapshot root was sent")
+        root = Root.unpack(self.store.blobs.get_row(row, s.root))
+        if root.top != HOLE and not self.store.blobs.lookup([root.top]):
+            raise ProtocolError("commit before the snapshot's top page was sent")
+        with self.store.transaction():
+            if self._existing(s) is None:
+                snapshots.record(self.store, s.replica_volume, s.snapshot, root, origin=s.source,
+                                 created=s.created or None)
+        del self.sessions[sid]
+        log.info("replica %s@%s committed (%d blobs, %d bytes received)", s.replica_volume,
+                 s.snapshot, s.blobs, s.bytes)
+        return {"replica": f"{s.replica_volume}@{s.snapshot}"}

@@ -1,0 +1,214 @@
+"""The source side of a transfer: walk the snapshot tree against the target, stream what it lacks.
+
+1. Open a session naming the snapshot and its root id. If the target already holds the replica,
+   stop. If it holds the root blob, everything under it is there too (pages are only ever stored
+   after their children), so only the commit is left.
+2. Walk the tree top-down, level by level, asking the target which page ids it lacks
+   (``have``) and descending only into those. Leaves are handled a few at a time: their block
+   ids are asked for, the missing blocks sent, then the leaf pages themselves.
+3. Send the missing upper pages bottom-up, then the root, then commit.
+
+Store reads (decrypting with this site's key, checking each blob's id) run in the store thread
+and its worker pool, never on the event loop. A producer task builds batches while the
+consumer posts the previous one, with at most ``QUEUE_DEPTH`` batches in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dvx_dr.errors import ProtocolError, UserError
+from dvx_dr.replicator import protocol
+from dvx_dr.replicator.peer import PeerClient
+from dvx_dr.replicator.storethread import StoreThread
+from dvx_dr.site import snapshots, tree
+from dvx_dr.site.blobs import Payload
+from dvx_dr.site.tree import HOLE, Root
+
+LEAVES_PER_ROUND = 8
+BATCH_PAYLOAD = 16 * 1024 * 1024
+QUEUE_DEPTH = 3
+
+
+@dataclass
+class TransferStats:
+    snapshot: str
+    target: str
+    replica: str = ""
+    ids_exchanged: int = 0
+    id_bytes: int = 0
+    blocks_sent: int = 0
+    pages_sent: int = 0
+    payload_bytes: int = 0
+    bytes_on_wire: int = 0
+    bytes_skipped: int = 0
+    logical_bytes: int = 0
+    seconds: float = 0.0
+    already_replicated: bool = False
+
+    @property
+    def rate(self) -> float:
+        """Logical bytes per second made available at the target."""
+        return self.logical_bytes / self.seconds if self.seconds else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"rate": self.rate}
+
+
+Progress = Callable[[TransferStats], None]
+
+
+class _Batcher:
+    def __init__(self, queue: asyncio.Queue[bytes | None], stats: TransferStats) -> None:
+        self.queue = queue
+        self.stats = stats
+        self.records: list[protocol.Record] = []
+        self.size = 0
+
+    async def add(self, kind: int, p: Payload) -> None:
+        if self.records and (len(self.records) >= protocol.MAX_RECORDS
+                             or self.size + len(p.data) > BATCH_PAYLOAD):
+            await self.flush()
+        self.records.append(protocol.Record(kind, p.compressed, p.plain_len, p.id, p.data))
+        self.size += len(p.data)
+        if kind == protocol.KIND_BLOCK:
+            self.stats.blocks_sent += 1
+        else:
+            self.stats.pages_sent += 1
+        self.stats.payload_bytes += len(p.data)
+
+    async def flush(self) -> None:
+        if self.records:
+            await self.queue.put(protocol.encode_batch(self.records))
+            self.records, self.size = [], 0
+
+
+async def send_snapshot(
+    store: StoreThread,
+    peer: PeerClient,
+    spec: str,
+    progress: Progress | None = None,
+    bandwidth_limit: float | None = None,
+) -> TransferStats:
+    """One attempt at replicating snapshot ``spec`` to ``peer``. Safe to rerun after a failure."""
+    started = time.monotonic()
+    stats = TransferStats(snapshot=spec, target=peer.site)
+    snap = await store.run(snapshots.get, store.store, spec)
+    if "/" in snap.volume:
+        raise UserError(f"{spec} is a replica received from another site; replicate from its "
+                        "home site, or clone it into a volume and snapshot that")
+    root_id, root = await store.run(_root, store, snap)
+    stats.logical_bytes = root.mapped_blocks * root.block_size
+    opened = await peer.post_json("/sessions", {
+        "version": protocol.VERSION, "volume": snap.volume, "snapshot": snap.name,
+        "root": root_id.hex(), "created": snap.created})
+    stats.replica = f"{store.store.site}/{snap.volume}@{snap.name}"
+    if opened["complete"]:
+        stats.already_replicated = True
+        stats.bytes_skipped = stats.logical_bytes
+        stats.seconds = time.monotonic() - started
+        return stats
+    sid = opened["session"]
+
+    async def have(ids: list[bytes]) -> list[bytes]:
+        missing: list[bytes] = []
+        for start in range(0, len(ids), protocol.MAX_HAVE_IDS):
+            part = ids[start:start + protocol.MAX_HAVE_IDS]
+            body = protocol.encode_ids(part)
+            answer = await peer.request(f"/sessions/{sid}/have", data=body)
+            if len(answer) != len(part):
+                raise ProtocolError("have answer has the wrong length")
+            stats.ids_exchanged += len(part)
+            stats.id_bytes += len(body) + len(answer)
+            missing.extend(i for i, flag in zip(part, answer, strict=True) if flag)
+        return missing
+
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=QUEUE_DEPTH)
+    batcher = _Batcher(queue, stats)
+
+    async def produce() -> None:
+        try:
+            if await have([root_id]):
+                await _walk(store, root, have, batcher)
+                await batcher.add(protocol.KIND_ROOT, Payload(root_id, False, root.pack(),
+                                                              len(root.pack())))
+                await batcher.flush()
+        finally:
+            await queue.put(None)
+
+    async def consume() -> None:
+        window_start = time.monotonic()
+        window_bytes = 0
+        while (body := await queue.get()) is not None:
+            await peer.request(f"/sessions/{sid}/blobs", data=body)
+            stats.bytes_on_wire += len(body)
+            if bandwidth_limit:
+                window_bytes += len(body)
+                ahead = window_bytes / bandwidth_limit - (time.monotonic() - window_start)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            if progress:
+                stats.seconds = time.monotonic() - started
+                progress(stats)
+
+    producer = asyncio.create_task(produce())
+    try:
+        await consume()
+        await producer
+    finally:
+        if not producer.done():
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+    await peer.post_json(f"/sessions/{sid}/commit", {})
+    stats.bytes_on_wire += stats.id_bytes
+    sent_logical = stats.blocks_sent * root.block_size
+    stats.bytes_skipped = max(0, stats.logical_bytes - sent_logical)
+    stats.seconds = time.monotonic() - started
+    if progress:
+        progress(stats)
+    return stats
+
+
+def _root(store: StoreThread, snap: snapshots.SnapshotInfo) -> tuple[bytes, Root]:
+    blobs = store.store.blobs
+    return blobs.id_of(snap.root_row), Root.unpack(blobs.get_row(snap.root_row))
+
+
+async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher) -> None:
+    blobs = store.store.blobs
+    upper: list[list[Payload]] = []  # missing pages of levels >= 1, top level first
+    frontier = [] if root.top == HOLE else [root.top]
+    level = root.depth - 1
+    while level >= 1 and frontier:
+        missing = await have(frontier)
+        pages = await store.run(blobs.get_payloads, missing)
+        upper.append(pages)
+        plains = await store.run(_plain_pages, store, missing)
+        frontier = [c for p in plains for c in tree.split_ids(p) if c != HOLE]
+        level -= 1
+    leaves = await have(frontier) if frontier else []
+    sent: set[bytes] = set()
+    for start in range(0, len(leaves), LEAVES_PER_ROUND):
+        chunk = leaves[start:start + LEAVES_PER_ROUND]
+        plains = await store.run(_plain_pages, store, chunk)
+        wanted = list(dict.fromkeys(c for p in plains for c in tree.split_ids(p)
+                                    if c != HOLE and c not in sent))
+        missing = await have(wanted) if wanted else []
+        for s in range(0, len(missing), 256):
+            part = missing[s:s + 256]
+            for p in await store.run(blobs.get_payloads, part):
+                await batcher.add(protocol.KIND_BLOCK, p)
+            sent.update(part)
+        for p in await store.run(blobs.get_payloads, chunk):
+            await batcher.add(protocol.KIND_PAGE, p)
+    for pages in reversed(upper):
+        for p in pages:
+            await batcher.add(protocol.KIND_PAGE, p)
+
+
+def _plain_pages(store: StoreThread, ids: list[bytes]) -> list[bytes]:
+    return [store.store.blobs.get(i) for i in ids]

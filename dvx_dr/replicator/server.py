@@ -1,0 +1,354 @@
+"""``dvx-dr site serve``: one aiohttp process per site.
+
+Two listeners share one ``SiteService``:
+
+- the **peer API** (``/v1/replication/...``, see ``protocol``) on the configured address, HTTPS
+  with mutual TLS 1.3; every request's client certificate must name a configured peer site;
+- the **admin API** (``/admin/v1/...``) on a Unix socket (mode 0600) through which ``dvx-dr``
+  commands reach the running site: named store operations (``site.ops``), one-shot
+  replication with progress, and status.
+
+The store is opened once and touched only from the store thread (``storethread``). SIGTERM
+stops accepting work, cancels transfers in flight (they resume by rerunning: durable blobs are
+not sent again) and closes the store; SIGHUP reloads ``site.yaml``'s peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from dvx_dr.errors import (
+    DvxError,
+    IntegrityError,
+    NotFoundError,
+    ProtocolError,
+    TransientError,
+    UserError,
+)
+from dvx_dr.replicator import protocol
+from dvx_dr.replicator.peer import PeerClient, with_retries
+from dvx_dr.replicator.receiver import Receiver
+from dvx_dr.replicator.sender import TransferStats, send_snapshot
+from dvx_dr.replicator.storethread import StoreThread
+from dvx_dr.replicator.tls import PeerRejected, check_peer, client_context, server_context
+from dvx_dr.site import ops
+from dvx_dr.site.config import SiteConfig, load_site_config
+from dvx_dr.site.store import PasswordSource, Store
+
+log = logging.getLogger("dvx_dr.site")
+
+
+class SiteService:
+    """Everything a running site holds: config, store thread, receiver, peer sessions."""
+
+    def __init__(self, config: SiteConfig, config_path: Path | None, store: Store) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.store = StoreThread(store)
+        self.receiver = Receiver(store)
+        self.http: aiohttp.ClientSession | None = None
+        self.transfers: dict[str, dict[str, Any]] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.started = time.time()
+
+    def peer(self, site: str) -> PeerClient:
+        url = self.config.peers.get(site)
+        if url is None:
+            known = ", ".join(sorted(self.config.peers)) or "none"
+            where = self.config_path or "the site configuration"
+            raise UserError(f"unknown site {site!r}: not a peer in {where} (configured: {known})")
+        assert self.http is not None
+        return PeerClient(self.http, site, url)
+
+    async def start_http(self) -> None:
+        tls = self.config.tls
+        context = client_context(tls.cert, tls.key, tls.ca)
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context, limit=16),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
+        )
+
+    async def replicate(self, spec: str, target: str,
+                        progress: Callable[[TransferStats], None] | None = None,
+                        attempts: int = 8) -> TransferStats:
+        peer = self.peer(target)
+        key = f"{spec} -> {target}"
+        self.transfers[key] = {"snapshot": spec, "target": target, "started": time.time(),
+                               "attempt": 1, "last_error": None}
+
+        def on_retry(n: int, delay: float, exc: TransientError) -> None:
+            log.warning("transfer %s: attempt %d failed (%s); retrying in %.1fs", key, n, exc,
+                        delay)
+            self.transfers[key].update(attempt=n + 1, last_error=str(exc))
+
+        try:
+            return await with_retries(
+                lambda: send_snapshot(self.store, peer, spec, progress), attempts=attempts,
+                on_retry=on_retry)
+        finally:
+            self.transfers.pop(key, None)
+
+    def status(self) -> dict[str, Any]:
+        return {"site": self.config.name, "pid": os.getpid(), "started": self.started,
+                "peers": dict(self.config.peers), "transfers": list(self.transfers.values()),
+                "sessions": len(self.receiver.sessions)}
+
+    def reload(self) -> None:
+        if self.config_path is None:
+            return
+        try:
+            new = load_site_config(self.config_path)
+        except DvxError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        if new.store != self.config.store or new.listen != self.config.listen:
+            log.warning("reload: store and listen address changes need a restart; "
+                        "applying the rest")
+        self.config = new.model_copy(update={"store": self.config.store,
+                                             "listen": self.config.listen})
+        log.info("configuration reloaded: peers %s", ", ".join(self.config.peers) or "none")
+
+
+SERVICE = web.AppKey("service", SiteService)
+
+# -- errors -----------------------------------------------------------------------------
+
+
+def error_response(exc: BaseException) -> web.Response:
+    if isinstance(exc, PeerRejected):
+        status = 403
+    elif isinstance(exc, ProtocolError):
+        status = 400
+    elif isinstance(exc, NotFoundError):
+        status = 404
+    elif isinstance(exc, IntegrityError):
+        status = 422
+    elif isinstance(exc, UserError):
+        status = 409
+    elif isinstance(exc, TransientError):
+        status = 503
+    else:
+        status = 500
+    code = exc.exit_code if isinstance(exc, DvxError) else 1
+    return web.json_response({"error": str(exc) or exc.__class__.__name__, "exit_code": code},
+                             status=status)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except DvxError as exc:
+        if isinstance(exc, ProtocolError | IntegrityError):
+            log.warning("%s %s rejected: %s", request.method, request.path, exc)
+        return error_response(exc)
+    except Exception as exc:  # a bug: log it whole, answer 500
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(exc)
+
+
+@web.middleware
+async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if ssl_object is None and service.config.allow_plaintext:
+        request["peer"] = request.headers.get("X-DVX-Site", "")
+        if request["peer"] not in service.config.peers:
+            return error_response(PeerRejected("plaintext request names no configured peer"))
+        return await handler(request)
+    try:
+        request["peer"] = check_peer(ssl_object, set(service.config.peers))
+    except PeerRejected as exc:
+        peername = request.transport.get_extra_info("peername") if request.transport else None
+        log.warning("rejected connection from %s: %s", peername, exc)
+        return error_response(exc)
+    return await handler(request)
+
+
+# -- peer API -------------------------------------------------------------------------------
+
+
+async def open_session(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ProtocolError("session request is not JSON") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("session request is not a JSON object")
+    result = await service.store.run(service.receiver.open, request["peer"], body)
+    return web.json_response(result)
+
+
+async def have(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    body = await request.read()
+    answer = await service.store.run(service.receiver.have, request["peer"],
+                                     request.match_info["sid"], body)
+    return web.Response(body=answer, content_type="application/octet-stream")
+
+
+async def blobs(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    body = await request.read()
+    result = await service.store.run(service.receiver.receive, request["peer"],
+                                     request.match_info["sid"], body)
+    return web.json_response(result)
+
+
+async def commit(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    result = await service.store.run(service.receiver.commit, request["peer"],
+                                     request.match_info["sid"])
+    return web.json_response(result)
+
+
+def create_app(service: SiteService) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware, peer_middleware],
+                          client_max_size=protocol.MAX_BATCH + 1024 * 1024)
+    app[SERVICE] = service
+    p = "/v1/replication"
+    app.router.add_routes([
+        web.post(f"{p}/sessions", open_session),
+        web.post(f"{p}/sessions/{{sid}}/have", have),
+        web.post(f"{p}/sessions/{{sid}}/blobs", blobs),
+        web.post(f"{p}/sessions/{{sid}}/commit", commit),
+    ])
+    return app
+
+
+# -- admin API ------------------------------------------------------------------------------
+
+
+async def admin_op(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    params = await request.json()
+    result = await service.store.run(ops.run, service.store.store, request.match_info["name"],
+                                     params)
+    return web.json_response({"result": result})
+
+
+async def admin_status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVICE].status())
+
+
+async def admin_replicate(request: web.Request) -> web.StreamResponse:
+    """Run one transfer; the answer is NDJSON: progress lines, then ``done`` or ``error``."""
+    service = request.app[SERVICE]
+    params = await request.json()
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    async def run() -> None:
+        try:
+            spec = params["snapshot"]
+            if params.get("volume"):
+                snap = await service.store.run(ops.run, service.store.store, "snapshot.create",
+                                               {"volume": params["volume"],
+                                                "name": params.get("name")})
+                spec = snap["snapshot"]
+                await lines.put({"snapshot_created": spec})
+            stats = await service.replicate(
+                spec, params["to"], lambda s: lines.put_nowait({"progress": s.to_json()}))
+            await lines.put({"done": stats.to_json()})
+        except DvxError as exc:
+            await lines.put({"error": str(exc), "exit_code": exc.exit_code})
+        except Exception as exc:
+            log.exception("replication failed")
+            await lines.put({"error": f"internal error: {exc!r}", "exit_code": 1})
+        finally:
+            await lines.put(None)
+
+    task = asyncio.create_task(run())
+    service.tasks.add(task)
+    task.add_done_callback(service.tasks.discard)
+    try:
+        while (line := await lines.get()) is not None:
+            await response.write(json.dumps(line).encode() + b"\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        task.cancel()
+        raise
+    await response.write_eof()
+    return response
+
+
+def create_admin_app(service: SiteService) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=ops.MAX_INLINE * 2)
+    app[SERVICE] = service
+    app.router.add_routes([
+        web.post("/admin/v1/ops/{name}", admin_op),
+        web.get("/admin/v1/status", admin_status),
+        web.post("/admin/v1/replicate", admin_replicate),
+    ])
+    return app
+
+
+# -- the process ----------------------------------------------------------------------------
+
+
+async def serve(config: SiteConfig, config_path: Path | None,
+                password: PasswordSource | None) -> None:
+    tls = config.tls
+    peer_ssl: ssl.SSLContext = server_context(tls.cert, tls.key, tls.ca)
+    store = Store.open(config.store, password)
+    service = SiteService(config, config_path, store)
+    store.announce(str(config.admin_socket))
+    await service.start_http()
+    peer_runner = web.AppRunner(create_app(service), access_log=None)
+    admin_runner = web.AppRunner(create_admin_app(service), access_log=None)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, service.reload)
+    try:
+        await peer_runner.setup()
+        await admin_runner.setup()
+        await web.TCPSite(peer_runner, config.listen.host, config.listen.port,
+                          ssl_context=peer_ssl).start()
+        sock = config.admin_socket
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        if sock.exists():
+            sock.unlink()
+        old = os.umask(0o177)
+        try:
+            await web.UnixSite(admin_runner, str(sock)).start()
+        finally:
+            os.umask(old)
+        os.chmod(sock, 0o600)
+        log.info("site %s serving peers on %s, admin socket %s", config.name, config.listen,
+                 sock)
+        print(f"site {config.name} ready on https://{config.listen} (admin socket {sock})",
+              flush=True)
+        await stop.wait()
+        log.info("stopping: cancelling %d transfers in flight", len(service.tasks))
+    finally:
+        for task in list(service.tasks):
+            task.cancel()
+        await asyncio.gather(*service.tasks, return_exceptions=True)
+        await admin_runner.cleanup()
+        await peer_runner.cleanup()
+        if service.http is not None:
+            await service.http.close()
+        with contextlib.suppress(FileNotFoundError):
+            config.admin_socket.unlink()
+        service.store.close()

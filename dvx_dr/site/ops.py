@@ -1,0 +1,186 @@
+"""Named store operations, shared by the CLI (store opened in-process) and a running site's
+admin socket (store owned by the site). Each takes the store and JSON-able parameters and
+returns a JSON-able result, so both paths run exactly the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dvx_dr.errors import NotFoundError, UserError
+from dvx_dr.site import gc, scrub, snapshots, stats, volumes
+from dvx_dr.site.store import Store
+
+#: Reads and writes that travel inside a JSON message through the admin socket are capped.
+MAX_INLINE = 256 * 1024 * 1024
+
+Op = Callable[..., Any]
+OPS: dict[str, Op] = {}
+
+
+def op(name: str) -> Callable[[Op], Op]:
+    def register(fn: Op) -> Op:
+        OPS[name] = fn
+        return fn
+    return register
+
+
+def run(store: Store, name: str, params: dict[str, Any]) -> Any:
+    fn = OPS.get(name)
+    if fn is None:
+        raise NotFoundError(f"unknown operation {name!r}")
+    try:
+        return fn(store, **params)
+    except TypeError as exc:
+        raise UserError(f"operation {name}: bad parameters ({exc})") from None
+
+
+def _volume_json(store: Store, v: volumes.VolumeInfo) -> dict[str, Any]:
+    return {"name": v.name, "size": v.size, "mapped_blocks": v.mapped_blocks,
+            "mapped_bytes": v.mapped_blocks * store.block_size, "created": v.created}
+
+
+def _snapshot_json(store: Store, s: snapshots.SnapshotInfo) -> dict[str, Any]:
+    return {"snapshot": s.spec, "volume": s.volume, "name": s.name, "size": s.size,
+            "mapped_blocks": s.mapped_blocks, "mapped_bytes": s.mapped_blocks * store.block_size,
+            "created": s.created, "origin": s.origin}
+
+
+@op("volume.create")
+def volume_create(store: Store, name: str, size: int) -> dict[str, Any]:
+    return _volume_json(store, volumes.create(store, name, size))
+
+
+@op("volume.get")
+def volume_get(store: Store, name: str) -> dict[str, Any]:
+    return _volume_json(store, volumes.get(store, name))
+
+
+@op("volume.list")
+def volume_list(store: Store) -> list[dict[str, Any]]:
+    return [_volume_json(store, v) for v in volumes.list_volumes(store)]
+
+
+@op("volume.import")
+def volume_import(store: Store, name: str, path: str) -> dict[str, Any]:
+    volumes.import_file(store, name, Path(path))
+    return _volume_json(store, volumes.get(store, name))
+
+
+@op("volume.export")
+def volume_export(store: Store, name: str, path: str) -> dict[str, Any]:
+    with _open_out(path) as out:
+        size = volumes.export(store, name, out)
+    return {"name": name, "path": path, "size": size}
+
+
+@op("volume.write")
+def volume_write(store: Store, name: str, offset: int, data: str | None = None,
+                 path: str | None = None) -> dict[str, Any]:
+    """Write inline ``data`` (base64) or the file at ``path`` at ``offset``, atomically."""
+    if path is not None:
+        try:
+            with open(path, "rb") as source:
+                n = volumes.write(store, name, offset, source)
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    else:
+        n = volumes.write(store, name, offset, io.BytesIO(base64.b64decode(data or "")))
+    return {"name": name, "offset": offset, "written": n}
+
+
+@op("volume.read")
+def volume_read(store: Store, name: str, offset: int, length: int) -> dict[str, Any]:
+    _check_inline(length)
+    return {"data": base64.b64encode(volumes.read(store, name, offset, length)).decode()}
+
+
+@op("volume.resize")
+def volume_resize(store: Store, name: str, size: int) -> dict[str, Any]:
+    volumes.resize(store, name, size)
+    return _volume_json(store, volumes.get(store, name))
+
+
+@op("volume.delete")
+def volume_delete(store: Store, name: str) -> dict[str, Any]:
+    volumes.delete(store, name)
+    return {"deleted": name}
+
+
+@op("volume.clone")
+def volume_clone(store: Store, name: str, source: str) -> dict[str, Any]:
+    return _volume_json(store, snapshots.clone(store, name, source))
+
+
+@op("snapshot.create")
+def snapshot_create(store: Store, volume: str, name: str | None = None) -> dict[str, Any]:
+    return _snapshot_json(store, snapshots.create(store, volume, name))
+
+
+@op("snapshot.get")
+def snapshot_get(store: Store, snapshot: str) -> dict[str, Any]:
+    return _snapshot_json(store, snapshots.get(store, snapshot))
+
+
+@op("snapshot.list")
+def snapshot_list(store: Store, volume: str | None = None) -> list[dict[str, Any]]:
+    return [_snapshot_json(store, s) for s in snapshots.list_snapshots(store, volume)]
+
+
+@op("snapshot.delete")
+def snapshot_delete(store: Store, snapshot: str) -> dict[str, Any]:
+    snapshots.delete(store, snapshot)
+    return {"deleted": snapshot}
+
+
+@op("snapshot.diff")
+def snapshot_diff(store: Store, a: str, b: str) -> list[dict[str, int]]:
+    return [{"offset": o, "length": n} for o, n in snapshots.diff(store, a, b)]
+
+
+@op("snapshot.read")
+def snapshot_read(store: Store, snapshot: str, offset: int, length: int) -> dict[str, Any]:
+    _check_inline(length)
+    return {"data": base64.b64encode(snapshots.read(store, snapshot, offset, length)).decode()}
+
+
+@op("snapshot.export")
+def snapshot_export(store: Store, snapshot: str, path: str) -> dict[str, Any]:
+    with _open_out(path) as out:
+        size = snapshots.export(store, snapshot, out)
+    return {"snapshot": snapshot, "path": path, "size": size}
+
+
+@op("datastore.stats")
+def datastore_stats(store: Store) -> dict[str, Any]:
+    return stats.collect(store).to_json()
+
+
+@op("datastore.scrub")
+def datastore_scrub(store: Store) -> dict[str, Any]:
+    report = scrub.scrub(store)
+    return {"checked_blobs": report.checked_blobs, "checked_bytes": report.checked_bytes,
+            "damaged": report.damaged}
+
+
+@op("datastore.gc")
+def datastore_gc(store: Store) -> dict[str, Any]:
+    report = gc.gc(store)
+    return vars(report) | {"reclaimed": report.reclaimed}
+
+
+def _check_inline(length: int) -> None:
+    if length > MAX_INLINE:
+        raise UserError(f"a read through a running site is limited to {MAX_INLINE} bytes; "
+                        "use export for more")
+
+
+def _open_out(path: str) -> io.BufferedWriter:
+    try:
+        return open(path, "wb")
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
