@@ -3,7 +3,7 @@
 # Run through `make demo` (which puts .venv/bin on PATH). Everything lives in .demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEMO="$PWD/.demo"
+DEMO="${DEMO_DIR:-$PWD/.demo}"
 SIZE="${DEMO_SIZE:-256MiB}"
 rm -rf "$DEMO"
 mkdir -p "$DEMO"

@@ -38,7 +38,7 @@ from dvx_dr.errors import (
     TransientError,
     UserError,
 )
-from dvx_dr.replicator import protocol
+from dvx_dr.replicator import listener, protocol
 from dvx_dr.replicator.peer import PeerClient, with_retries
 from dvx_dr.replicator.receiver import Receiver
 from dvx_dr.replicator.sender import TransferStats, send_snapshot
@@ -315,6 +315,7 @@ async def serve(config: SiteConfig, config_path: Path | None,
     await service.start_http()
     peer_runner = web.AppRunner(create_app(service), access_log=None)
     admin_runner = web.AppRunner(create_admin_app(service), access_log=None)
+    listening: asyncio.Server | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -323,8 +324,9 @@ async def serve(config: SiteConfig, config_path: Path | None,
     try:
         await peer_runner.setup()
         await admin_runner.setup()
-        await web.TCPSite(peer_runner, config.listen.host, config.listen.port,
-                          ssl_context=peer_ssl).start()
+        assert peer_runner.server is not None
+        listening = await listener.start(peer_runner.server, config.listen.host,
+                                         config.listen.port, peer_ssl)
         sock = config.admin_socket
         sock.parent.mkdir(parents=True, exist_ok=True)
         if sock.exists():
@@ -346,6 +348,8 @@ async def serve(config: SiteConfig, config_path: Path | None,
             task.cancel()
         await asyncio.gather(*service.tasks, return_exceptions=True)
         await admin_runner.cleanup()
+        if listening is not None:
+            listening.close()
         await peer_runner.cleanup()
         if service.http is not None:
             await service.http.close()
