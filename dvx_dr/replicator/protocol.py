@@ -4,8 +4,10 @@ A transfer runs over HTTPS (mutual TLS) as a short series of requests from the s
 the target site, all under ``/v1/replication``:
 
 ``POST /sessions``  JSON ``{"version": 1, "volume": "vm1", "snapshot": "daily-1",
-    "root": "<hex id>", "created": "<ISO time>"}``; answers ``{"session": "<id>",
-    "complete": bool}`` (complete: the target already holds this replica).
+    "root": "<hex id>", "created": "<ISO time>"}`` for one volume's snapshot, or with
+    ``"group": "pg1"`` instead of ``"volume"`` for a protection-group snapshot (root = the
+    group root); answers ``{"session": "<id>", "complete": bool}`` (complete: the target
+    already holds this replica).
 
 ``POST /sessions/<id>/have``  body: concatenated 32-byte ids (at most ``MAX_HAVE_IDS``);
     answers one byte per id: 1 when the target lacks it, 0 when it holds it. The source walks
@@ -15,8 +17,13 @@ the target site, all under ``/v1/replication``:
     target verifies every record, re-encrypts the payloads with its own key and makes them
     durable, or rejects the whole batch; answers ``{"stored": n, "bytes": n}``.
 
-``POST /sessions/<id>/commit``  the target checks that the root and its top page are
-    present and makes the replica visible as ``<source site>/<volume>@<snapshot>``.
+``POST /sessions/<id>/commit``  the target checks that the root and everything it names
+    directly are present and makes the replica visible as ``<source site>/<volume>@<snapshot>``
+    (a group: every member ``<source site>/<volume>@<snapshot>`` and the group
+    ``<source site>/<pg>@<snapshot>``, in one transaction).
+
+``POST /retention``  JSON ``{"group": "pg1", "retention": {...}, "protect": ["name"]}``: the
+    target prunes its replicas of that group by the target retention rule.
 
 Batch layout, all integers little-endian::
 
@@ -25,7 +32,8 @@ Batch layout, all integers little-endian::
       4   1   protocol version (1)
       5   3   reserved (0)
     record header (44 bytes), repeated
-      0   1   kind: 1 = data block, 2 = tree page, 3 = snapshot root, 0 = end of batch
+      0   1   kind: 1 = data block, 2 = tree page, 3 = snapshot root, 4 = group root,
+              0 = end of batch
       1   1   flags: bit 0 = payload is zstd-compressed; other bits must be zero
       2   2   reserved (0)
       4   4   plaintext length
@@ -58,6 +66,7 @@ KIND_END = 0
 KIND_BLOCK = 1
 KIND_PAGE = 2
 KIND_ROOT = 3
+KIND_GROUP = 4
 FLAG_COMPRESSED = 0x01
 MAX_PLAIN = 4 * 1024 * 1024
 MAX_RECORDS = 4096
@@ -116,7 +125,7 @@ def _records(data: bytes, pos: int) -> Iterator[Record]:
             if pos != len(data):
                 raise ProtocolError(f"{len(data) - pos} bytes follow the end-of-batch record")
             return
-        if kind not in (KIND_BLOCK, KIND_PAGE, KIND_ROOT):
+        if kind not in (KIND_BLOCK, KIND_PAGE, KIND_ROOT, KIND_GROUP):
             raise ProtocolError(f"record {count} has unknown kind {kind}")
         if flags & ~FLAG_COMPRESSED or reserved:
             raise ProtocolError(f"record {count} has unknown flags {flags:#x}")

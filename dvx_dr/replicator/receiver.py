@@ -13,14 +13,17 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from dvx_dr.errors import IntegrityError, NotFoundError, ProtocolError, UserError
+from dvx_dr.policies.model import Retention
+from dvx_dr.policies.retention import select_keep
 from dvx_dr.replicator import protocol
-from dvx_dr.site import snapshots, tree
+from dvx_dr.site import groups, snapshots, tree
 from dvx_dr.site.blobs import Payload, blob_id, decompress
 from dvx_dr.site.store import Store
-from dvx_dr.site.tree import HOLE, Root
+from dvx_dr.site.tree import HOLE, GroupRoot, Root
 
 log = logging.getLogger("dvx_dr.receiver")
 MAX_SESSIONS = 64
@@ -31,10 +34,11 @@ SESSION_IDLE = 3600.0
 class Session:
     id: str
     source: str
-    volume: str
+    volume: str  # the volume, or the protection group when ``group``
     snapshot: str
     root: bytes
     created: str
+    group: bool = False
     started: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     blobs: int = 0
@@ -51,9 +55,10 @@ class Receiver:
         self.sessions: dict[str, Session] = {}
 
     def open(self, source: str, request: dict[str, Any]) -> dict[str, Any]:
+        group = "group" in request
         try:
             version = int(request["version"])
-            volume = str(request["volume"])
+            volume = str(request["group"] if group else request["volume"])
             name = str(request["snapshot"])
             root = bytes.fromhex(str(request["root"]))
             created = str(request.get("created") or "")
@@ -68,7 +73,7 @@ class Receiver:
         if not snapshots.SNAP_NAME.match(name) or "/" in volume or "@" in volume:
             raise ProtocolError(f"session names an invalid snapshot {volume}@{name}")
         self._expire()
-        session = Session(secrets.token_hex(16), source, volume, name, root, created)
+        session = Session(secrets.token_hex(16), source, volume, name, root, created, group)
         existing = self._existing(session)
         if existing is not None:
             if existing != root:
@@ -83,10 +88,13 @@ class Receiver:
 
     def _existing(self, s: Session) -> bytes | None:
         try:
-            snap = snapshots.get(self.store, f"{s.replica_volume}@{s.snapshot}")
+            if s.group:
+                row = groups.get(self.store, s.replica_volume, s.snapshot).root_row
+            else:
+                row = snapshots.get(self.store, f"{s.replica_volume}@{s.snapshot}").root_row
         except NotFoundError:
             return None
-        return self.store.blobs.id_of(snap.root_row)
+        return self.store.blobs.id_of(row)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -123,6 +131,9 @@ class Receiver:
                 top = Root.unpack(plain).top
                 if top != HOLE:
                     needed.add(top)
+            elif r.kind == protocol.KIND_GROUP:
+                assert plain is not None
+                needed.update(root_id for _, root_id in GroupRoot.unpack(plain).members)
         needed -= in_batch
         if needed:
             present = self.store.blobs.lookup(needed)
@@ -151,17 +162,54 @@ class Receiver:
 
     def commit(self, source: str, sid: str) -> dict[str, Any]:
         s = self.session(source, sid)
-        row = self.store.blobs.lookup([s.root]).get(s.root)
+        blobs = self.store.blobs
+        row = blobs.lookup([s.root]).get(s.root)
         if row is None:
             raise ProtocolError("commit before the snapshot root was sent")
-        root = Root.unpack(self.store.blobs.get_row(row, s.root))
-        if root.top != HOLE and not self.store.blobs.lookup([root.top]):
-            raise ProtocolError("commit before the snapshot's top page was sent")
+        plain = blobs.get_row(row, s.root)
+        members: list[tuple[str, Root]] = []
+        group: GroupRoot | None = None
+        if s.group:
+            group = GroupRoot.unpack(plain)
+            for volume, root_id in group.members:
+                if "/" in volume or not blobs.lookup([root_id]):
+                    raise ProtocolError(f"commit before member {volume}'s root was sent")
+                members.append((volume, Root.unpack(blobs.get(root_id))))
+        else:
+            members.append((s.volume, Root.unpack(plain)))
+        for volume, root in members:
+            if root.top != HOLE and not blobs.lookup([root.top]):
+                raise ProtocolError(f"commit before {volume}'s top page was sent")
+        prefix = f"{s.source}/"
         with self.store.transaction():
             if self._existing(s) is None:
-                snapshots.record(self.store, s.replica_volume, s.snapshot, root, origin=s.source,
-                                 created=s.created or None)
+                for volume, root in members:
+                    snapshots.record(self.store, prefix + volume, s.snapshot, root,
+                                     origin=s.source, created=s.created or None)
+                if group is not None:
+                    groups.record(self.store, s.replica_volume, s.snapshot, group,
+                                  origin=s.source, created=s.created or None)
         del self.sessions[sid]
         log.info("replica %s@%s committed (%d blobs, %d bytes received)", s.replica_volume,
                  s.snapshot, s.blobs, s.bytes)
         return {"replica": f"{s.replica_volume}@{s.snapshot}"}
+
+    def retention(self, source: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Prune this site's replicas of one of ``source``'s groups by the target retention."""
+        try:
+            pg = str(request["group"])
+            rule = Retention.model_validate(request["retention"])
+            protect = [str(n) for n in request.get("protect", [])]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"retention request is malformed ({exc})") from None
+        replicas = groups.list_groups(self.store, f"{source}/{pg}")
+        now = datetime.now(UTC)
+        keep = select_keep([(g.name, g.created_at) for g in replicas], rule, now, protect)
+        deleted = []
+        for g in replicas:
+            if g.name not in keep:
+                groups.delete(self.store, g.pg, g.name)
+                deleted.append(g.spec)
+        if deleted:
+            log.info("retention for %s/%s: deleted %s", source, pg, ", ".join(deleted))
+        return {"kept": sorted(keep), "deleted": deleted}

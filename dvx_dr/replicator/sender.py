@@ -25,8 +25,8 @@ from dvx_dr.errors import ProtocolError, UserError
 from dvx_dr.replicator import protocol
 from dvx_dr.replicator.peer import PeerClient
 from dvx_dr.replicator.storethread import StoreThread
-from dvx_dr.site import snapshots, tree
-from dvx_dr.site.blobs import Payload
+from dvx_dr.site import groups, snapshots, tree
+from dvx_dr.site.blobs import Payload, blob_id
 from dvx_dr.site.tree import HOLE, Root
 
 LEAVES_PER_ROUND = 8
@@ -94,19 +94,55 @@ async def send_snapshot(
     progress: Progress | None = None,
     bandwidth_limit: float | None = None,
 ) -> TransferStats:
-    """One attempt at replicating snapshot ``spec`` to ``peer``. Safe to rerun after a failure."""
-    started = time.monotonic()
-    stats = TransferStats(snapshot=spec, target=peer.site)
+    """One attempt at replicating volume snapshot ``spec``. Safe to rerun after a failure."""
     snap = await store.run(snapshots.get, store.store, spec)
     if "/" in snap.volume:
         raise UserError(f"{spec} is a replica received from another site; replicate from its "
                         "home site, or clone it into a volume and snapshot that")
     root_id, root = await store.run(_root, store, snap)
-    stats.logical_bytes = root.mapped_blocks * root.block_size
-    opened = await peer.post_json("/sessions", {
-        "version": protocol.VERSION, "volume": snap.volume, "snapshot": snap.name,
-        "root": root_id.hex(), "created": snap.created})
-    stats.replica = f"{store.store.site}/{snap.volume}@{snap.name}"
+    request = {"version": protocol.VERSION, "volume": snap.volume, "snapshot": snap.name,
+               "root": root_id.hex(), "created": snap.created}
+    stats = TransferStats(snapshot=spec, target=peer.site,
+                          replica=f"{store.store.site}/{snap.volume}@{snap.name}")
+    return await _transfer(store, peer, request, root_id, [(root_id, root)], None, stats,
+                           progress, bandwidth_limit)
+
+
+async def send_group(
+    store: StoreThread,
+    peer: PeerClient,
+    pg: str,
+    name: str,
+    progress: Progress | None = None,
+    bandwidth_limit: float | None = None,
+) -> TransferStats:
+    """One attempt at replicating group snapshot ``pg@name`` (all members, one commit)."""
+    group = await store.run(groups.get, store.store, pg, name)
+    members = await store.run(groups.volume_roots, store.store, group)
+    group_blob = await store.run(store.store.blobs.get_row, group.root_row)
+    group_id = blob_id(group_blob)
+    request = {"version": protocol.VERSION, "group": pg, "snapshot": name,
+               "root": group_id.hex(), "created": group.created}
+    stats = TransferStats(snapshot=group.spec, target=peer.site,
+                          replica=f"{store.store.site}/{pg}@{name}")
+    return await _transfer(store, peer, request, group_id, [(r, root) for _, r, root in members],
+                           group_blob, stats, progress, bandwidth_limit)
+
+
+async def _transfer(
+    store: StoreThread,
+    peer: PeerClient,
+    request: dict[str, Any],
+    top_id: bytes,
+    roots: list[tuple[bytes, Root]],
+    group_blob: bytes | None,
+    stats: TransferStats,
+    progress: Progress | None,
+    bandwidth_limit: float | None,
+) -> TransferStats:
+    started = time.monotonic()
+    stats.logical_bytes = sum(r.mapped_blocks * r.block_size for _, r in roots)
+    opened = await peer.post_json("/sessions", request)
     if opened["complete"]:
         stats.already_replicated = True
         stats.bytes_skipped = stats.logical_bytes
@@ -132,11 +168,19 @@ async def send_snapshot(
 
     async def produce() -> None:
         try:
-            if await have([root_id]):
+            if not await have([top_id]):
+                return  # the target holds the top blob, so everything under it
+            for root_id, root in roots:
+                if group_blob is not None and not await have([root_id]):
+                    continue
                 await _walk(store, root, have, batcher)
-                await batcher.add(protocol.KIND_ROOT, Payload(root_id, False, root.pack(),
-                                                              len(root.pack())))
-                await batcher.flush()
+                packed = root.pack()
+                await batcher.add(protocol.KIND_ROOT, Payload(root_id, False, packed,
+                                                              len(packed)))
+            if group_blob is not None:
+                await batcher.add(protocol.KIND_GROUP, Payload(top_id, False, group_blob,
+                                                               len(group_blob)))
+            await batcher.flush()
         finally:
             await queue.put(None)
 
@@ -165,8 +209,8 @@ async def send_snapshot(
             await asyncio.gather(producer, return_exceptions=True)
     await peer.post_json(f"/sessions/{sid}/commit", {})
     stats.bytes_on_wire += stats.id_bytes
-    sent_logical = stats.blocks_sent * root.block_size
-    stats.bytes_skipped = max(0, stats.logical_bytes - sent_logical)
+    block_size = roots[0][1].block_size if roots else 0
+    stats.bytes_skipped = max(0, stats.logical_bytes - stats.blocks_sent * block_size)
     stats.seconds = time.monotonic() - started
     if progress:
         progress(stats)

@@ -221,6 +221,16 @@ async def commit(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+async def retention(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ProtocolError("retention request is not JSON") from None
+    result = await service.store.run(service.receiver.retention, request["peer"], body)
+    return web.json_response(result)
+
+
 def create_app(service: SiteService) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, peer_middleware],
                           client_max_size=protocol.MAX_BATCH + 1024 * 1024)
@@ -231,6 +241,7 @@ def create_app(service: SiteService) -> web.Application:
         web.post(f"{p}/sessions/{{sid}}/have", have),
         web.post(f"{p}/sessions/{{sid}}/blobs", blobs),
         web.post(f"{p}/sessions/{{sid}}/commit", commit),
+        web.post(f"{p}/retention", retention),
     ])
     return app
 

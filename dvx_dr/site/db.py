@@ -93,6 +93,30 @@ def create_schema(db: sqlite3.Connection) -> None:
             origin        TEXT NOT NULL DEFAULT 'local',
             UNIQUE (volume, name)
         );
+
+        -- Protection-group snapshots: one root blob over the roots of the member volumes'
+        -- snapshots (all named <volume>@<name>), taken in one transaction: crash-consistent
+        -- across the group. A replica group is named <source site>/<pg>.
+        CREATE TABLE group_snapshots (
+            gsnap    INTEGER PRIMARY KEY,
+            pg       TEXT NOT NULL,
+            name     TEXT NOT NULL,
+            root     INTEGER NOT NULL,          -- blobs.row of the group root blob
+            created  TEXT NOT NULL,
+            origin   TEXT NOT NULL DEFAULT 'local',
+            UNIQUE (pg, name)
+        );
+
+        -- Per protection group and target site: the newest group snapshot the target holds
+        -- (the base of the next incremental, never pruned here while the target is configured).
+        CREATE TABLE replication_state (
+            pg            TEXT NOT NULL,
+            target        TEXT NOT NULL,
+            snapshot      TEXT NOT NULL,
+            snapshot_time TEXT NOT NULL,        -- when that snapshot was taken (its data age)
+            replicated_at TEXT NOT NULL,
+            PRIMARY KEY (pg, target)
+        );
         """
     )
 

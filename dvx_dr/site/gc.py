@@ -47,6 +47,7 @@ def _segment_bytes(store: Store) -> dict[int, int]:
 
 def mark(store: Store) -> set[int]:
     live: set[int] = {r.row for r in refs.live_refs(store)}
+    live.update(r.row for r in refs.group_refs(store))
     seen: set[bytes] = set()
     for snap in refs.all_snapshots(store):
         live.update(r.row for r in refs.snapshot_refs(store, snap, seen))

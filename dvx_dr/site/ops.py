@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dvx_dr.errors import NotFoundError, UserError
-from dvx_dr.site import gc, scrub, snapshots, stats, volumes
+from dvx_dr.site import gc, groups, scrub, snapshots, stats, volumes
 from dvx_dr.site.store import Store
 
 #: Reads and writes that travel inside a JSON message through the admin socket are capped.
@@ -133,6 +133,11 @@ def snapshot_list(store: Store, volume: str | None = None) -> list[dict[str, Any
 
 @op("snapshot.delete")
 def snapshot_delete(store: Store, snapshot: str) -> dict[str, Any]:
+    volume, name = snapshots.parse_spec(snapshot)
+    group = groups.is_member(store, volume, name)
+    if group is not None:
+        raise UserError(f"snapshot {snapshot} is part of group snapshot {group}; delete the "
+                        "group snapshot ('dvx-dr pg snapshot-delete') instead")
     snapshots.delete(store, snapshot)
     return {"deleted": snapshot}
 
@@ -153,6 +158,28 @@ def snapshot_export(store: Store, snapshot: str, path: str) -> dict[str, Any]:
     with _open_out(path) as out:
         size = snapshots.export(store, snapshot, out)
     return {"snapshot": snapshot, "path": path, "size": size}
+
+
+def _group_json(store: Store, g: groups.GroupInfo) -> dict[str, Any]:
+    return {"snapshot": g.spec, "pg": g.pg, "name": g.name, "created": g.created,
+            "origin": g.origin, "members": groups.member_specs(store, g)}
+
+
+@op("group.create")
+def group_create(store: Store, pg: str, members: list[str], name: str | None = None
+                 ) -> dict[str, Any]:
+    return _group_json(store, groups.create(store, pg, members, name))
+
+
+@op("group.list")
+def group_list(store: Store, pg: str | None = None) -> list[dict[str, Any]]:
+    return [_group_json(store, g) for g in groups.list_groups(store, pg)]
+
+
+@op("group.delete")
+def group_delete(store: Store, pg: str, name: str) -> dict[str, Any]:
+    groups.delete(store, pg, name)
+    return {"deleted": f"{pg}@{name}"}
 
 
 @op("datastore.stats")

@@ -81,3 +81,11 @@ def snapshot_refs(store: Store, snap: SnapshotInfo, seen_pages: set[bytes]) -> I
 
 def all_snapshots(store: Store) -> list[SnapshotInfo]:
     return list_snapshots(store)
+
+
+def group_refs(store: Store) -> Iterator[Ref]:
+    """Group roots; the member roots they name are snapshots of their own (deleted only with
+    their group), so marking those snapshots marks everything under a group."""
+    for pg, name, root in store.db.execute(
+            "SELECT pg, name, root FROM group_snapshots").fetchall():
+        yield Ref(root, f"group snapshot {pg}@{name}", -1)

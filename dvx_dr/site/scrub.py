@@ -29,6 +29,7 @@ def scrub(store: Store, progress: Callable[[int], None] | None = None) -> ScrubR
     state: dict[int, bool] = {}  # row -> verified good
     with store.mutex:
         _check(store, refs.live_refs(store), state, report, progress)
+        _check(store, refs.group_refs(store), state, report, progress)
         seen: set[bytes] = set()
         for snap in refs.all_snapshots(store):
             try:

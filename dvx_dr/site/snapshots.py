@@ -8,6 +8,7 @@ and commits the snapshot row in the same transaction, after every blob under it 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -124,6 +125,12 @@ def create(store: Store, volume: str, name: str | None = None) -> SnapshotInfo:
         root = build_tree(store, info.id, info.size)
         record(store, volume, name, root)
     return get(store, f"{volume}@{name}")
+
+
+def blob_id_of(root: Root) -> bytes:
+    """The id of a root blob (the snapshot's id)."""
+    from_pack = root.pack()
+    return hashlib.sha256(from_pack).digest()
 
 
 def record(store: Store, volume: str, name: str, root: Root, origin: str = "local",

@@ -19,6 +19,19 @@ Format version 1.
       20      8     mapped (non-hole) blocks
       28      32    id of the top page (or a hole)
 
+- The *group root* blob names a protection-group snapshot: the roots of its member volumes'
+  snapshots, all taken at one instant::
+
+      offset  size  field
+      0       4     magic b"DXGR"
+      4       1     format version (1)
+      5       3     reserved (0)
+      8       4     number of members
+      then per member, in volume-name order:
+              1     length of the volume name (1-255)
+              n     the volume name, UTF-8
+              32    id of that volume's snapshot root
+
 Building a new tree rewrites only the pages over changed blocks (the store keeps the last built
 tree's pages), so a snapshot costs O(changed); diffing two trees descends only into pages whose
 ids differ.
@@ -67,6 +80,50 @@ class Root:
             raise FormatError(f"snapshot root format version {version} is not known to this "
                               f"dvx-dr (it reads version {ROOT_VERSION}); upgrade dvx-dr")
         return cls(depth, block_size, size, mapped, top)
+
+
+GROUP_MAGIC = b"DXGR"
+GROUP_VERSION = 1
+_GROUP = struct.Struct("<4sB3xI")
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRoot:
+    members: tuple[tuple[str, bytes], ...]  # (volume name, root id), sorted by name
+
+    def pack(self) -> bytes:
+        parts = [_GROUP.pack(GROUP_MAGIC, GROUP_VERSION, len(self.members))]
+        for name, root_id in sorted(self.members):
+            raw = name.encode()
+            parts.append(bytes([len(raw)]) + raw + root_id)
+        return b"".join(parts)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> GroupRoot:
+        if len(data) < _GROUP.size or data[:4] != GROUP_MAGIC:
+            raise IntegrityError("group snapshot root blob is malformed")
+        _, version, count = _GROUP.unpack_from(data)
+        if version != GROUP_VERSION:
+            raise FormatError(f"group root format version {version} is not known to this "
+                              f"dvx-dr (it reads version {GROUP_VERSION}); upgrade dvx-dr")
+        pos, members = _GROUP.size, []
+        for _ in range(count):
+            if pos >= len(data):
+                raise IntegrityError("group snapshot root blob is truncated")
+            n = data[pos]
+            name = data[pos + 1:pos + 1 + n].decode(errors="strict")
+            root_id = data[pos + 1 + n:pos + 1 + n + ID]
+            if n == 0 or len(root_id) != ID:
+                raise IntegrityError("group snapshot root blob is truncated")
+            members.append((name, root_id))
+            pos += 1 + n + ID
+        if pos != len(data):
+            raise IntegrityError("group snapshot root blob has trailing bytes")
+        return cls(tuple(members))
+
+    @staticmethod
+    def is_group(data: bytes) -> bool:
+        return data[:4] == GROUP_MAGIC
 
 
 def level_counts(nblocks: int) -> list[int]:
