@@ -41,12 +41,14 @@ tls:
   key: ../pki/$1.key
   ca: ../pki/ca.crt
 admin_socket: admin.sock
+policy_dir: policies
 peers:
   $3: https://127.0.0.1:$4
 YAML
 }
 write_config site-a "$PORT_A" site-b "$PORT_B"
 write_config site-b "$PORT_B" site-a "$PORT_A"
+mkdir -p "$DEMO/site-a/policies" "$DEMO/site-b/policies"
 
 say "a sample disk image ($SIZE, OS-like text, binaries, zero runs, random data, repeats)"
 python3 bench/datagen.py "$DEMO/disk.img" --size "$SIZE" --seed 7
@@ -83,6 +85,33 @@ if cmp -s "$DEMO/disk.img" "$DEMO/replica.img"; then
 else
     echo "replica differs from the source!" >&2; exit 1
 fi
+say "protection group 'demo': vm1 + vm2 snapshotted every 5s, replicated to site-b (RPO 1m)"
+
+dvx-dr volume create vm2 --size 64MiB --store "$DEMO/site-a/store"
+cat > "$DEMO/site-a/policies/demo.yaml" <<YAML
+name: demo
+members: ["vm*"]
+snapshot:
+  schedule: 5s
+  retention: {keep_last: 3}
+replication:
+  - site: site-b
+    schedule: after-snapshot
+    retention: {keep_last: 3}
+    rpo: 1m
+YAML
+dvx-dr pg validate "$DEMO/site-a/policies/demo.yaml"
+dvx-dr pg apply "${A[@]}"
+for i in 1 2 3; do
+    head -c 1048576 /dev/urandom > "$DEMO/chunk"
+    dvx-dr volume write vm2 "$DEMO/chunk" --offset $((i * 1048576)) --store "$DEMO/site-a/store"
+    sleep 5
+done
+sleep 3
+say "group replicas arriving at site-b"
+dvx-dr snapshot list "${B[@]}"
+say "status at site-a"
+dvx-dr status "${A[@]}"
 say "site-b datastore"
 dvx-dr datastore stats "${B[@]}"
 say "done; logs in $DEMO/site-*/serve.log"

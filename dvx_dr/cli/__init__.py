@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from dvx_dr import __version__
-from dvx_dr.cli import datastore, pki, replicate, site, snapshot, volume
+from dvx_dr.cli import datastore, pg, pki, replicate, site, snapshot, volume
 from dvx_dr.errors import DvxError
 
 
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dvx-dr", description="Replication and disaster recovery for encrypted volume stores")
     parser.add_argument("--version", action="version", version=f"dvx-dr {__version__}")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
-    for module in (site, volume, snapshot, datastore, replicate, pki):
+    for module in (site, volume, snapshot, datastore, pg, replicate, pki):
         module.register(groups)
     return parser
 

@@ -51,6 +51,10 @@ def call_op(socket: str, name: str, params: dict[str, Any]) -> Any:
     return asyncio.run(_call(socket, "POST", f"/ops/{name}", params))["result"]
 
 
+def call_path(socket: str, method: str, path: str, body: Any = None) -> Any:
+    return asyncio.run(_call(socket, method, path, body))
+
+
 def status(socket: str) -> dict[str, Any]:
     return dict(asyncio.run(_call(socket, "GET", "/status")))
 

@@ -11,7 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from dvx_dr.cli import remote
-from dvx_dr.cli.context import STORE_ENV, print_json
+from dvx_dr.cli.context import STORE_ENV, print_json, print_table
 from dvx_dr.errors import UserError
 from dvx_dr.site.config import load_site_config
 from dvx_dr.units import format_size
@@ -104,9 +104,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print_json(status)
         return 0
-    print(f"site {status['site']} (pid {status['pid']})")
-    print(f"peers: {', '.join(f'{k} {v}' for k, v in status['peers'].items()) or 'none'}")
+    print(f"site {status['site']} (pid {status['pid']}); peers: "
+          f"{', '.join(status['peers']) or 'none'}")
+    rows = []
+    for name, g in status.get("groups", {}).items():
+        for site, t in g["targets"].items():
+            age = f"{t['age_seconds']:.0f}s / {t['rpo_seconds']:.0f}s"
+            last = t["last_replica"] or "-"
+            error = t["last_error"] or ""
+            rows.append([name, site, t["rpo_status"], age, last,
+                         format_size(t["bytes_sent"]), format_size(t["bytes_saved"]),
+                         t["next_run"] or "-", error[:60]])
+        if not g["targets"]:
+            rows.append([name, "-", "-", "-", g["last_snapshot"] or "-", "-", "-",
+                         g["next_snapshot"] or "-", g["last_snapshot_error"] or ""])
+        elif g["last_snapshot_error"]:
+            rows.append([name, "(snapshot)", "ERROR", "-", "-", "-", "-",
+                         g["next_snapshot"] or "-", g["last_snapshot_error"][:60]])
+    if rows:
+        print_table(["GROUP", "TARGET", "RPO", "AGE/RPO", "LAST REPLICA", "SENT", "SAVED",
+                     "NEXT RUN", "LAST ERROR"], rows)
     for t in status["transfers"]:
         print(f"transfer {t['snapshot']} -> {t['target']} attempt {t['attempt']}"
               + (f" last error: {t['last_error']}" if t["last_error"] else ""))
+    for error in status.get("policy_errors", []):
+        print(f"policy error: {error}", file=sys.stderr)
     return 0

@@ -41,6 +41,7 @@ from dvx_dr.errors import (
 from dvx_dr.replicator import listener, protocol
 from dvx_dr.replicator.peer import PeerClient, with_retries
 from dvx_dr.replicator.receiver import Receiver
+from dvx_dr.replicator.scheduler import Scheduler
 from dvx_dr.replicator.sender import TransferStats, send_snapshot
 from dvx_dr.replicator.storethread import StoreThread
 from dvx_dr.replicator.tls import PeerRejected, check_peer, client_context, server_context
@@ -63,6 +64,7 @@ class SiteService:
         self.transfers: dict[str, dict[str, Any]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.started = time.time()
+        self.scheduler = Scheduler(self)
 
     def peer(self, site: str) -> PeerClient:
         url = self.config.peers.get(site)
@@ -104,22 +106,32 @@ class SiteService:
     def status(self) -> dict[str, Any]:
         return {"site": self.config.name, "pid": os.getpid(), "started": self.started,
                 "peers": dict(self.config.peers), "transfers": list(self.transfers.values()),
-                "sessions": len(self.receiver.sessions)}
+                "sessions": len(self.receiver.sessions)} | self.scheduler.report()
 
-    def reload(self) -> None:
-        if self.config_path is None:
-            return
-        try:
-            new = load_site_config(self.config_path)
-        except DvxError as exc:
-            log.error("reload failed, keeping the running configuration: %s", exc)
-            return
+    async def reload(self) -> dict[str, Any]:
+        """SIGHUP: re-read site.yaml (peers, policy directory) and the policies."""
+        if self.config_path is not None:
+            try:
+                new = load_site_config(self.config_path)
+            except DvxError as exc:
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                return {"loaded": sorted(self.scheduler.policies), "errors": [str(exc)]}
+            self._apply_config(new)
+        return await self.scheduler.load()
+
+    def _apply_config(self, new: SiteConfig) -> None:
         if new.store != self.config.store or new.listen != self.config.listen:
             log.warning("reload: store and listen address changes need a restart; "
                         "applying the rest")
         self.config = new.model_copy(update={"store": self.config.store,
                                              "listen": self.config.listen})
         log.info("configuration reloaded: peers %s", ", ".join(self.config.peers) or "none")
+
+
+def _reload_in_background(service: SiteService) -> None:
+    task = asyncio.get_running_loop().create_task(service.reload())
+    service.tasks.add(task)
+    task.add_done_callback(service.tasks.discard)
 
 
 SERVICE = web.AppKey("service", SiteService)
@@ -261,6 +273,15 @@ async def admin_status(request: web.Request) -> web.Response:
     return web.json_response(request.app[SERVICE].status())
 
 
+async def admin_reload(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[SERVICE].reload())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[SERVICE].scheduler.metrics(),
+                        content_type="text/plain")
+
+
 async def admin_replicate(request: web.Request) -> web.StreamResponse:
     """Run one transfer; the answer is NDJSON: progress lines, then ``done`` or ``error``."""
     service = request.app[SERVICE]
@@ -309,6 +330,8 @@ def create_admin_app(service: SiteService) -> web.Application:
         web.post("/admin/v1/ops/{name}", admin_op),
         web.get("/admin/v1/status", admin_status),
         web.post("/admin/v1/replicate", admin_replicate),
+        web.post("/admin/v1/reload", admin_reload),
+        web.get("/metrics", metrics),
     ])
     return app
 
@@ -327,11 +350,12 @@ async def serve(config: SiteConfig, config_path: Path | None,
     peer_runner = web.AppRunner(create_app(service), access_log=None)
     admin_runner = web.AppRunner(create_admin_app(service), access_log=None)
     listening: asyncio.Server | None = None
+    metrics_runner: web.AppRunner | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, service.reload)
+    loop.add_signal_handler(signal.SIGHUP, _reload_in_background, service)
     try:
         await peer_runner.setup()
         await admin_runner.setup()
@@ -348,6 +372,15 @@ async def serve(config: SiteConfig, config_path: Path | None,
         finally:
             os.umask(old)
         os.chmod(sock, 0o600)
+        if config.metrics_listen is not None:
+            metrics_app = web.Application()
+            metrics_app[SERVICE] = service
+            metrics_app.router.add_get("/metrics", metrics)
+            metrics_runner = web.AppRunner(metrics_app, access_log=None)
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, config.metrics_listen.host,
+                              config.metrics_listen.port).start()
+        await service.scheduler.start()
         log.info("site %s serving peers on %s, admin socket %s", config.name, config.listen,
                  sock)
         print(f"site {config.name} ready on https://{config.listen} (admin socket {sock})",
@@ -355,10 +388,13 @@ async def serve(config: SiteConfig, config_path: Path | None,
         await stop.wait()
         log.info("stopping: cancelling %d transfers in flight", len(service.tasks))
     finally:
+        await service.scheduler.stop()
         for task in list(service.tasks):
             task.cancel()
         await asyncio.gather(*service.tasks, return_exceptions=True)
         await admin_runner.cleanup()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
         if listening is not None:
             listening.close()
         await peer_runner.cleanup()

@@ -289,7 +289,13 @@ class BlobStore:
 
     def _decode(self, info: BlobRow, raw: bytes, want: bytes) -> bytes:
         compressed, payload = self._open_raw(info, raw)
-        plain = decompress(payload, info.plain_len) if compressed else payload
+        try:
+            plain = decompress(payload, info.plain_len) if compressed else payload
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"blob at segment {info.seg:08d} offset {info.off} fails its integrity check "
+                f"({exc}): the segment file is damaged or was tampered with"
+            ) from None
         if blob_id(plain) != want:
             raise IntegrityError(
                 f"blob at segment {info.seg:08d} offset {info.off} fails its integrity check "

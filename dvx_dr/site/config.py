@@ -189,6 +189,7 @@ class SiteConfig(BaseModel):
     startup_key: ConfigPath | None = None
     policy_dir: ConfigPath | None = None
     allow_plaintext: bool = False
+    metrics_listen: Listen | None = None
     peers: dict[PeerName, PeerURL] = {}
 
     @field_validator("admin_socket")

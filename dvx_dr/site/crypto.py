@@ -106,6 +106,8 @@ class IndexKeys:
 
     def unseal(self, name: bytes, sealed: bytes) -> bytes:
         try:
+            if len(sealed) != SEALED_ID_BYTES:
+                raise InvalidTag
             return self._seal.decrypt(sealed[:12], sealed[12:], name)
         except InvalidTag:
             raise IntegrityError("a blob index row was altered: its sealed id does not verify; "

@@ -77,7 +77,7 @@ def derive_kek(password: str, params: dict[str, Any]) -> bytes:
     if params["name"] == "pbkdf2-sha256":
         return PBKDF2HMAC(algorithm=hashes.SHA256(), length=KEK_BYTES, salt=salt,
                           iterations=params["iterations"]).derive(secret)
-    raise FormatError(f"keystore names an unknown key derivation function {params['name']!r}")
+    raise FormatError(f"unknown key derivation function {params['name']!r}")
 
 
 def check_password_strength(password: str) -> None:
@@ -157,23 +157,39 @@ class Keystore:
     # -- unwrapping -----------------------------------------------------------------------
 
     def _unwrap_all(self, kek: bytes, slot: str) -> KeyMaterial:
+        wrapped = [("index", self.doc["index_key"][slot])]
+        wrapped += [(e["version"], e[slot]) for e in self.doc["teks"]]
+        unwrapped: dict[Any, bytes] = {}
         try:
-            index_key = aes_key_unwrap(kek, _unb64(self.doc["index_key"][slot]))
-            teks = {int(e["version"]): aes_key_unwrap(kek, _unb64(e[slot]))
-                    for e in self.doc["teks"]}
-        except InvalidUnwrap:
-            if slot == "password":
-                raise WrongPasswordError(f"wrong password for the keystore {self.path}") from None
-            raise UserError(f"the startup key does not open keystore {self.path}") from None
+            for version, text in wrapped:
+                try:
+                    unwrapped[version] = aes_key_unwrap(kek, _unb64(text))
+                except InvalidUnwrap:
+                    pass
         except (ValueError, TypeError):
             raise FormatError(f"keystore {self.path} is corrupt (a wrapped key is not valid "
                               "base64); restore it from your keystore backup") from None
-        keys = KeyMaterial(index_key, teks)
+        if not unwrapped:
+            if slot == "password":
+                raise WrongPasswordError(f"wrong password for the keystore {self.path}") from None
+            raise UserError(f"the startup key does not open keystore {self.path}") from None
+        if len(unwrapped) != len(wrapped):
+            # The key opens some wrapped keys but not others: the file was altered.
+            raise FormatError(f"keystore {self.path} was altered (a wrapped key does not "
+                              "unwrap); restore it from your keystore backup")
+        index_key = unwrapped.pop("index")
+        keys = KeyMaterial(index_key, {int(v): k for v, k in unwrapped.items()})
         self._check_mac(keys)
         return keys
 
     def unlock(self, password: str) -> KeyMaterial:
-        return self._unwrap_all(derive_kek(password, self.doc["kdf"]), "password")
+        try:
+            kek = derive_kek(password, self.doc["kdf"])
+        except (FormatError, KeyError, TypeError, ValueError) as exc:
+            detail = str(exc) if isinstance(exc, FormatError) else "malformed parameters"
+            raise FormatError(f"keystore {self.path} is corrupt (key derivation: {detail}); "
+                              "restore it from your keystore backup") from None
+        return self._unwrap_all(kek, "password")
 
     def unlock_with_startup_key(self, startup_key: bytes) -> KeyMaterial:
         if self.doc["index_key"].get("startup") is None:
