@@ -59,27 +59,32 @@ def password_source(args: argparse.Namespace, prompt: str = "Store password: "
     return get
 
 
-def new_password(args: argparse.Namespace, file_attr: str = "password_file") -> str:
+def new_password(args: argparse.Namespace, file_attr: str = "password_file",
+                 hide: bool = True) -> str:
     """A new password: from a file, or typed twice at the prompt."""
     path = getattr(args, file_attr, None)
     if path is not None:
         return read_password_file(path)
     if not sys.stdin.isatty():
-        raise UserError("no terminal to ask for a new password: pass --password-file FILE")
-    first = getpass.getpass("New password (at least 8 characters): ")
-    second = getpass.getpass("Repeat it: ")
+        flag = "--" + file_attr.replace("_", "-")
+        raise UserError(f"no terminal to ask for a new password: pass {flag} FILE")
+    ask = getpass.getpass if hide else input
+    first = ask("New password (at least 8 characters): ")
+    second = ask("Repeat it: ")
     if first != second:
         raise UserError("the two passwords differ; nothing was changed")
     return first
 
 
 def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
-           local: Callable[[Store], Any] | None = None) -> Any:
+           local: Callable[[Store], Any] | None = None, locked_ok: bool = False) -> Any:
     """Run a named store operation: in the running site that owns the store, through its
     admin socket, or else with the store opened here. ``local`` replaces the in-process
-    implementation when it can do more here (stream to a file, draw a progress bar)."""
+    implementation when it can do more here (stream to a file, draw a progress bar).
+    ``locked_ok`` opens an encrypted store without asking for its password."""
     try:
-        store = Store.open(store_path(args), password_source(args))
+        store = Store.open(store_path(args), None if locked_ok else password_source(args),
+                           allow_locked=locked_ok)
     except StoreBusyError as exc:
         if exc.admin_socket:
             materialise = getattr(params, "materialise", None)
@@ -90,6 +95,24 @@ def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
         return local(store) if local is not None else ops.run(store, name, params)
     finally:
         store.close()
+
+
+def current_password(args: argparse.Namespace) -> str | None:
+    """The current password from --password-file or the prompt; None without either."""
+    if args.password_file is not None:
+        return read_password_file(args.password_file)
+    if sys.stdin.isatty():
+        return getpass.getpass("Current password: ")
+    return None
+
+
+def confirm(question: str, args: argparse.Namespace) -> bool:
+    """A yes/no question (default no); --yes answers it."""
+    if getattr(args, "yes", False):
+        return True
+    if not sys.stdin.isatty():
+        raise UserError(f"{question} needs an answer: pass --yes to confirm")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
 @contextmanager

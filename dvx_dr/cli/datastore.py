@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from dvx_dr.cli import encryption
 from dvx_dr.cli.context import add_store_args, print_json, progress_bar, run_op
 from dvx_dr.site import scrub
 from dvx_dr.site.store import Store
@@ -28,6 +29,7 @@ def register(groups: Any) -> None:
     c.add_argument("--json", action="store_true")
     c = cmd("gc", cmd_gc, "reclaim space of deleted volumes and snapshots, compact segments")
     c.add_argument("--json", action="store_true")
+    encryption.register(sub)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -43,7 +43,8 @@ async def _call(socket: str, method: str, path: str, body: Any = None) -> Any:
             if resp.status >= 300:
                 _raise(data, resp.status)
             return data
-    except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, FileNotFoundError,
+            ConnectionRefusedError) as exc:
         raise TransientError(f"cannot reach the running site at {socket}: {exc}") from None
 
 
@@ -78,7 +79,8 @@ def replicate(socket: str, params: dict[str, Any],
                     if "done" in line:
                         return dict(line["done"])
                     on_line(line)
-        except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError) as exc:
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, FileNotFoundError,
+                ConnectionRefusedError) as exc:
             raise TransientError(f"cannot reach the running site at {socket}: {exc}") from None
         raise TransientError("the site closed the connection before the transfer ended")
 

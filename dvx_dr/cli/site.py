@@ -65,5 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    asyncio.run(server.serve(config, args.config, password_source(args)))
+    # Without --password-file the site opens with its startup key (unlocked mode) or starts
+    # locked; it never waits at a prompt, so it can run under a service manager.
+    password = password_source(args) if args.password_file is not None else None
+    asyncio.run(server.serve(config, args.config, password))
     return 0

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from dvx_dr.errors import DvxError
+from dvx_dr.errors import DvxError, StoreLockedError
 from dvx_dr.policies.loader import load_policy_dir, members_of
 from dvx_dr.policies.model import Hook, Policy, ReplicationTarget
 from dvx_dr.policies.retention import select_keep
@@ -196,6 +196,8 @@ class Scheduler:
         status = self.status[name]
         async with lock:
             try:
+                if self.store.locked:
+                    raise StoreLockedError("store is locked: no snapshot until it is unlocked")
                 snap = await self._take_snapshot(name, policy)
             except DvxError as exc:
                 status.last_snapshot_error = str(exc)
@@ -242,6 +244,8 @@ class Scheduler:
         async with lock:
             status.running = True
             try:
+                if self.store.locked:
+                    raise StoreLockedError("store is locked: nothing replicates until unlocked")
                 stats = await self._replicate(name, target)
             except asyncio.CancelledError:
                 raise

@@ -182,7 +182,11 @@ async def _transfer(
                                                                len(group_blob)))
             await batcher.flush()
         finally:
-            await queue.put(None)
+            # The end mark for the consumer; but when cancelled, the consumer is gone (it failed,
+            # or the transfer is stopping) and a full queue would block this task forever.
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():
+                await queue.put(None)
 
     async def consume() -> None:
         window_start = time.monotonic()

@@ -35,6 +35,7 @@ from dvx_dr.errors import (
     IntegrityError,
     NotFoundError,
     ProtocolError,
+    StoreLockedError,
     TransientError,
     UserError,
 )
@@ -86,6 +87,8 @@ class SiteService:
     async def replicate(self, spec: str, target: str,
                         progress: Callable[[TransferStats], None] | None = None,
                         attempts: int = 8) -> TransferStats:
+        if self.store.store.locked:
+            raise StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
         peer = self.peer(target)
         key = f"{spec} -> {target}"
         self.transfers[key] = {"snapshot": spec, "target": target, "started": time.time(),
@@ -142,6 +145,8 @@ SERVICE = web.AppKey("service", SiteService)
 def error_response(exc: BaseException) -> web.Response:
     if isinstance(exc, PeerRejected):
         status = 403
+    elif isinstance(exc, StoreLockedError):
+        status = 423
     elif isinstance(exc, ProtocolError):
         status = 400
     elif isinstance(exc, NotFoundError):
@@ -192,6 +197,9 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
         peername = request.transport.get_extra_info("peername") if request.transport else None
         log.warning("rejected connection from %s: %s", peername, exc)
         return error_response(exc)
+    if service.store.store.locked:
+        return error_response(StoreLockedError(
+            f"site {service.config.name} is locked: its operator must unlock it first"))
     return await handler(request)
 
 
@@ -261,11 +269,21 @@ def create_app(service: SiteService) -> web.Application:
 # -- admin API ------------------------------------------------------------------------------
 
 
+#: Key-manager operations that need the startup key path from site.yaml.
+_STARTUP_KEY_OPS = {"encryption.rotate_key", "encryption.startup_mode",
+                    "encryption.crypto_erase"}
+
+
 async def admin_op(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     params = await request.json()
-    result = await service.store.run(ops.run, service.store.store, request.match_info["name"],
-                                     params)
+    name = request.match_info["name"]
+    if name in _STARTUP_KEY_OPS and not params.get("startup_key") \
+            and service.config.startup_key is not None:
+        params["startup_key"] = str(service.config.startup_key)
+    result = await service.store.run(ops.run, service.store.store, name, params)
+    if name == "datastore.unlock":
+        log.info("store unlocked")
     return web.json_response({"result": result})
 
 
@@ -343,7 +361,11 @@ async def serve(config: SiteConfig, config_path: Path | None,
                 password: PasswordSource | None) -> None:
     tls = config.tls
     peer_ssl: ssl.SSLContext = server_context(tls.cert, tls.key, tls.ca)
-    store = Store.open(config.store, password)
+    store = Store.open(config.store, password, startup_key=config.startup_key,
+                       allow_locked=True)
+    if store.locked:
+        log.warning("store is locked: serving only status and unlock until "
+                    "'dvx-dr datastore unlock' gives the password")
     service = SiteService(config, config_path, store)
     store.announce(str(config.admin_socket))
     await service.start_http()

@@ -56,7 +56,8 @@ def mark(store: Store) -> set[int]:
 
 def gc(store: Store, compact_below: float = COMPACT_BELOW,
        progress: Callable[[str], None] | None = None,
-       select: Callable[[int, int, int], bool] | None = None) -> GcReport:
+       select: Callable[[int, int, int], bool] | None = None,
+       progress_bytes: Callable[[int], None] | None = None) -> GcReport:
     """Collect garbage. ``select(seg, live, size)`` may force segments into compaction."""
     report = GcReport()
     with store.mutex:
@@ -72,7 +73,7 @@ def gc(store: Store, compact_below: float = COMPACT_BELOW,
         report.blobs_deleted = len(dead)
         if progress:
             progress("compacting")
-        report.segments_compacted = compact(store, compact_below, select)
+        report.segments_compacted = compact(store, compact_below, select, progress_bytes)
         report.segments_deleted = delete_unused_segments(store)
         store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         report.bytes_after = sum(_segment_bytes(store).values())
@@ -80,7 +81,8 @@ def gc(store: Store, compact_below: float = COMPACT_BELOW,
 
 
 def compact(store: Store, compact_below: float,
-            select: Callable[[int, int, int], bool] | None = None) -> int:
+            select: Callable[[int, int, int], bool] | None = None,
+            progress: Callable[[int], None] | None = None) -> int:
     sizes = _segment_bytes(store)
     live_bytes = dict(store.db.execute("SELECT seg, SUM(length) FROM blobs GROUP BY seg"))
     done = 0
@@ -96,7 +98,9 @@ def compact(store: Store, compact_below: float,
         with store.transaction() as db:
             rows = [r for (r,) in db.execute("SELECT row FROM blobs WHERE seg=? ORDER BY off",
                                              (seg,))]
-            store.blobs.rewrite(rows)
+            written = store.blobs.rewrite(rows)
+        if progress:
+            progress(written)
         done += 1
     return done
 

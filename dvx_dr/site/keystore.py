@@ -27,6 +27,7 @@ temporary file, fsync, rename, fsync the directory), so a crash leaves the old o
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -162,10 +163,8 @@ class Keystore:
         unwrapped: dict[Any, bytes] = {}
         try:
             for version, text in wrapped:
-                try:
+                with contextlib.suppress(InvalidUnwrap):
                     unwrapped[version] = aes_key_unwrap(kek, _unb64(text))
-                except InvalidUnwrap:
-                    pass
         except (ValueError, TypeError):
             raise FormatError(f"keystore {self.path} is corrupt (a wrapped key is not valid "
                               "base64); restore it from your keystore backup") from None
@@ -196,6 +195,58 @@ class Keystore:
             raise UserError(f"keystore {self.path} has no startup key (locked startup mode)")
         return self._unwrap_all(startup_key, "startup")
 
+    # -- changing the wrapping -----------------------------------------------------------
+    # Each change rewrites the whole file atomically: a crash leaves the old or the new file.
+
+    def verify_password(self, password: str) -> KeyMaterial:
+        """Unwrap with ``password``; raises WrongPasswordError when it is not the password."""
+        return self.unlock(password)
+
+    def rewrap(self, keys: KeyMaterial, password: str, fips: bool | None = None,
+               startup_key: bytes | None | bool = True) -> None:
+        """Wrap every key anew: under ``password`` (fresh salt; PBKDF2 when ``fips``) and, if
+        ``startup_key`` is bytes, also under it; ``True`` keeps the startup slots as they are
+        (rewrapped under the same startup key is impossible without it, so they are kept
+        only when unchanged), ``None`` removes them (locked startup mode)."""
+        check_password_strength(password)
+        params = kdf_params(self.fips if fips is None else fips)
+        kek = derive_kek(password, params)
+        self.doc["kdf"] = params
+        self.doc["index_key"]["password"] = _b64(aes_key_wrap(kek, keys.index_key))
+        entries = {int(e["version"]): e for e in self.doc["teks"]}
+        for version, key in sorted(keys.teks.items()):
+            entry = entries.setdefault(version, {
+                "version": version, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "startup": None})
+            entry["password"] = _b64(aes_key_wrap(kek, key))
+        self.doc["teks"] = [entries[v] for v in sorted(entries)]
+        if startup_key is None:
+            self._set_startup(keys, None)
+        elif isinstance(startup_key, bytes):
+            self._set_startup(keys, startup_key)
+        self.save(keys)
+
+    def _set_startup(self, keys: KeyMaterial, startup_key: bytes | None) -> None:
+        wrap = (lambda k: _b64(aes_key_wrap(startup_key, k))) if startup_key else (lambda k: None)
+        self.doc["index_key"]["startup"] = wrap(keys.index_key)
+        for entry in self.doc["teks"]:
+            entry["startup"] = wrap(keys.teks[int(entry["version"])])
+
+    def set_startup_key(self, keys: KeyMaterial, startup_key: bytes | None) -> None:
+        """Add (unlocked mode) or remove (locked mode) the startup-key wrapping."""
+        self._set_startup(keys, startup_key)
+        self.save(keys)
+
+    def add_tek(self, keys: KeyMaterial, version: int, key: bytes, password: str,
+                startup_key: bytes | None) -> None:
+        """Add a new key version, wrapped under the password (and startup key if in use)."""
+        keys.teks[version] = key
+        self.rewrap(keys, password, startup_key=startup_key if self.has_startup_slot else None)
+
+    def key_versions(self) -> list[dict[str, Any]]:
+        return [{"version": int(e["version"]), "created": e.get("created")}
+                for e in self.doc["teks"]]
+
     # -- integrity and persistence --------------------------------------------------------
 
     def _body(self) -> bytes:
@@ -211,6 +262,10 @@ class Keystore:
     def save(self, keys: KeyMaterial) -> None:
         self.doc["mac"] = IndexKeys(keys.index_key).mac(self._body()).hex()
         write_atomic(self.path, json.dumps(self.doc, indent=2, sort_keys=True).encode() + b"\n")
+
+    @property
+    def has_startup_slot(self) -> bool:
+        return self.doc["index_key"].get("startup") is not None
 
     @property
     def store_id(self) -> str:

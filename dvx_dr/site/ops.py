@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dvx_dr.errors import NotFoundError, UserError
-from dvx_dr.site import gc, groups, scrub, snapshots, stats, volumes
+from dvx_dr.errors import KeysDestroyedError, NotFoundError, StoreLockedError, UserError
+from dvx_dr.site import gc, groups, keys, scrub, snapshots, stats, volumes
 from dvx_dr.site.store import Store
 
 #: Reads and writes that travel inside a JSON message through the admin socket are capped.
@@ -29,10 +29,20 @@ def op(name: str) -> Callable[[Op], Op]:
     return register
 
 
+#: What a locked store (keys not unwrapped yet) still answers.
+LOCKED_OK = {"encryption.status", "datastore.unlock", "encryption.crypto_erase"}
+
+
 def run(store: Store, name: str, params: dict[str, Any]) -> Any:
     fn = OPS.get(name)
     if fn is None:
         raise NotFoundError(f"unknown operation {name!r}")
+    if name not in LOCKED_OK:
+        if store.meta("keys_destroyed") == "1":
+            raise KeysDestroyedError("keys destroyed: this store's keys were crypto-erased; "
+                                     "its encrypted data cannot be read")
+        if store.locked:
+            raise StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
     try:
         return fn(store, **params)
     except TypeError as exc:
@@ -198,6 +208,73 @@ def datastore_scrub(store: Store) -> dict[str, Any]:
 def datastore_gc(store: Store) -> dict[str, Any]:
     report = gc.gc(store)
     return vars(report) | {"reclaimed": report.reclaimed}
+
+
+@op("encryption.status")
+def encryption_status(store: Store) -> dict[str, Any]:
+    return keys.status(store)
+
+
+@op("encryption.enable")
+def encryption_enable(store: Store, new_password: str) -> dict[str, Any]:
+    return keys.enable(store, new_password)
+
+
+@op("encryption.disable")
+def encryption_disable(store: Store) -> dict[str, Any]:
+    return keys.disable(store)
+
+
+@op("encryption.change_password")
+def encryption_change_password(store: Store, password: str | None, new_password: str
+                               ) -> dict[str, Any]:
+    return keys.change_password(store, password, new_password)
+
+
+@op("encryption.rotate_key")
+def encryption_rotate_key(store: Store, password: str | None,
+                          startup_key: str | None = None) -> dict[str, Any]:
+    return keys.rotate_key(store, password, _startup_path(store, startup_key))
+
+
+@op("encryption.convert")
+def encryption_convert(store: Store, to: str) -> dict[str, Any]:
+    return keys.convert(store, to)
+
+
+@op("encryption.startup_mode")
+def encryption_startup_mode(store: Store, mode: str, startup_key: str | None = None
+                            ) -> dict[str, Any]:
+    return keys.set_startup_mode(store, mode, _startup_path(store, startup_key))
+
+
+@op("encryption.fips_mode")
+def encryption_fips_mode(store: Store, mode: str, password: str | None) -> dict[str, Any]:
+    return keys.set_fips_mode(store, mode, password)
+
+
+@op("encryption.crypto_erase")
+def encryption_crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,
+                            startup_key: str | None = None) -> dict[str, Any]:
+    return keys.crypto_erase(store, confirm_name, delete_plain,
+                             _startup_path(store, startup_key))
+
+
+@op("datastore.unlock")
+def datastore_unlock(store: Store, password: str) -> dict[str, Any]:
+    was_locked = store.locked
+    store.unlock(password)
+    if not was_locked and store.keystore is not None:
+        store.keystore.verify_password(password)
+    return {"unlocked": True, "was_locked": was_locked}
+
+
+def _startup_path(store: Store, given: str | None) -> Path | None:
+    """The startup key file: as given (site.yaml), else where the store recorded it."""
+    if given:
+        return Path(given)
+    recorded = store.meta("startup_key")
+    return Path(recorded) if recorded else None
 
 
 def _check_inline(length: int) -> None:

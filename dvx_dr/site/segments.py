@@ -119,10 +119,12 @@ class SegmentWriter:
             self._unsynced = False
 
     def close(self) -> None:
+        """Seal the open segment; the next write opens a new one."""
         if self._fd is not None:
             self.sync()
             os.close(self._fd)
             self._fd = None
+        self.number = 0
 
 
 class SegmentReader:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dvx_dr.errors import StoreBusyError, UserError
+from dvx_dr.errors import KeysDestroyedError, StoreBusyError, StoreLockedError, UserError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site.blobs import BlobStore
 from dvx_dr.site.crypto import ExtentCipher, IndexKeys, PlainIndex, new_index_key, new_tek
@@ -34,6 +34,7 @@ from dvx_dr.site.keystore import KeyMaterial, Keystore, check_password_strength
 from dvx_dr.site.segments import SegmentNumbers, SegmentReader, SegmentWriter
 
 DB_NAME = "store.db"
+STARTUP_KEY_BYTES = 32
 KEYSTORE_NAME = "keystore.json"
 MIN_BLOCK = 4096
 MAX_BLOCK = 1024 * 1024
@@ -63,6 +64,7 @@ class Store:
         self.keystore = keystore
         self.keys = keys
         self.mutex = threading.RLock()
+        self.served = False  # owned by a running site (``site serve``)
         self.store_id = dbmod.get_meta(db, "store_id") or ""
         self.site = dbmod.get_meta(db, "site") or ""
         self.block_size = int(dbmod.get_meta(db, "block_size") or DEFAULT_BLOCK)
@@ -72,10 +74,34 @@ class Store:
         self.segment_numbers = SegmentNumbers(segdir)
         self.writer = SegmentWriter(segdir, self.segment_numbers.take)
         self.reader = SegmentReader(segdir)
-        index = IndexKeys(keys.index_key) if keys else PlainIndex()
-        cipher = ExtentCipher(keys.teks) if keys else None
-        self.blobs = BlobStore(db, self.writer, self.reader, index, cipher, self.pool)
+        self.blobs = BlobStore(db, self.writer, self.reader, PlainIndex(), None, self.pool)
+        if keys is not None:
+            self.install_keys(keys)
         self._apply_write_setting()
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the store has keys (an index keyed by HMAC, possibly encrypted extents)."""
+        return self.meta("keyed") == "1"
+
+    @property
+    def locked(self) -> bool:
+        """An encrypted store whose keys are not unwrapped yet: only status and unlock work."""
+        return self.keyed and self.keys is None
+
+    def install_keys(self, keys: KeyMaterial) -> None:
+        self.keys = keys
+        self.blobs.index = IndexKeys(keys.index_key)
+        self.blobs.cipher = ExtentCipher(keys.teks)
+        self._apply_write_setting()
+
+    def unlock(self, password: str) -> None:
+        """Unwrap the keys of a locked store with its password."""
+        if not self.locked:
+            return
+        if self.keystore is None:
+            self.keystore = Keystore.load(self.path / KEYSTORE_NAME, self.store_id)
+        self.install_keys(self.keystore.unlock(password))
 
     # -- creation --------------------------------------------------------------------------
 
@@ -115,8 +141,14 @@ class Store:
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, password: PasswordSource | None = None) -> Store:
-        """Open a store this process will own. ``password`` is asked only if it is needed."""
+    def open(cls, path: Path, password: PasswordSource | None = None, *,
+             startup_key: Path | None = None, allow_locked: bool = False) -> Store:
+        """Open a store this process will own.
+
+        The keys of an encrypted store are unwrapped with the startup key file when it is
+        given and valid (unlocked startup mode), else with ``password``, asked only then. With
+        ``allow_locked`` and neither, the store opens locked (see ``locked``).
+        """
         path = Path(path)
         if not (path / DB_NAME).exists():
             raise UserError(f"{path} is not a dvx-dr store (no {DB_NAME}); create one with "
@@ -125,12 +157,16 @@ class Store:
         try:
             db = dbmod.open_db(path / DB_NAME)
             keys = keystore = None
+            if dbmod.get_meta(db, "keys_destroyed") == "1":
+                raise KeysDestroyedError(
+                    f"keys destroyed: store {path} was crypto-erased and its encrypted "
+                    "data cannot be read by anyone")
             if dbmod.get_meta(db, "keyed") == "1":
                 keystore = Keystore.load(path / KEYSTORE_NAME, dbmod.get_meta(db, "store_id"))
-                if password is None:
-                    raise UserError(f"store {path} is encrypted: give its password "
-                                    "(--password-file FILE, or type it at the prompt)")
-                keys = keystore.unlock(password())
+                recorded = dbmod.get_meta(db, "startup_key")
+                if startup_key is None and recorded:
+                    startup_key = Path(recorded)
+                keys = _unwrap(keystore, password, startup_key, allow_locked, path)
             store = cls(path, db, lock_fd, keys, keystore)
         except BaseException:
             os.close(lock_fd)
@@ -140,6 +176,7 @@ class Store:
 
     def announce(self, admin_socket: str) -> None:
         """Record in the lock file where the owning site's admin socket is, for the CLI."""
+        self.served = True
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n{admin_socket}\n".encode(), 0)
 
@@ -188,6 +225,32 @@ class Store:
                 for table in ("blocks", "dirty_leaves", "tree_pages"):
                     db.execute(f"DELETE FROM {table} WHERE vol=?", (vol,))
                 db.execute("DELETE FROM volumes WHERE vol=?", (vol,))
+
+
+def read_startup_key(path: Path) -> bytes | None:
+    """The startup key in ``path``, or None when it is missing or not a startup key file."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return data if len(data) == STARTUP_KEY_BYTES else None
+
+
+def _unwrap(keystore: Keystore, password: PasswordSource | None, startup_key: Path | None,
+            allow_locked: bool, path: Path) -> KeyMaterial | None:
+    if startup_key is not None and keystore.has_startup_slot:
+        key = read_startup_key(startup_key)
+        if key is not None:
+            try:
+                return keystore.unlock_with_startup_key(key)
+            except UserError:
+                pass  # a stale startup key file: fall back to the password
+    if password is None:
+        if allow_locked:
+            return None
+        raise StoreLockedError(f"store {path} is encrypted: give its password "
+                               "(--password-file FILE, or type it at the prompt)")
+    return keystore.unlock(password())
 
 
 def _lock(path: Path) -> int:

@@ -1,0 +1,190 @@
+"""``dvx-dr datastore encryption ...`` and ``dvx-dr datastore unlock``: the key manager."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from dvx_dr.cli.context import (
+    add_store_args,
+    confirm,
+    current_password,
+    new_password,
+    print_json,
+    print_table,
+    run_op,
+)
+from dvx_dr.errors import UserError
+from dvx_dr.units import format_size
+
+WARNING = ("WARNING: the password cannot be recovered. Losing it loses every encrypted block "
+           "in this store. Keep it, and a copy of keystore.json, somewhere safe.")
+
+
+def register(sub: Any) -> None:
+    unlock = sub.add_parser("unlock", help="unlock a locked store or running site")
+    add_store_args(unlock)
+    unlock.set_defaults(func=cmd_unlock)
+
+    p = sub.add_parser("encryption", help="the encryption key manager")
+    enc = p.add_subparsers(dest="encryption_command", metavar="COMMAND", required=True)
+
+    def cmd(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        c = enc.add_parser(name, help=help)
+        add_store_args(c)
+        c.set_defaults(func=func)
+        return c
+
+    c = cmd("enable", cmd_enable, "encrypt new data (asks for a new password)")
+    c.add_argument("--new-password-file", type=Path)
+    c.add_argument("--hide-password", action="store_true", help="hide the password as typed")
+    c.add_argument("--yes", action="store_true")
+    cmd("disable", cmd_disable, "write new data unencrypted (existing data stays encrypted)")
+    c = cmd("status", cmd_status, "encryption state, key versions, bytes per key version")
+    c.add_argument("--json", action="store_true")
+    c = cmd("set", cmd_set, "set the startup mode or FIPS mode")
+    c.add_argument("--startup-mode", choices=["locked", "unlocked"])
+    c.add_argument("--startup-key", type=Path,
+                   help="startup key file for unlocked mode (default: site.yaml's startup_key)")
+    c.add_argument("--fips-mode", choices=["off", "approved", "validated"])
+    c = cmd("change-password", cmd_change_password, "rewrap the keys under a new password")
+    c.add_argument("--new-password-file", type=Path)
+    c.add_argument("--hide-password", action="store_true")
+    c = cmd("rotate-key", cmd_rotate_key, "a new key version for all new data")
+    c.add_argument("--startup-key", type=Path)
+    c = cmd("convert", cmd_convert, "rewrite existing data to the current setting and key")
+    c.add_argument("--to", required=True, choices=["encrypted", "plain"])
+    c.add_argument("--key", choices=["current"], default="current")
+    c = cmd("crypto-erase", cmd_crypto_erase, "destroy every copy of the keys")
+    c.add_argument("--confirm-name", metavar="SITE")
+    c.add_argument("--yes", action="store_true")
+    c.add_argument("--delete-plain", action="store_true",
+                   help="also delete data that was stored unencrypted")
+    c.add_argument("--startup-key", type=Path)
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    password = current_password(args)
+    if password is None:
+        raise UserError("no password: pass --password-file FILE or run on a terminal")
+    result = run_op(args, "datastore.unlock", {"password": password}, locked_ok=True)
+    print("unlocked" if result["was_locked"] else "password accepted; the store was not locked")
+    return 0
+
+
+def cmd_enable(args: argparse.Namespace) -> int:
+    source = args.new_password_file or args.password_file
+    if source is None:
+        print(WARNING, file=sys.stderr)
+    ns = argparse.Namespace(new_password_file=source)
+    password = new_password(ns, "new_password_file", hide=args.hide_password)
+    if source is not None:
+        print(WARNING, file=sys.stderr)
+    if not confirm("Enable encryption?", args):
+        print("encryption not enabled")
+        return 1
+    args.password_file = None  # the file given holds the new password, not a current one
+    run_op(args, "encryption.enable", {"new_password": password}, locked_ok=True)
+    print("encryption enabled: new data will be encrypted; existing data may remain "
+          "unencrypted until converted ('dvx-dr datastore encryption convert --to encrypted')")
+    return 0
+
+
+def cmd_disable(args: argparse.Namespace) -> int:
+    run_op(args, "encryption.disable", {})
+    print("encryption disabled: new data is written unencrypted; encrypted data stays "
+          "encrypted and readable ('convert --to plain' rewrites it)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    s = run_op(args, "encryption.status", {}, locked_ok=True)
+    if args.json:
+        print_json(s)
+        return 0
+    print(f"encryption       {s['encryption']}" + (" (keys destroyed)"
+                                                    if s["keys_destroyed"] else ""))
+    if s["locked"] is not None:
+        print(f"site locked      {'yes' if s['locked'] else 'no'}")
+    print(f"startup mode     {s['startup_mode'] or '-'}")
+    print(f"FIPS mode        {s['fips_mode']} (OpenSSL FIPS provider "
+          f"{'active' if s['fips_provider_active'] else 'not active'})")
+    print(f"password KDF     {s['kdf'] or '-'}")
+    print(f"current key      {s['current_key_version'] or '-'}")
+    rows = [[str(k["version"]), k["created"] or "-", str(k["extents"]), format_size(k["bytes"])]
+            for k in s["key_versions"]]
+    rows.append(["plain", "-", str(s["plain"]["extents"]), format_size(s["plain"]["bytes"])])
+    print_table(["KEY VERSION", "CREATED", "EXTENTS", "STORED"], rows)
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    if not args.startup_mode and not args.fips_mode:
+        raise UserError("nothing to set: give --startup-mode and/or --fips-mode")
+    if args.fips_mode:
+        r = run_op(args, "encryption.fips_mode", {"mode": args.fips_mode,
+                                                  "password": current_password(args)})
+        print(f"FIPS mode {r['fips_mode']}")
+    if args.startup_mode:
+        r = run_op(args, "encryption.startup_mode", {
+            "mode": args.startup_mode,
+            "startup_key": str(args.startup_key.resolve()) if args.startup_key else None})
+        if r["startup_mode"] == "unlocked":
+            print(f"startup mode unlocked: the site starts without a password using "
+                  f"{r['startup_key']} (0600; keep it off backups of the store)")
+        else:
+            print("startup mode locked: the site starts locked until 'dvx-dr datastore unlock'")
+    return 0
+
+
+def cmd_change_password(args: argparse.Namespace) -> int:
+    current = current_password(args)
+    new = new_password(args, "new_password_file", hide=True)
+    run_op(args, "encryption.change_password", {"password": current, "new_password": new})
+    print("password changed; no data was rewritten")
+    return 0
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    r = run_op(args, "encryption.rotate_key", {
+        "password": current_password(args),
+        "startup_key": str(args.startup_key.resolve()) if args.startup_key else None})
+    print(f"new key version {r['key_version']}: new data is encrypted with it; older versions "
+          "stay readable ('convert --to encrypted' moves old data to it)")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    r = run_op(args, "encryption.convert", {"to": args.to})
+    target = f"key version {r['key_version']}" if args.to == "encrypted" else "plain"
+    print(f"converted {format_size(r['bytes_converted'])} to {target} "
+          f"({r['segments_rewritten']} segments rewritten, {r['extents_left']} extents left)")
+    return 0
+
+
+def cmd_crypto_erase(args: argparse.Namespace) -> int:
+    name = args.confirm_name
+    if name is None:
+        if not sys.stdin.isatty():
+            raise UserError("crypto erase needs --confirm-name SITE --yes without a terminal")
+        print("Crypto erase destroys every copy of this store's keys. Encrypted data becomes "
+              "unrecoverable at once, for everyone, for good.", file=sys.stderr)
+        name = input("Type the site name to confirm: ").strip()
+        again = input("Type it again: ").strip()
+        if again != name:
+            raise UserError("the two names differ; nothing was erased")
+    elif not args.yes:
+        raise UserError("crypto erase with --confirm-name also needs --yes")
+    r = run_op(args, "encryption.crypto_erase", {
+        "confirm_name": name, "delete_plain": args.delete_plain,
+        "startup_key": str(args.startup_key.resolve()) if args.startup_key else None},
+        locked_ok=True)
+    print("keys destroyed: encrypted data in this store is unrecoverable")
+    if r["plain_bytes_left"]:
+        print(f"{format_size(r['plain_bytes_left'])} ({r['plain_extents_left']} extents) were "
+              "stored unencrypted and were NOT erased; rerun with --delete-plain to delete them")
+    elif args.delete_plain:
+        print(f"deleted all data ({format_size(r['deleted_bytes'])})")
+    return 0

@@ -1,0 +1,294 @@
+"""The key manager: the encryption lifecycle of a live store.
+
+Every operation works on a store holding live data, offline or inside a running site (through
+the same ``ops`` names). What each one writes, and why a crash at any point is safe:
+
+- **enable** on a never-encrypted store: new random index key and key version 1, wrapped under
+  the new password in a new keystore (written atomically), then one transaction re-keys the
+  index (raw ids become HMAC names, ids are sealed) and switches new writes to encryption. A
+  crash before that commit leaves a plain store and an unused keystore, which the next enable
+  replaces. Existing extents stay plain until ``convert``.
+- **disable**: new extents are written plain; encrypted ones stay readable.
+- **change-password**: rewraps the keys (new salt); no extent is touched. Atomic file replace:
+  after a crash exactly one of the old and new password opens the store.
+- **rotate-key**: adds key version N+1 to the keystore, then makes it current in the database.
+  A crash in between leaves an unused version in the keystore.
+- **convert**: rewrites every extent that is not in the current form (plain, or an older key
+  version) into new segments, segment by segment, each committed before its old segment file
+  is deleted; rerunning after a crash continues where it stopped.
+- **startup mode**: *unlocked* writes a random 256-bit startup key to a 0600 file outside the
+  store and wraps the keys under it as well, so the site starts without a password; *locked*
+  removes that wrapping and overwrites the file.
+- **FIPS mode**: *approved* rewraps the keys under PBKDF2-HMAC-SHA256 (600 000 iterations)
+  instead of scrypt; every other algorithm in use is already FIPS-approved (AES-256-XTS,
+  AES key wrap, AES-GCM, HMAC-SHA256, HKDF-SHA256, SHA-256). *validated* also requires
+  OpenSSL's FIPS provider to be active.
+- **crypto-erase**: overwrites (random bytes, fsync) and deletes every wrapped copy of the
+  keys, keystore and startup key file; encrypted data is unrecoverable at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.bindings._rust import openssl as rust_openssl
+
+from dvx_dr.errors import KeysDestroyedError, StoreLockedError, UserError
+from dvx_dr.site import db as dbmod
+from dvx_dr.site import gc
+from dvx_dr.site.crypto import IndexKeys, new_index_key, new_tek
+from dvx_dr.site.keystore import KeyMaterial, Keystore, write_atomic
+from dvx_dr.site.segments import fsync_dir
+from dvx_dr.site.store import KEYSTORE_NAME, STARTUP_KEY_BYTES, Store, read_startup_key
+
+FIPS_MODES = ("off", "approved", "validated")
+
+
+def fips_provider_active() -> bool:
+    return bool(rust_openssl.is_fips_enabled())
+
+
+def _require_keys(store: Store) -> KeyMaterial:
+    if store.meta("keys_destroyed") == "1":
+        raise KeysDestroyedError("keys destroyed: this store's keys were crypto-erased")
+    if store.locked:
+        raise StoreLockedError("store is locked: unlock it first ('dvx-dr datastore unlock')")
+    if store.keys is None or store.keystore is None:
+        raise UserError("encryption has never been enabled on this store; "
+                        "'dvx-dr datastore encryption enable' does that")
+    return store.keys
+
+
+def _check_password(store: Store, password: str | None) -> str:
+    if password is None:
+        raise UserError("give the current password (--password-file FILE or the prompt)")
+    assert store.keystore is not None
+    store.keystore.verify_password(password)
+    return password
+
+
+def status(store: Store) -> dict[str, Any]:
+    kv_bytes = {kv: (n, b) for kv, n, b in store.db.execute(
+        "SELECT key_version, COUNT(*), SUM(length) FROM blobs GROUP BY key_version")}
+    keystore = store.keystore
+    if keystore is None and store.keyed and (store.path / KEYSTORE_NAME).exists():
+        keystore = Keystore.load(store.path / KEYSTORE_NAME, store.store_id)
+    versions = []
+    for entry in keystore.key_versions() if keystore else []:
+        n, b = kv_bytes.get(entry["version"], (0, 0))
+        versions.append(entry | {"extents": n, "bytes": b})
+    plain_n, plain_b = kv_bytes.get(0, (0, 0))
+    return {
+        "encryption": "on" if store.encrypted else "off",
+        "keys_destroyed": store.meta("keys_destroyed") == "1",
+        "locked": store.locked if store.served else None,
+        "startup_mode": ("unlocked" if keystore and keystore.has_startup_slot else "locked")
+        if keystore else None,
+        "fips_mode": store.meta("fips_mode") or "off",
+        "fips_provider_active": fips_provider_active(),
+        "kdf": keystore.doc["kdf"]["name"] if keystore else None,
+        "current_key_version": int(store.meta("key_version") or 0),
+        "key_versions": versions,
+        "plain": {"extents": plain_n, "bytes": plain_b},
+    }
+
+
+def enable(store: Store, new_password: str) -> dict[str, Any]:
+    if store.meta("keys_destroyed") == "1":
+        raise KeysDestroyedError("keys destroyed: this store cannot be encrypted again")
+    if store.keyed:
+        _require_keys(store)
+        with store.transaction() as db:
+            dbmod.set_meta(db, "encryption", "on")
+        store._apply_write_setting()
+        return {"encryption": "on", "changed": True, "new_keys": False}
+    keys = KeyMaterial(new_index_key(), {1: new_tek()})
+    fips = (store.meta("fips_mode") or "off") != "off"
+    keystore = Keystore.create(store.path / KEYSTORE_NAME, store.store_id, store.site,
+                               new_password, keys, fips=fips)
+    index = IndexKeys(keys.index_key)
+    with store.transaction() as db:
+        rows = db.execute("SELECT row, sealed_id FROM blobs").fetchall()
+        for row, raw_id in rows:
+            name = index.name(raw_id)
+            db.execute("UPDATE blobs SET name=?, sealed_id=? WHERE row=?",
+                       (name, index.seal(name, raw_id), row))
+        for key, value in (("keyed", "1"), ("encryption", "on"), ("key_version", "1")):
+            dbmod.set_meta(db, key, value)
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.keystore = keystore
+    store.install_keys(keys)
+    return {"encryption": "on", "changed": True, "new_keys": True, "reindexed": len(rows)}
+
+
+def disable(store: Store) -> dict[str, Any]:
+    _require_keys(store)
+    with store.transaction() as db:
+        dbmod.set_meta(db, "encryption", "off")
+    store._apply_write_setting()
+    return {"encryption": "off"}
+
+
+def change_password(store: Store, password: str | None, new_password: str) -> dict[str, Any]:
+    keys = _require_keys(store)
+    _check_password(store, password)
+    assert store.keystore is not None
+    store.keystore.rewrap(keys, new_password)
+    return {"changed": True}
+
+
+def rotate_key(store: Store, password: str | None,
+               startup_key: Path | None = None) -> dict[str, Any]:
+    keys = _require_keys(store)
+    pw = _check_password(store, password)
+    assert store.keystore is not None
+    startup = read_startup_key(startup_key) if startup_key else None
+    if store.keystore.has_startup_slot and startup is None:
+        raise UserError("the store is in unlocked startup mode but its startup key file is "
+                        "not readable here; run this through the running site")
+    version = max([*keys.teks, int(store.meta("key_version") or 0)]) + 1
+    store.keystore.add_tek(keys, version, new_tek(), pw, startup)
+    store.install_keys(keys)
+    with store.transaction() as db:
+        dbmod.set_meta(db, "key_version", str(version))
+    store._apply_write_setting()
+    return {"key_version": version}
+
+
+def convert(store: Store, to: str, progress: Callable[[int], None] | None = None
+            ) -> dict[str, Any]:
+    if to not in ("encrypted", "plain"):
+        raise UserError(f"convert --to: expected encrypted or plain, got {to!r}")
+    if to == "encrypted":
+        _require_keys(store)
+        if not store.encrypted:
+            raise UserError("encryption is off: 'dvx-dr datastore encryption enable' first")
+        wanted = int(store.meta("key_version") or 0)
+    else:
+        if store.keyed:
+            _require_keys(store)
+        if store.encrypted:
+            raise UserError("encryption is on: 'dvx-dr datastore encryption disable' first")
+        wanted = 0
+    with store.mutex:
+        store.writer.close()  # seal the open segment: it may hold extents of the old form
+        odd = {seg for (seg,) in store.db.execute(
+            "SELECT DISTINCT seg FROM blobs WHERE key_version != ?", (wanted,))}
+        moved = store.db.execute("SELECT COALESCE(SUM(length), 0) FROM blobs "
+                                 "WHERE key_version != ?", (wanted,)).fetchone()[0]
+        report = gc.gc(store, select=lambda seg, live, size: seg in odd, progress_bytes=progress)
+        left = store.db.execute("SELECT COUNT(*) FROM blobs WHERE key_version != ?",
+                                (wanted,)).fetchone()[0]
+    return {"to": to, "key_version": wanted, "bytes_converted": moved,
+            "segments_rewritten": report.segments_compacted, "extents_left": left}
+
+
+def set_startup_mode(store: Store, mode: str, startup_key: Path | None) -> dict[str, Any]:
+    keys = _require_keys(store)
+    assert store.keystore is not None
+    if mode == "unlocked":
+        if startup_key is None:
+            raise UserError("unlocked startup mode needs a startup key path: set startup_key in "
+                            "site.yaml (outside the store directory) or pass --startup-key")
+        if Path(os.path.abspath(startup_key)).is_relative_to(os.path.abspath(store.path)):
+            raise UserError("keep the startup key outside the store directory, so that a copy "
+                            "of the store alone cannot be unlocked")
+        key = os.urandom(STARTUP_KEY_BYTES)
+        startup_key.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(startup_key, key, 0o600)
+        store.keystore.set_startup_key(keys, key)
+        with store.transaction() as db:
+            dbmod.set_meta(db, "startup_key", str(startup_key))
+    elif mode == "locked":
+        store.keystore.set_startup_key(keys, None)
+        recorded = store.meta("startup_key")
+        for path in {p for p in (startup_key, Path(recorded) if recorded else None) if p}:
+            destroy_file(path)
+        with store.transaction() as db:
+            db.execute("DELETE FROM meta WHERE key='startup_key'")
+    else:
+        raise UserError(f"--startup-mode: expected locked or unlocked, got {mode!r}")
+    return {"startup_mode": mode, "startup_key": str(startup_key) if mode == "unlocked" else None}
+
+
+def set_fips_mode(store: Store, mode: str, password: str | None) -> dict[str, Any]:
+    if mode not in FIPS_MODES:
+        raise UserError(f"--fips-mode: expected one of {', '.join(FIPS_MODES)}, got {mode!r}")
+    if mode == "validated" and not fips_provider_active():
+        raise UserError(
+            "FIPS validated mode needs OpenSSL's FIPS provider, which is not active in this "
+            "process: install a FIPS-validated OpenSSL 3 with its fips provider, enable it in "
+            "openssl.cnf (or OPENSSL_CONF), and build cryptography against it; then retry. "
+            "'approved' mode works without it.")
+    if store.keyed:
+        keys = _require_keys(store)
+        pw = _check_password(store, password)
+        assert store.keystore is not None
+        store.keystore.rewrap(keys, pw, fips=mode != "off")
+    with store.transaction() as db:
+        dbmod.set_meta(db, "fips_mode", mode)
+    return {"fips_mode": mode, "fips_provider_active": fips_provider_active()}
+
+
+def crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,
+                 startup_key: Path | None = None) -> dict[str, Any]:
+    if confirm_name != store.site:
+        raise UserError(f"crypto erase not confirmed: type the site name {store.site!r} exactly")
+    if not store.keyed:
+        raise UserError("this store has no keys to erase (it was never encrypted)")
+    plain_n, plain_b = store.db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(length), 0) FROM blobs WHERE key_version=0").fetchone()
+    with store.mutex:
+        with store.transaction() as db:
+            dbmod.set_meta(db, "keys_destroyed", "1")
+            dbmod.set_meta(db, "encryption", "off")
+        recorded = store.meta("startup_key")
+        for path in {p for p in (store.path / KEYSTORE_NAME, startup_key,
+                                 Path(recorded) if recorded else None) if p}:
+            destroy_file(path)
+        store.keys = None
+        store.keystore = None
+        store.blobs.cipher = None
+        deleted = 0
+        if delete_plain:
+            deleted = _delete_all_data(store)
+    return {"erased": True, "plain_extents_left": 0 if delete_plain else plain_n,
+            "plain_bytes_left": 0 if delete_plain else plain_b, "deleted_bytes": deleted}
+
+
+def destroy_file(path: Path) -> None:
+    """Overwrite a key file with random bytes, fsync, delete, fsync its directory."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, os.urandom(max(size, 1)), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    path.unlink()
+    fsync_dir(path.parent)
+
+
+def _delete_all_data(store: Store) -> int:
+    """After a crypto erase with --delete-plain: drop every volume, snapshot and extent."""
+    with store.transaction() as db:
+        for table in ("blocks", "dirty_leaves", "tree_pages", "volumes", "snapshots",
+                      "group_snapshots", "replication_state", "blobs"):
+            db.execute(f"DELETE FROM {table}")
+    store.writer.close()
+    total = 0
+    directory = store.path / "segments"
+    for path in directory.glob("*.seg"):
+        total += path.stat().st_size
+        store.reader.forget(int(path.stem))
+        path.unlink()
+    fsync_dir(directory)
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.db.execute("VACUUM")
+    return total
