@@ -185,31 +185,34 @@ class BlobStore:
                 Payload(i, c, data, len(plain))
                 for (i, plain), (c, data) in zip(new.items(), packed, strict=True)
             ]
-            known.update(self.put_payloads(payloads, verified=True))
+            known.update(self.put_payloads(payloads, verified=True, fresh=True))
         return ids, [known[i] for i in ids]
 
-    def put_payloads(self, payloads: Sequence[Payload], verified: bool = False) -> dict[bytes, int]:
+    def put_payloads(self, payloads: Sequence[Payload], verified: bool = False,
+                     fresh: bool = False) -> dict[bytes, int]:
         """Store payloads that are already compressed (or not), e.g. received from a peer.
 
         Unless ``verified``, each payload is decompressed and checked against its id first.
-        Ids the index already holds are not written again. Returns id -> row for all.
+        Ids the index already holds are not written again (``fresh``: the caller just looked
+        them all up). Returns id -> row for all. Must run inside ``Store.transaction()``,
+        which fsyncs the segment before committing the rows.
         """
         if not verified:
             checks = list(self.pool.map(_verify_payload, payloads))
             bad = [p.id.hex() for p, ok in zip(payloads, checks, strict=True) if not ok]
             if bad:
                 raise IntegrityError(f"payload does not match its id {bad[0]}")
-        known = self.lookup(p.id for p in payloads)
-        pending: list[tuple[bytes, tuple[bytes, bytes, int, int, int, int, int]]] = []
+        known = {} if fresh else self.lookup(p.id for p in payloads)
+        todo: list[Payload] = []
         seen: set[bytes] = set()
         for p in payloads:
             if p.id in known or p.id in seen:
                 continue
             seen.add(p.id)
-            pending.append((p.id, self._append(p)))
-        if pending:
-            self.writer.sync()
-            for pid, values in pending:
+            todo.append(p)
+        if todo:
+            # The caller's transaction fsyncs the segment before it commits these rows.
+            for pid, values in self._append_many(todo):
                 cur = self.db.execute(
                     "INSERT INTO blobs (name, sealed_id, seg, off, length, plain_len, "
                     "key_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -221,21 +224,50 @@ class BlobStore:
 
     def _append(self, p: Payload) -> tuple[bytes, bytes, int, int, int, int, int]:
         """Append one extent to the open segment; returns its future index row values."""
+        return self._append_many([p])[0][1]
+
+    def _append_many(
+        self, payloads: Sequence[Payload]
+    ) -> list[tuple[bytes, tuple[bytes, bytes, int, int, int, int, int]]]:
+        """Append extents to the open segment(s): addresses are planned first (the XTS tweak
+        is the address), then the extents are sealed in the worker pool and written with one
+        call per segment run. Returns ``(id, index row values)`` per payload."""
         kv = self.write_key_version if self.cipher is not None else 0
+        out = []
+        i = 0
+        while i < len(payloads):
+            seg, off = self.writer.reserve(_extent_len(payloads[i], kv))
+            room = self.writer.room()
+            plans: list[tuple[Payload, int, int]] = []
+            pos = off
+            while i < len(payloads):
+                total = _extent_len(payloads[i], kv)
+                if plans and pos + total - off > room:
+                    break
+                plans.append((payloads[i], pos, total))
+                pos += total
+                i += 1
+
+            def seal(chunk: Sequence[tuple[Payload, int, int]], seg: int = seg) -> bytes:
+                return b"".join(self._seal_extent(kv, p, seg, o) for p, o, _ in chunk)
+
+            parts = [plans[k:k + _CHUNK] for k in range(0, len(plans), _CHUNK)]
+            self.writer.write(b"".join(self.pool.map(seal, parts)))
+            for p, o, total in plans:
+                name = self.index.name(p.id)
+                out.append((p.id, (name, self.index.seal(name, p.id), seg, o, total,
+                                   p.plain_len, kv)))
+        return out
+
+    def _seal_extent(self, kv: int, p: Payload, seg: int, off: int) -> bytes:
         flags = extent.FLAG_COMPRESSED if p.compressed else 0
         if kv:
             flags |= extent.FLAG_ENCRYPTED
-        header = extent.pack_header(flags, kv, len(p.data))
-        total = extent.HEADER_SIZE + extent.stored_length(len(p.data), bool(kv))
-        seg, off = self.writer.reserve(total)
-        if kv:
             assert self.cipher is not None
             body = self.cipher.encrypt(kv, seg, off, extent.pad(p.data))
         else:
             body = p.data
-        self.writer.write(header + body)
-        name = self.index.name(p.id)
-        return name, self.index.seal(name, p.id), seg, off, total, p.plain_len, kv
+        return extent.pack_header(flags, kv, len(p.data)) + body
 
     def rewrite(self, rows: Sequence[int]) -> int:
         """Copy extents to the open segment under the current write setting (new tweaks).
@@ -396,6 +428,10 @@ class BlobStore:
                 f"blob at segment {info.seg:08d} offset {info.off} fails its integrity check"
             )
         return p
+
+
+def _extent_len(p: Payload, kv: int) -> int:
+    return extent.HEADER_SIZE + extent.stored_length(len(p.data), bool(kv))
 
 
 def _verify_payload(p: Payload) -> bool:

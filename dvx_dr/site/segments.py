@@ -104,6 +104,10 @@ class SegmentWriter:
             self._open_new()
         return self.number, self.size
 
+    def room(self) -> int:
+        """Bytes the open segment takes before it is sealed (at least one extent)."""
+        return max(0, self._target - self.size)
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None
         view = memoryview(data)

@@ -209,11 +209,16 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One SQLite write transaction; rolled back if the block raises."""
+        """One SQLite write transaction; rolled back if the block raises.
+
+        Extents appended inside it are fsync'ed before the commit, so an index row never
+        becomes durable before the extent it names.
+        """
         with self.mutex:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
+                self.writer.sync()
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
