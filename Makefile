@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/ingest.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/replicate.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

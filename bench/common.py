@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -189,6 +190,70 @@ def find_restic(install: bool = True) -> str:
     return exe
 
 
+def find_rsync() -> str:
+    """The ``rsync`` executable on PATH, or a BenchError saying how to install it."""
+    exe = shutil.which("rsync")
+    if exe is None:
+        raise BenchError(
+            "rsync is not installed. Install it with `sudo apt-get install -y rsync` "
+            "(Debian/Ubuntu), `dnf install rsync` or `brew install rsync`, then rerun."
+        )
+    return exe
+
+
+# --------------------------------------------------------------------------------------------
+# Long-running processes (servers measured from outside)
+# --------------------------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _proc_status_kib(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError as exc:
+        raise BenchError(f"cannot read /proc/{pid}/status: {exc.strerror}") from exc
+    raise BenchError(f"/proc/{pid}/status has no {key} (this needs Linux)")
+
+
+def peak_rss(pid: int) -> int:
+    """Peak resident set of a running process, in bytes: ``VmHWM`` of /proc/PID/status (since
+    the process started, or since the last :func:`reset_peak_rss`)."""
+    return _proc_status_kib(pid, "VmHWM") * 1024
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset a running process's ``VmHWM`` to its current RSS (``echo 5 > /proc/PID/clear_refs``,
+    Linux 4.0+; needs the same user or root). Returns False when the kernel refused."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int:
+    """SIGTERM ``proc`` and wait for it (SIGKILL after ``timeout`` seconds); its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            print(f"pid {proc.pid} did not stop in {timeout:.0f} s: killing it", file=sys.stderr)
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 # --------------------------------------------------------------------------------------------
 # Work dir, images, sizes
 # --------------------------------------------------------------------------------------------
@@ -240,6 +305,19 @@ def warm_cache(path: Path) -> None:
         buf = bytearray(8 * 1024 * 1024)
         while f.readinto(buf):
             pass
+
+
+def copy_sparse(src: Path, dst: Path, chunk: int = 1024 * 1024) -> None:
+    """Copy ``src`` to ``dst`` leaving all-zero ``chunk``-sized pieces as holes (like
+    ``cp --sparse=always``), so a copy of a thin image stays thin."""
+    zero = bytes(chunk)
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while data := fin.read(chunk):
+            if data == zero[: len(data)]:
+                fout.seek(len(data), os.SEEK_CUR)
+            else:
+                fout.write(data)
+        fout.truncate()
 
 
 def tree_bytes(path: Path) -> int:

@@ -30,8 +30,8 @@ from dvx_dr.site.blobs import Payload, blob_id
 from dvx_dr.site.tree import HOLE, Root
 
 LEAVES_PER_ROUND = 8
-BATCH_PAYLOAD = 16 * 1024 * 1024
-QUEUE_DEPTH = 3
+BATCH_PAYLOAD = 8 * 1024 * 1024
+QUEUE_DEPTH = 2
 
 
 @dataclass
