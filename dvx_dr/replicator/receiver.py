@@ -83,6 +83,7 @@ class Receiver:
         if len(self.sessions) >= MAX_SESSIONS:
             raise ProtocolError("too many open replication sessions; retry later")
         self.sessions[session.id] = session
+        self.store.pin(session.id)
         log.info("session %s from %s: %s@%s", session.id[:8], source, volume, name)
         return {"session": session.id, "complete": False}
 
@@ -100,6 +101,7 @@ class Receiver:
         now = time.monotonic()
         for sid in [k for k, s in self.sessions.items() if now - s.last_used > SESSION_IDLE]:
             del self.sessions[sid]
+            self.store.unpin(sid)
 
     def session(self, source: str, sid: str) -> Session:
         s = self.sessions.get(sid)
@@ -190,6 +192,7 @@ class Receiver:
                     groups.record(self.store, s.replica_volume, s.snapshot, group,
                                   origin=s.source, created=s.created or None)
         del self.sessions[sid]
+        self.store.unpin(sid)
         log.info("replica %s@%s committed (%d blobs, %d bytes received)", s.replica_volume,
                  s.snapshot, s.blobs, s.bytes)
         return {"replica": f"{s.replica_volume}@{s.snapshot}"}

@@ -67,6 +67,7 @@ class TargetStatus:
     bytes_skipped_total: int = 0
     errors_total: int = 0
     running: bool = False
+    progress: dict[str, Any] = field(default_factory=dict)
 
     def age(self, now: float, since: float) -> float:
         if self.last_snapshot_time:
@@ -276,15 +277,23 @@ class Scheduler:
         snap = newest[-1]
         peer = self.service.peer(target.site)
         self._sending.add((name, snap.name))
+        status = self.status[name].targets[target.site]
+
+        def progress(s: TransferStats) -> None:
+            status.progress = {"snapshot": snap.spec, "payload_bytes": s.payload_bytes,
+                               "bytes_on_wire": s.bytes_on_wire, "seconds": round(s.seconds, 2),
+                               "rate_bytes_per_second": round(s.bytes_on_wire / s.seconds, 1)
+                               if s.seconds else 0.0}
+
         try:
             stats = await with_retries(
-                lambda: send_group(store, peer, name, snap.name,
+                lambda: send_group(store, peer, name, snap.name, progress=progress,
                                    bandwidth_limit=target.bandwidth_limit),
                 attempts=TARGET_ATTEMPTS, base=1.0, cap=30.0)
         finally:
             self._sending.discard((name, snap.name))
+            status.progress = {}
         await store.run(_record_replica, self.store, name, target.site, snap)
-        status = self.status[name].targets[target.site]
         status.last_snapshot, status.last_snapshot_time = snap.spec, snap.created
         log.info("group %s -> %s: %s replicated (%d bytes sent, %d skipped, %.2fs)", name,
                  target.site, snap.spec, stats.bytes_on_wire, stats.bytes_skipped, stats.seconds)
@@ -336,6 +345,7 @@ class Scheduler:
                     "rpo_status": t.rpo_state(now, g.loaded),
                     "next_run": self.next_run(job),
                     "running": t.running,
+                    "progress": t.progress or None,
                     "bytes_sent": t.bytes_sent,
                     "bytes_saved": t.bytes_skipped,
                     "duration_seconds": round(t.duration, 3),

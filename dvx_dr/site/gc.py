@@ -48,6 +48,10 @@ def _segment_bytes(store: Store) -> dict[int, int]:
 def mark(store: Store) -> set[int]:
     live: set[int] = {r.row for r in refs.live_refs(store)}
     live.update(r.row for r in refs.group_refs(store))
+    if store.pins:
+        floor = min(store.pins.values())
+        live.update(r for (r,) in store.db.execute("SELECT row FROM blobs WHERE row>?",
+                                                   (floor,)))
     seen: set[bytes] = set()
     for snap in refs.all_snapshots(store):
         live.update(r.row for r in refs.snapshot_refs(store, snap, seen))

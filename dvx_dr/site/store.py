@@ -65,6 +65,9 @@ class Store:
         self.keys = keys
         self.mutex = threading.RLock()
         self.served = False  # owned by a running site (``site serve``)
+        #: Open replication sessions pin every blob row above a watermark: blobs they made
+        #: durable are not referenced by any snapshot until commit, and gc must keep them.
+        self.pins: dict[str, int] = {}
         self.store_id = dbmod.get_meta(db, "store_id") or ""
         self.site = dbmod.get_meta(db, "site") or ""
         self.block_size = int(dbmod.get_meta(db, "block_size") or DEFAULT_BLOCK)
@@ -97,6 +100,9 @@ class Store:
 
     def unlock(self, password: str) -> None:
         """Unwrap the keys of a locked store with its password."""
+        if self.meta("keys_destroyed") == "1":
+            raise KeysDestroyedError("keys destroyed: this store's keys were crypto-erased; "
+                                     "no password can unlock it")
         if not self.locked:
             return
         if self.keystore is None:
@@ -157,11 +163,14 @@ class Store:
         try:
             db = dbmod.open_db(path / DB_NAME)
             keys = keystore = None
-            if dbmod.get_meta(db, "keys_destroyed") == "1":
+            destroyed = dbmod.get_meta(db, "keys_destroyed") == "1"
+            if destroyed and not allow_locked:
                 raise KeysDestroyedError(
                     f"keys destroyed: store {path} was crypto-erased and its encrypted "
                     "data cannot be read by anyone")
-            if dbmod.get_meta(db, "keyed") == "1":
+            # A crypto-erased store opens keyless (like a locked one) for what ``ops.LOCKED_OK``
+            # allows: its status, and a crypto erase rerun with --delete-plain.
+            if dbmod.get_meta(db, "keyed") == "1" and not destroyed:
                 keystore = Keystore.load(path / KEYSTORE_NAME, dbmod.get_meta(db, "store_id"))
                 recorded = dbmod.get_meta(db, "startup_key")
                 if startup_key is None and recorded:
@@ -173,6 +182,14 @@ class Store:
             raise
         store._drop_unfinished_imports()
         return store
+
+    def pin(self, key: str) -> None:
+        """Keep every blob stored from now on until ``unpin(key)`` (see ``pins``)."""
+        top = self.db.execute("SELECT COALESCE(MAX(row), 0) FROM blobs").fetchone()[0]
+        self.pins[key] = top
+
+    def unpin(self, key: str) -> None:
+        self.pins.pop(key, None)
 
     def announce(self, admin_socket: str) -> None:
         """Record in the lock file where the owning site's admin socket is, for the CLI."""
