@@ -14,6 +14,9 @@ import pytest
 from dvx_dr.site.store import Store
 
 PASSWORD = "correct horse battery"
+#: The project root, put on the child's import path so ``python -m dvx_dr`` works whether or
+#: not the package is installed in the interpreter running the tests.
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -62,11 +65,18 @@ def run_cli(*args: str | Path, input: bytes | None = None, check: bool = True,
             timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
     """Run the real ``dvx-dr`` command in a child process."""
     proc = subprocess.run([sys.executable, "-m", "dvx_dr", *map(str, args)], input=input,
-                          capture_output=True, timeout=timeout)
+                          capture_output=True, timeout=timeout, env=cli_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"dvx-dr {' '.join(map(str, args))} exited {proc.returncode}: "
                              f"{proc.stderr.decode(errors='replace')}")
     return proc
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a child ``dvx-dr``: this one, with the project on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
 
 
 @pytest.fixture

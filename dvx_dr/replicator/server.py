@@ -177,6 +177,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if isinstance(exc, ProtocolError | IntegrityError):
             log.warning("%s %s rejected: %s", request.method, request.path, exc)
         return error_response(exc)
+    except (ConnectionResetError, aiohttp.ClientPayloadError) as exc:
+        # The peer went away mid-request (a cut link, a killed process): nothing was
+        # committed from this request, and the sender retries.
+        log.warning("%s %s: the peer disconnected mid-request (%s)", request.method,
+                    request.path, exc.__class__.__name__)
+        return error_response(TransientError("the peer disconnected mid-request"))
     except Exception as exc:  # a bug: log it whole, answer 500
         log.exception("%s %s failed", request.method, request.path)
         return error_response(exc)

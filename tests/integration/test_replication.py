@@ -1,0 +1,576 @@
+"""Replication between two real sites: ``dvx-dr site serve`` processes on 127.0.0.1 talking
+mutual TLS with certificates from ``dvx-dr pki``, encrypted stores, and the real CLI.
+
+Covers: a full transfer is byte-identical at the target and stored under the target's own
+key; a repeat sends nothing and increments send only what changed; killing the target
+mid-transfer leaves no partial replica and a rerun sends only what is missing; a connection
+cut mid-stream is retried and completes; peers with the wrong certificate are refused and
+logged; malformed batches are refused with a clear error and change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib.util
+import json
+import random
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import aiohttp
+import pytest
+import zstandard
+
+from dvx_dr.replicator import protocol
+from dvx_dr.replicator.peer import PREFIX
+from dvx_dr.replicator.tls import client_context
+from dvx_dr.site import tree
+from dvx_dr.site.blobs import BlobRow
+from dvx_dr.site.store import Store
+from tests.conftest import ROOT
+from tests.integration.sites import HOST, Site, Sites
+
+KiB = 1024
+MiB = 1024 * KiB
+BS = 64 * KiB
+IMAGE_SIZE = 256 * MiB
+#: Planted in the source volume; must never appear in the target store's files.
+MARKER = b"DVX-PLAINTEXT-MARKER-5c0ffee-do-not-leak"
+EXTENT_HEADER = 16
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def _load_datagen() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("dvx_bench_datagen",
+                                                  ROOT / "bench" / "datagen.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+datagen = _load_datagen()
+
+
+def mixed_image(path: Path, seed: int, size: int = IMAGE_SIZE) -> None:
+    """A disk-image-like file: text, binaries, zero runs, random data, repeated blocks."""
+    datagen.generate(path, size, seed)
+
+
+def random_image(path: Path, seed: int, size: int = IMAGE_SIZE) -> None:
+    """Mostly incompressible data (a slow, large transfer), with some zero and text MiBs."""
+    rng = random.Random(seed)
+    line = b"a line of a log file, compressible and never repeated across MiBs: %d\n"
+    with open(path, "wb") as f:
+        for i in range(size // MiB):
+            if i % 32 == 5:
+                f.write(bytes(MiB))
+            elif i % 32 == 17:
+                f.write(b"".join(line % (i * MiB + n) for n in range(MiB // 64))[:MiB]
+                        .ljust(MiB, b"."))
+            else:
+                f.write(rng.randbytes(MiB))
+
+
+def plant_markers(path: Path, seed: int) -> dict[str, int]:
+    """Overwrite two blocks with data holding ``MARKER``: one incompressible (stored as is
+    before encryption), one compressible. Returns their block indices."""
+    rng = random.Random(seed)
+    nblocks = path.stat().st_size // BS
+    random_index, text_index = rng.sample(range(nblocks // 4, nblocks), 2)
+    noisy = bytearray(rng.randbytes(BS))
+    for off in range(1000, BS - len(MARKER), 8 * KiB):
+        noisy[off:off + len(MARKER)] = MARKER
+    text = (MARKER + b" appears in a config file\n") * (BS // (len(MARKER) + 26) + 1)
+    with open(path, "r+b") as f:
+        f.seek(random_index * BS)
+        f.write(noisy)
+        f.seek(text_index * BS)
+        f.write(text[:BS])
+    return {"random": random_index, "text": text_index}
+
+
+def read_block(path: Path, index: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(index * BS)
+        return f.read(BS)
+
+
+def blocks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while block := f.read(BS):
+            yield block
+
+
+def assert_same_file(got: Path, want: Path) -> None:
+    assert got.stat().st_size == want.stat().st_size, \
+        f"{got} is {got.stat().st_size} bytes, {want} is {want.stat().st_size}"
+    for n, (a, b) in enumerate(zip(blocks(got), blocks(want), strict=True)):
+        if a != b:
+            raise AssertionError(f"{got} differs from {want} in block {n} (byte {n * BS})")
+
+
+def changed_payload(old: Path, new: Path) -> tuple[int, int]:
+    """(blocks of ``new`` that differ from ``old`` and are not all zero, their summed
+    zstd-3 size per 64 KiB block, or the raw size when zstd does not shrink it)."""
+    cctx = zstandard.ZstdCompressor(level=3)
+    count = size = 0
+    seen: set[bytes] = set()
+    for a, b in zip(blocks(old), blocks(new), strict=True):
+        if a == b or not b.strip(b"\0"):
+            continue
+        digest = hashlib.sha256(b).digest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        count += 1
+        size += min(len(cctx.compress(b)), len(b))
+    return count, size
+
+
+def incremental_budget(stats: dict[str, Any], compressed: int) -> int:
+    """What an incremental may put on the wire: 1.2x the compressed changed blocks, plus ids
+    (those exchanged in have/want, and those the changed tree pages carry)."""
+    page_ids = stats["pages_sent"] * tree.FANOUT * tree.ID
+    return int(1.2 * compressed) + stats["id_bytes"] + page_ids
+
+
+def payload_bytes(stats: dict[str, Any]) -> int:
+    """Payload bytes of all blobs in a store, from ``datastore stats``: each extent is a
+    16-byte header plus its payload (padded to 16 bytes only when shorter)."""
+    extents = sum(k["extents"] for k in stats["by_key_version"])
+    return int(stats["extent_bytes"]) - EXTENT_HEADER * extents
+
+
+def segment_bytes(site: Site) -> int:
+    return sum(p.stat().st_size for p in (site.store / "segments").glob("*.seg"))
+
+
+# -- a full transfer ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_full_replica_is_identical_and_encrypted_with_the_target_key(
+        two_sites: Sites, tmp_path: Path) -> None:
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    image = tmp_path / "vm1.img"
+    mixed_image(image, seed=11)
+    planted = plant_markers(image, seed=12)
+    a.cli("volume", "import", "vm1", image)
+    a.cli("snapshot", "create", "vm1", "--name", "s1")
+
+    stats = a.replicate("vm1@s1", to="site-b")
+
+    assert stats["replica"] == "site-a/vm1@s1"
+    assert stats["blocks_sent"] > 0 and not stats["already_replicated"]
+    assert b.snapshots() == ["site-a/vm1@s1"]
+    replica = tmp_path / "replica.img"
+    b.cli("snapshot", "export", "site-a/vm1@s1", replica)
+    assert_same_file(replica, image)
+
+    a.stop()
+    b.stop()
+    leaks = [p for p in b.store.rglob("*") if p.is_file() and MARKER in p.read_bytes()]
+    assert not leaks, f"plaintext of the volume found in site-b's store files: {leaks}"
+
+    # The same block lies at both sites, each encrypted under its own site's key.
+    with a.open_store() as store_a, b.open_store() as store_b:
+        for kind, index in planted.items():
+            block = read_block(image, index)
+            info_a, raw_a, payload_a = extent_of(store_a, block)
+            info_b, raw_b, payload_b = extent_of(store_b, block)
+            assert payload_a == payload_b, "the target must store the payload the source sent"
+            if kind == "random":  # incompressible: stored as is, so unencrypted it would show
+                assert MARKER in payload_b
+            assert MARKER not in raw_a and MARKER not in raw_b
+            assert raw_a[EXTENT_HEADER:] != raw_b[EXTENT_HEADER:], \
+                f"the {kind} block has the same ciphertext at both sites"
+            cipher_a = store_a.blobs.cipher
+            assert cipher_a is not None
+            own = cipher_a.decrypt(info_a.key_version, info_a.seg, info_a.off,
+                                   raw_a[EXTENT_HEADER:])
+            assert own.startswith(payload_a)  # the check below can tell a match
+            other = cipher_a.decrypt(info_b.key_version, info_b.seg, info_b.off,
+                                     raw_b[EXTENT_HEADER:])
+            assert not other.startswith(payload_b), "site-a's key decrypts site-b's extent"
+
+
+def extent_of(store: Store, block: bytes) -> tuple[BlobRow, bytes, bytes]:
+    """Where ``block`` lies in ``store``: its index row, the raw extent and the decrypted
+    payload; checks that it reads back as ``block``."""
+    blob = hashlib.sha256(block).digest()
+    row = store.blobs.lookup([blob]).get(blob)
+    assert row is not None, f"{store.site} lacks the block {blob.hex()[:16]}"
+    assert store.blobs.get_row(row, blob) == block
+    info = store.blobs.row_info(row)
+    raw = store.reader.read(info.seg, info.off, info.length)
+    _, payload = store.blobs.read_payload(info)
+    return info, raw, payload
+
+
+# -- what a transfer sends ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_repeat_sends_nothing_and_increments_send_only_what_changed(
+        two_sites: Sites, tmp_path: Path) -> None:
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    image = tmp_path / "vm1.img"
+    mixed_image(image, seed=21)
+    a.cli("volume", "import", "vm1", image)
+    a.cli("snapshot", "create", "vm1", "--name", "s1")
+    full = a.replicate("vm1@s1", to="site-b")
+    assert full["blocks_sent"] > 1000
+
+    again = a.replicate("vm1@s1", to="site-b")
+    assert again["blocks_sent"] == 0 and again["payload_bytes"] == 0
+    assert again["already_replicated"]
+
+    # 1% of the blocks change, written through the running site.
+    before = tmp_path / "vm1-s1.img"
+    image.rename(before)
+    image.write_bytes(before.read_bytes())
+    datagen.mutate(image, 0.01, seed=22)
+    a.cli("volume", "write", "vm1", image)
+    a.cli("snapshot", "create", "vm1", "--name", "s2")
+    changed, compressed = changed_payload(before, image)
+    assert changed > 0
+
+    incr = a.replicate("vm1@s2", to="site-b")
+
+    assert 0 < incr["blocks_sent"] <= changed
+    assert incr["bytes_on_wire"] <= incremental_budget(incr, compressed), incr
+    assert incr["bytes_on_wire"] < full["bytes_on_wire"] / 20
+
+    # A second volume sharing most of its blocks with vm1: only the difference moves.
+    copy = tmp_path / "vm2.img"
+    copy.write_bytes(image.read_bytes())
+    datagen.mutate(copy, 0.02, seed=23)
+    a.cli("volume", "import", "vm2", copy)
+    a.cli("snapshot", "create", "vm2", "--name", "s1")
+    changed2, compressed2 = changed_payload(image, copy)
+
+    second = a.replicate("vm2@s1", to="site-b")
+
+    assert 0 < second["blocks_sent"] <= changed2
+    assert second["bytes_on_wire"] <= incremental_budget(second, compressed2), second
+    assert sorted(b.snapshots()) == ["site-a/vm1@s1", "site-a/vm1@s2", "site-a/vm2@s1"]
+    for spec, want in (("site-a/vm1@s2", image), ("site-a/vm2@s1", copy)):
+        out = tmp_path / "replica.img"
+        b.cli("snapshot", "export", spec, out)
+        assert_same_file(out, want)
+
+
+# -- the target dies mid-transfer --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_target_killed_mid_transfer_leaves_no_partial_replica_and_rerun_resumes(
+        two_sites: Sites, tmp_path: Path) -> None:
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    image = tmp_path / "vm1.img"
+    random_image(image, seed=31)
+    a.cli("volume", "import", "vm1", image)
+    a.cli("snapshot", "create", "vm1", "--name", "s1")
+    full_payload = payload_bytes(a.stats())
+    rng = random.Random(32)
+    delivered = 0  # payload bytes durable (indexed) at site-b
+
+    for round_ in range(3):
+        start = segment_bytes(b)
+        kill_at = start + int(rng.uniform(0.15, 0.5) * (full_payload - delivered))
+        transfer = a.popen("replicate", "vm1@s1", "--to", "site-b", "--json")
+        deadline = time.monotonic() + 60
+        while segment_bytes(b) < kill_at:
+            assert transfer.poll() is None, (
+                f"round {round_}: the transfer ended before site-b received {kill_at} bytes: "
+                f"{transfer.communicate()}")
+            assert time.monotonic() < deadline, f"round {round_}: no progress"
+            time.sleep(0.002)
+        b.kill()
+        # Stop the source too, so that its retries do not race the checks below.
+        a.stop()
+        out, err = transfer.communicate(timeout=60)
+        assert transfer.returncode != 0, f"round {round_}: {out!r}"
+        assert b"Traceback" not in err, err.decode()
+
+        # Restarted, site-b shows no replica, and keeps the blobs it had made durable.
+        two_sites.start("site-a", "site-b")
+        assert b.snapshots() == [], f"round {round_}: a partial replica is visible"
+        now = payload_bytes(b.stats())
+        assert now >= delivered, f"round {round_}: durable blobs were lost"
+        delivered = now
+
+    assert 0 < delivered < full_payload
+    resumed = a.replicate("vm1@s1", to="site-b")
+
+    assert b.snapshots() == ["site-a/vm1@s1"]
+    assert resumed["payload_bytes"] < full_payload
+    # The rerun sent what was missing, not what was already durable at site-b.
+    assert delivered + resumed["payload_bytes"] <= 1.05 * full_payload, (
+        delivered, resumed["payload_bytes"], full_payload)
+    replica = tmp_path / "replica.img"
+    b.cli("snapshot", "export", "site-a/vm1@s1", replica)
+    assert_same_file(replica, image)
+    assert b.json("datastore", "scrub")["damaged"] == []
+
+
+# -- the network cuts the connection ------------------------------------------------------------
+
+
+class CuttingProxy:
+    """A plain TCP relay (TLS stays end to end) that drops the connection carrying the
+    upstream traffic each time the total relayed upstream crosses one of ``cut_at``."""
+
+    def __init__(self, upstream_port: int, cut_at: list[int]) -> None:
+        self.upstream = (HOST, upstream_port)
+        self.cut_at = sorted(cut_at)
+        self.relayed = 0
+        self.cuts = 0
+        self.lock = threading.Lock()
+        self.listener = socket.create_server((HOST, 0))
+        self.port = self.listener.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            pair = (client, server)
+            threading.Thread(target=self._pump, args=(client, server, pair, True),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, pair, False),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, pair: tuple[socket.socket, ...],
+              count: bool) -> None:
+        try:
+            while data := src.recv(256 * KiB):
+                dst.sendall(data)
+                if count and self._crossed(len(data)):
+                    self._cut(pair)
+                    return
+        except OSError:
+            pass
+        self._cut(pair)
+
+    def _crossed(self, n: int) -> bool:
+        with self.lock:
+            self.relayed += n
+            if self.cut_at and self.relayed >= self.cut_at[0]:
+                self.cut_at.pop(0)
+                self.cuts += 1
+                return True
+            return False
+
+    @staticmethod
+    def _cut(pair: tuple[socket.socket, ...]) -> None:
+        for s in pair:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+
+
+@pytest.mark.slow
+def test_connection_cut_mid_stream_is_retried_and_completes(
+        two_sites: Sites, tmp_path: Path) -> None:
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    image = tmp_path / "vm1.img"
+    mixed_image(image, seed=41)
+    a.cli("volume", "import", "vm1", image)
+    a.cli("snapshot", "create", "vm1", "--name", "s1")
+    full_payload = payload_bytes(a.stats())
+    proxy = CuttingProxy(b.port, cut_at=[24 * MiB, 60 * MiB])
+    try:
+        a.set_peer("site-b", f"https://{HOST}:{proxy.port}")
+        a.restart()
+
+        stats = a.replicate("vm1@s1", to="site-b")
+    finally:
+        proxy.close()
+
+    assert proxy.cuts == 2
+    retries = [line for line in a.log().splitlines() if "retrying in" in line]
+    assert len(retries) == 2, retries
+    assert stats["payload_bytes"] < full_payload, "the last attempt resent durable blobs"
+    assert b.snapshots() == ["site-a/vm1@s1"]
+    replica = tmp_path / "replica.img"
+    b.cli("snapshot", "export", "site-a/vm1@s1", replica)
+    assert_same_file(replica, image)
+
+
+# -- peers that are not who they must be --------------------------------------------------------
+
+
+async def _post(port: int, context: ssl.SSLContext, path: str, data: bytes | None = None,
+                json_body: Any = None) -> tuple[int, dict[str, Any]]:
+    url = f"https://{HOST}:{port}{PREFIX}{path}"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as http, \
+            http.post(url, data=data, json=json_body, server_hostname="site-b") as resp:
+        body = await resp.read()
+    try:
+        return resp.status, json.loads(body)
+    except ValueError:
+        return resp.status, {"raw": body[:200].decode(errors="replace")}
+
+
+def post(port: int, context: ssl.SSLContext, path: str, data: bytes | None = None,
+         json_body: Any = None) -> tuple[int, dict[str, Any]]:
+    return asyncio.run(_post(port, context, path, data, json_body))
+
+
+def tls_client(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """A TLS 1.3 client that trusts ``ca`` and presents ``cert`` (or no certificate)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_verify_locations(cafile=ca)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def new_log(site: Site, since: int) -> str:
+    return site.log()[since:]
+
+
+def wait_for_log(site: Site, since: int, text: str, timeout: float = 5.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in (log := new_log(site, since)):
+            return log
+        time.sleep(0.05)
+    raise AssertionError(f"{site.name} did not log {text!r}; it logged:\n{new_log(site, since)}")
+
+
+def test_peers_with_wrong_or_missing_certificates_are_refused_and_logged(
+        two_sites: Sites) -> None:
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    session = {"version": 1, "volume": "vm1", "snapshot": "s1", "root": "00" * 32}
+    other_cert, other_key = two_sites.issue("site-a", two_sites.other_ca())
+    stranger_cert, stranger_key = two_sites.issue("site-c")
+
+    # The client itself works: the right certificate reaches the API.
+    status, body = post(b.port, client_context(a.cert, a.key, a.ca), "/sessions",
+                        json_body=session)
+    assert status == 200 and body["session"], body
+
+    cases = [
+        ("a certificate from another CA", tls_client(b.ca, other_cert, other_key),
+         "refused TLS connection", "certificate rejected"),
+        ("no certificate", tls_client(b.ca), "refused TLS connection", "no client certificate"),
+    ]
+    for what, context, logged, reason in cases:
+        since = len(b.log())
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+            post(b.port, context, "/sessions", json_body=session)
+        log = wait_for_log(b, since, logged)
+        assert reason in log, f"{what}: site-b logged no reason: {log}"
+
+    since = len(b.log())
+    status, body = post(b.port, tls_client(b.ca, stranger_cert, stranger_key), "/sessions",
+                        json_body=session)
+    assert status == 403
+    assert "site-c" in body["error"] and "not a configured peer" in body["error"]
+    log = wait_for_log(b, since, "rejected connection")
+    assert "site-c" in log and "not a configured peer" in log
+
+    assert b.snapshots() == []
+    assert b.json("status")["sessions"] == 1  # only the session the valid client opened
+
+
+# -- malformed sessions --------------------------------------------------------------------------
+
+
+_BATCH = struct.Struct("<4sB3x")
+_RECORD = struct.Struct("<BBHII32s")
+_END = _RECORD.pack(protocol.KIND_END, 0, 0, 0, 0, bytes(32))
+
+
+def batch(*records: bytes, version: int = protocol.VERSION) -> bytes:
+    return _BATCH.pack(protocol.BATCH_MAGIC, version) + b"".join(records) + _END
+
+
+def record(data: bytes, kind: int = protocol.KIND_BLOCK, blob: bytes | None = None,
+           length: int | None = None) -> bytes:
+    blob = hashlib.sha256(data).digest() if blob is None else blob
+    return _RECORD.pack(kind, 0, 0, len(data), len(data) if length is None else length,
+                        blob) + data
+
+
+def test_malformed_batches_are_refused_and_change_nothing(
+        two_sites: Sites, tmp_path: Path) -> None:
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    client = client_context(a.cert, a.key, a.ca)
+    before = b.stats()
+    block = random.Random(51).randbytes(BS)
+    other = random.Random(52).randbytes(BS)
+    status, opened = post(b.port, client, "/sessions", json_body={
+        "version": 1, "volume": "evil", "snapshot": "s1",
+        "root": hashlib.sha256(b"no such root").hexdigest()})
+    assert status == 200, opened
+    sid = opened["session"]
+    good = record(block)
+    cases = [
+        ("truncated frame", batch(good)[:_BATCH.size + _RECORD.size + 1000], 400,
+         "truncated"),
+        ("oversize length", batch(record(block, length=protocol.MAX_PLAIN + 1)), 400,
+         "above the limit"),
+        ("wrong id for the data", batch(good, record(other, blob=hashlib.sha256(b"x").digest())),
+         422, "does not match its id"),
+        ("unknown protocol version", batch(good, version=2), 400, "protocol version 2"),
+        ("garbage", random.Random(53).randbytes(4096), 400, "magic"),
+        ("a page before its children", batch(good, record(hashlib.sha256(b"c").digest() * 4,
+                                                          kind=protocol.KIND_PAGE)),
+         400, "pages must follow their children"),
+        ("trailing bytes", batch(good) + b"\0" * 7, 400, "follow the end-of-batch record"),
+    ]
+    since = len(b.log())
+    for what, body, want_status, phrase in cases:
+        status, answer = post(b.port, client, f"/sessions/{sid}/blobs", data=body)
+        assert status == want_status, f"{what}: HTTP {status} {answer}"
+        assert phrase in answer.get("error", ""), f"{what}: {answer}"
+
+    status, answer = post(b.port, client, f"/sessions/{sid}/have", data=b"\1" * 33)
+    assert status == 400 and "multiple of 32" in answer["error"], answer
+    status, answer = post(b.port, client, f"/sessions/{sid}/commit", json_body={})
+    assert status == 400 and "root" in answer["error"], answer
+    status, answer = post(b.port, client, "/sessions/0123abcd/blobs", data=batch(good))
+    assert status == 404, answer
+
+    log = new_log(b, since)
+    assert log.count("rejected:") >= len(cases), log
+    after = b.stats()
+    for field in ("unique_bytes", "extent_bytes", "stored_bytes", "by_key_version",
+                  "snapshots", "volumes"):
+        assert after[field] == before[field], f"{field}: {before[field]} -> {after[field]}"
+    assert b.snapshots() == []
+
+    # site-b still takes a normal transfer.
+    image = tmp_path / "small.img"
+    mixed_image(image, seed=54, size=16 * MiB)
+    a.cli("volume", "import", "small", image)
+    a.cli("snapshot", "create", "small", "--name", "s1")
+    stats = a.replicate("small@s1", to="site-b")
+    assert stats["blocks_sent"] > 0
+    out = tmp_path / "replica.img"
+    b.cli("snapshot", "export", "site-a/small@s1", out)
+    assert_same_file(out, image)
