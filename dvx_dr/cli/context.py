@@ -12,9 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from dvx_dr.cli import remote
 from dvx_dr.errors import StoreBusyError, UserError
 from dvx_dr.site import ops
 from dvx_dr.site.store import Store
@@ -87,6 +84,8 @@ def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
                            allow_locked=locked_ok)
     except StoreBusyError as exc:
         if exc.admin_socket:
+            from dvx_dr.cli import remote  # aiohttp, only when a site runs
+
             materialise = getattr(params, "materialise", None)
             return remote.call_op(exc.admin_socket, name,
                                   materialise() if materialise else params)
@@ -121,6 +120,8 @@ def progress_bar(total: int | None, desc: str) -> Iterator[Callable[[int], None]
     if not sys.stderr.isatty():
         yield None
         return
+    from tqdm import tqdm
+
     bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                file=sys.stderr, leave=False)
     try:

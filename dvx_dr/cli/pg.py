@@ -9,11 +9,9 @@ from typing import Any
 
 import yaml
 
-from dvx_dr.cli import remote
 from dvx_dr.cli.context import print_json, print_table
 from dvx_dr.cli.replicate import add_site_args, admin_socket
 from dvx_dr.errors import DvxError
-from dvx_dr.policies.loader import load_policy_file
 
 
 def register(groups: Any) -> None:
@@ -43,6 +41,8 @@ def register(groups: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from dvx_dr.policies.loader import load_policy_file
+
     failed = 0
     for path in args.files:
         try:
@@ -65,6 +65,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from dvx_dr.cli import remote
+
     result = remote.call_path(admin_socket(args), "POST", "/reload")
     for error in result["errors"]:
         print(f"dvx-dr: error: {error}", file=sys.stderr)
@@ -73,6 +75,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from dvx_dr.cli import remote
+
     status = remote.status(admin_socket(args))
     groups = status.get("groups", {})
     if args.json:
@@ -91,6 +95,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from dvx_dr.cli import remote
+
     status = remote.status(admin_socket(args))
     group = status.get("groups", {}).get(args.name)
     if group is None:

@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dvx_dr.replicator import pki
-
 
 def register(groups: Any) -> None:
     p = groups.add_parser("pki", help="make a CA and site certificates for mutual TLS")
@@ -25,12 +23,16 @@ def register(groups: Any) -> None:
 
 
 def cmd_init_ca(args: argparse.Namespace) -> int:
+    from dvx_dr.replicator import pki
+
     path = pki.init_ca(args.dir, args.name)
     print(f"created CA {path}")
     return 0
 
 
 def cmd_issue_site(args: argparse.Namespace) -> int:
+    from dvx_dr.replicator import pki
+
     cert, key = pki.issue_site(args.dir, args.name, args.host)
     print(f"issued {cert} and {key} for site {args.name} ({', '.join(args.host)})")
     return 0

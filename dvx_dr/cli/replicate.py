@@ -8,12 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from dvx_dr.cli import remote
 from dvx_dr.cli.context import STORE_ENV, print_json, print_table
 from dvx_dr.errors import UserError
-from dvx_dr.site.config import load_site_config
 from dvx_dr.units import format_size
 
 CONFIG_ENV = "DVX_DR_CONFIG"
@@ -29,6 +25,8 @@ def add_site_args(parser: argparse.ArgumentParser) -> None:
 def admin_socket(args: argparse.Namespace) -> str:
     config = args.config or os.environ.get(CONFIG_ENV)
     if config:
+        from dvx_dr.site.config import load_site_config  # pydantic, only with --config
+
         return str(load_site_config(Path(config)).admin_socket)
     store = args.store or os.environ.get(STORE_ENV)
     if store:
@@ -61,6 +59,10 @@ def register(groups: Any) -> None:
 def cmd_replicate(args: argparse.Namespace) -> int:
     if bool(args.snapshot) == bool(args.volume):
         raise UserError("give either a snapshot (VOLUME@NAME) or --volume VOLUME")
+    from tqdm import tqdm
+
+    from dvx_dr.cli import remote
+
     socket = admin_socket(args)
     bar: tqdm[Any] | None = None
 
@@ -100,6 +102,8 @@ def cmd_replicate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from dvx_dr.cli import remote
+
     status = remote.status(admin_socket(args))
     if args.json:
         print_json(status)

@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from dvx_dr.cli.context import add_store_args, new_password, password_source, store_path
-from dvx_dr.replicator import server
-from dvx_dr.site.config import load_site_config
 from dvx_dr.site.store import DEFAULT_BLOCK, Store
 from dvx_dr.units import parse_size
 
@@ -61,6 +59,9 @@ def register_serve(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dvx_dr.replicator import server
+    from dvx_dr.site.config import load_site_config
+
     config = load_site_config(args.config)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

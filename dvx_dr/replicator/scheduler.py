@@ -24,7 +24,10 @@ the last error with its time. ``metrics()`` renders the same as Prometheus text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -200,6 +203,9 @@ class Scheduler:
                 if self.store.locked:
                     raise StoreLockedError("store is locked: no snapshot until it is unlocked")
                 snap = await self._take_snapshot(name, policy)
+            except asyncio.CancelledError:  # the site stops; APScheduler would log a traceback
+                log.info("group %s: snapshot interrupted: the site is stopping", name)
+                return
             except DvxError as exc:
                 status.last_snapshot_error = str(exc)
                 status.last_snapshot_error_time = time.time()
@@ -230,7 +236,8 @@ class Scheduler:
         snap = await store.run(groups.create, self.store, name, members)
         log.info("group %s: snapshot %s of %s", name, snap.spec, ", ".join(members))
         if policy.hooks.post_snapshot:
-            await run_hook(name, "post_snapshot", policy.hooks.post_snapshot)
+            await run_hook(name, "post_snapshot", policy.hooks.post_snapshot,
+                           outcome=f"snapshot {snap.spec} was taken")
         return snap
 
     async def replicate_job(self, name: str, site: str) -> None:
@@ -407,25 +414,33 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
 
 
-async def run_hook(pg: str, which: str, hook: Hook) -> None:
+async def run_hook(pg: str, which: str, hook: Hook,
+                   outcome: str = "snapshot not taken") -> None:
     argv = hook.argv()
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True)  # its own process group, so a timeout kills all of it
     except OSError as exc:
         raise DvxError(f"group {pg}: {which} hook {argv[0]!r} cannot run: {exc.strerror}"
                        ) from None
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), hook.timeout)
-    except TimeoutError:
-        proc.kill()
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        # Kill the whole group: a shell's children (`sh -c "sleep 10"`) hold the output pipe,
+        # and waiting for them would hold the snapshot job (and the group's lock) past the
+        # timeout, forever if the hook hangs. Cancelled (the site stops): leave nothing behind.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
         raise DvxError(f"group {pg}: {which} hook timed out after {hook.timeout:g}s; "
-                       "snapshot not taken") from None
+                       f"{outcome}") from None
     if proc.returncode != 0:
         tail = out.decode(errors="replace").strip().splitlines()[-1:] if out else []
         raise DvxError(f"group {pg}: {which} hook exited {proc.returncode}"
-                       + (f" ({tail[0]})" if tail else "") + "; snapshot not taken")
+                       + (f" ({tail[0]})" if tail else "") + f"; {outcome}")
 
 
 # -- store-thread functions ------------------------------------------------------------------

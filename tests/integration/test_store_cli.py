@@ -1,0 +1,670 @@
+"""The store through the real ``dvx-dr`` command: dedup, encryption at rest, integrity,
+crash safety, errors and round trips. Every command runs in its own child process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PASSWORD, cli_env
+
+MiB = 1024 * 1024
+BS = 64 * 1024
+
+Cli = Callable[..., subprocess.CompletedProcess[bytes]]
+
+
+@dataclass
+class Site:
+    """A store directory driven through the CLI: ``site("volume", "list")``."""
+
+    cli: Cli
+    path: Path
+    password_file: Path
+
+    def __call__(self, *args: str | Path | int, check: bool = True,
+                 input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return self.cli(*map(str, args), "--store", self.path,
+                        "--password-file", self.password_file, check=check, input=input)
+
+    def stats(self) -> dict:
+        return json.loads(self("datastore", "stats", "--json").stdout)
+
+    def volumes(self) -> dict[str, dict]:
+        return {v["name"]: v for v in json.loads(self("volume", "list", "--json").stdout)}
+
+    def export(self, what: str, snapshot: bool = False) -> bytes:
+        return self("snapshot" if snapshot else "volume", "export", what, "-").stdout
+
+
+def init_site(cli: Cli, path: Path, password_file: Path, *extra: str) -> Site:
+    cli("site", "init", "--name", "site-a", "--store", path, "--password-file", password_file,
+        *extra)
+    return Site(cli, path, password_file)
+
+
+def make_image(path: Path, mib: int, seed: int) -> None:
+    """A deterministic disk image, one MiB at a time random, zeros, or compressible text.
+
+    Every 64 KiB text block carries its own counter, so no two blocks are equal by accident.
+    """
+    rng = random.Random(seed)
+    words = b"the quick brown fox jumps over the lazy dog while dvx ships blocks home".split()
+    corpus = b" ".join(rng.choice(words) for _ in range(60_000))
+    with open(path, "wb") as f:
+        for i in range(mib):
+            kind = i % 4 if i < 4 else rng.randrange(4)
+            if kind == 0:
+                f.write(rng.randbytes(MiB))
+            elif kind == 1:
+                f.write(bytes(MiB))
+            else:
+                for b in range(MiB // BS):
+                    start = rng.randrange(len(corpus) - BS)
+                    f.write((b"seed %d block %d.%d " % (seed, i, b) + corpus[start:])[:BS])
+
+
+def nonzero_blocks(path: Path, bs: int = BS) -> int:
+    zero = bytes(bs)
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(bs):
+            n += block != zero[:len(block)]
+    return n
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[bytes], code: int = 2) -> str:
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == code, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("dvx-dr: error: "), err
+    return err
+
+
+def file_bytes(root: Path, names: list[str] | None = None) -> dict[str, bytes]:
+    """Contents of the segment files and the keystore (or of ``names``) under a store."""
+    paths = [root / n for n in names] if names else [
+        *sorted((root / "segments").glob("*.seg")), root / "keystore.json"]
+    return {str(p.relative_to(root)): p.read_bytes() for p in paths if p.exists()}
+
+
+# -- 1. dedup and holes -------------------------------------------------------------------
+
+
+def test_second_import_dedups_and_zero_regions_store_nothing(
+        cli: Cli, store_dir: Path, password_file: Path, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    make_image(image, 256, seed=1)
+    site = init_site(cli, store_dir, password_file)
+
+    site("volume", "import", "first", image)
+    after_first = site.stats()
+    site("volume", "import", "second", image)
+    after_second = site.stats()
+
+    assert after_first["encryption"] is True
+    stored = after_first["stored_bytes"]
+    # The image is 3/4 data; text compresses, random does not: well under 256 MiB, above 0.
+    assert 64 * MiB < stored < 200 * MiB
+    assert after_second["stored_bytes"] - stored < 0.01 * stored
+    assert after_second["unique_bytes"] == after_first["unique_bytes"]
+    assert after_second["logical_bytes"] == 2 * after_first["logical_bytes"]
+
+    # Zero regions of the image are holes: only the non-zero blocks are mapped.
+    want_mapped = nonzero_blocks(image) * BS
+    assert want_mapped < 256 * MiB  # the image does have zero runs
+    vols = site.volumes()
+    assert vols["first"]["mapped_bytes"] == vols["second"]["mapped_bytes"] == want_mapped
+    assert after_first["unique_bytes"] == want_mapped  # holes are not blobs either
+
+    # Dedup lost nothing: the second volume reads back as the image.
+    out = tmp_path / "second.img"
+    site("volume", "export", "second", out)
+    assert sha256_file(out) == sha256_file(image)
+
+    # An all-zero image stores nothing at all.
+    zeros = tmp_path / "zeros.img"
+    with open(zeros, "wb") as f:
+        f.truncate(64 * MiB)
+    site("volume", "import", "zeros", zeros)
+    after_zeros = site.stats()
+    assert after_zeros["stored_bytes"] == after_second["stored_bytes"]
+    assert after_zeros["unique_bytes"] == after_second["unique_bytes"]
+    vols = site.volumes()
+    assert vols["zeros"]["size"] == 64 * MiB
+    assert vols["zeros"]["mapped_bytes"] == 0
+
+    # Zeros written over a data region of a live volume unmap it.
+    # (make_image: MiB 0 is random, MiB 1 zeros, MiB 2 and 3 text.)
+    patch = tmp_path / "zero-patch"
+    patch.write_bytes(bytes(MiB))
+    site("volume", "write", "first", patch, "--offset", 2 * MiB)
+    assert site.volumes()["first"]["mapped_bytes"] == want_mapped - MiB
+
+
+# -- 2. no plaintext at rest --------------------------------------------------------------
+
+MARKER = b"DVX-MARKER-"
+
+
+def marker_volume_content(seed: int) -> bytes:
+    """4 MiB of compressible marker text, then 4 MiB of blocks that start with the marker
+    and continue with random bytes (incompressible, so a plain store keeps them verbatim)."""
+    rng = random.Random(seed)
+    text = b"".join(MARKER + b"%08d " % i for i in range(4 * MiB // 20 + 1))[:4 * MiB]
+    blocks = [(MARKER + b"%08d " % n + rng.randbytes(BS))[:BS] for n in range(4 * MiB // BS)]
+    return text + b"".join(blocks)
+
+
+def scan_store(root: Path, needles: dict[str, bytes]) -> dict[str, list[str]]:
+    """For each needle, the files under ``root`` that contain it."""
+    found: dict[str, list[str]] = {name: [] for name in needles}
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert any(p.name == "store.db" for p in files)
+    assert any(p.suffix == ".seg" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for name, needle in needles.items():
+            if needle in data:
+                found[name].append(str(path.relative_to(root)))
+    return found
+
+
+def _fill_marker_volume(site: Site, tmp_path: Path) -> dict[str, bytes]:
+    content = marker_volume_content(seed=2)
+    src = tmp_path / "marker.bin"
+    src.write_bytes(content)
+    site("volume", "create", "secret", "--size", len(content))
+    site("volume", "write", "secret", src)
+    site("snapshot", "create", "secret", "--name", "s1")
+    assert site.export("secret@s1", snapshot=True) == content
+    text_block, random_block = content[:BS], content[4 * MiB:4 * MiB + BS]
+    needles = {"marker": MARKER}
+    for label, block in (("text", text_block), ("random", random_block)):
+        digest = hashlib.sha256(block).digest()
+        needles[f"{label} block id"] = digest
+        needles[f"{label} block id hex"] = digest.hex().encode()
+        needles[f"{label} block id HEX"] = digest.hex().upper().encode()
+    return needles
+
+
+def test_encrypted_store_holds_no_plaintext_or_block_ids(
+        cli: Cli, store_dir: Path, password_file: Path, tmp_path: Path) -> None:
+    site = init_site(cli, store_dir, password_file)
+    needles = _fill_marker_volume(site, tmp_path)
+    # The CLI processes have exited: the store is closed, everything is on disk.
+    found = scan_store(store_dir, needles)
+    assert found == {name: [] for name in needles}
+
+
+def test_unencrypted_store_does_hold_plaintext(
+        cli: Cli, store_dir: Path, password_file: Path, tmp_path: Path) -> None:
+    """The scan above can fail: on a plain store it finds the marker and the block ids."""
+    site = init_site(cli, store_dir, password_file, "--no-encryption")
+    needles = _fill_marker_volume(site, tmp_path)
+    found = scan_store(store_dir, needles)
+    assert any(f.startswith("segments") for f in found["marker"]), found
+    assert found["random block id"], found
+    assert found["text block id"], found
+
+
+# -- 3. integrity -------------------------------------------------------------------------
+
+
+def extent_of(store: Path, volume: str, block: int) -> tuple[int, int, int]:
+    """``(segment, offset, length)`` of the extent holding a volume's block."""
+    db = sqlite3.connect(store / "store.db")
+    try:
+        row = db.execute(
+            "SELECT b.seg, b.off, b.length FROM blocks k JOIN blobs b ON k.blob = b.row "
+            "JOIN volumes v ON v.vol = k.vol WHERE v.name = ? AND k.blk = ?",
+            (volume, block)).fetchone()
+    finally:
+        db.close()
+    assert row is not None, (volume, block)
+    return row
+
+
+def flip_byte(store: Path, seg: int, off: int, length: int) -> None:
+    """Flip one byte in the middle of an extent's stored (encrypted) bytes."""
+    where = off + 16 + (length - 16) // 2
+    with open(store / "segments" / f"{seg:08d}.seg", "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)
+        f.seek(where)
+        f.write(bytes([byte[0] ^ 0x5A]))
+
+
+def test_damaged_extent_is_never_returned_and_scrub_names_it(
+        cli: Cli, store_dir: Path, password_file: Path, tmp_path: Path) -> None:
+    rng = random.Random(3)
+    # Volume a: random blocks (stored plain-then-encrypted) and text blocks (compressed).
+    a = b"".join(rng.randbytes(BS) if k % 2 else (b"text block %d " % k * 6000)[:BS]
+                 for k in range(16))
+    b = rng.randbytes(16 * BS)
+    site = init_site(cli, store_dir, password_file)
+    for name, content in (("a", a), ("b", b)):
+        (tmp_path / name).write_bytes(content)
+        site("volume", "import", name, tmp_path / name)
+    damaged = {4: "compressed text", 5: "random"}
+    for blk in damaged:
+        flip_byte(store_dir, *extent_of(store_dir, "a", blk))
+
+    for blk in damaged:
+        proc = site("volume", "read", "a", "--offset", blk * BS, "--length", BS, check=False)
+        err = assert_one_line_error(proc, code=3)
+        assert "integrity" in err, (damaged[blk], err)
+        assert proc.stdout == b"", damaged[blk]
+
+    # Undamaged blocks of the same volume, and the other volume, read correctly.
+    proc = site("volume", "read", "a", "--offset", 6 * BS, "--length", 2 * BS)
+    assert proc.stdout == a[6 * BS:8 * BS]
+    assert site.export("b") == b
+
+    proc = site("datastore", "scrub", check=False)
+    assert proc.returncode != 0
+    report = proc.stdout.decode()
+    for blk in damaged:
+        assert f"volume a offset {blk * BS}:" in report, report
+    assert "volume b" not in report
+    assert "DAMAGED" in report and "Traceback" not in proc.stderr.decode()
+
+
+# -- 4. crash safety ----------------------------------------------------------------------
+
+
+def test_store_survives_sigkill_during_import(
+        cli: Cli, store_dir: Path, password_file: Path, tmp_path: Path) -> None:
+    rng = random.Random(4)
+    site = init_site(cli, store_dir, password_file)
+    # Snapshots of other volumes, with known content, taken before any kill.
+    expected: dict[str, bytes] = {}
+    for vol in ("p", "q"):
+        content = rng.randbytes(2 * MiB) + bytes(MiB) + b"log line\n" * (MiB // 9)
+        (tmp_path / vol).write_bytes(content)
+        site("volume", "import", vol, tmp_path / vol)
+        site("snapshot", "create", vol, "--name", "s1")
+        expected[f"{vol}@s1"] = content
+    patch = rng.randbytes(BS)
+    site("volume", "write", "p", "-", "--offset", 5 * BS, input=patch)
+    site("snapshot", "create", "p", "--name", "s2")
+    expected["p@s2"] = expected["p@s1"][:5 * BS] + patch + expected["p@s1"][6 * BS:]
+
+    image = tmp_path / "big.img"
+    make_image(image, 200, seed=5)
+    image_sha = sha256_file(image)
+
+    # How long a whole import takes here, so that kills land inside it.
+    start = time.monotonic()
+    site("volume", "import", "big", image)
+    whole = time.monotonic() - start
+    site("volume", "delete", "big")
+    site("datastore", "gc")
+
+    def check_store(listed: set[str]) -> None:
+        assert listed == {"p", "q"}, listed  # no half-imported volume is visible
+        scrub = site("datastore", "scrub", check=False)
+        assert scrub.returncode == 0, scrub.stdout + scrub.stderr
+        for spec, content in expected.items():
+            assert site.export(spec, snapshot=True) == content, spec
+
+    def segment_bytes() -> int:
+        return sum(p.stat().st_size for p in (store_dir / "segments").glob("*.seg"))
+
+    kills = attempts = writing = 0
+    while kills < 5:
+        attempts += 1
+        assert attempts <= 20, f"only {kills} of 20 imports could be killed mid-way"
+        before = segment_bytes()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dvx_dr", "volume", "import", "--store", str(store_dir),
+             "--password-file", str(password_file), "big", str(image)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env())
+        time.sleep(rng.uniform(0.05, 0.8) * whole)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        assert proc.returncode in (0, -signal.SIGKILL), err
+        # The store reopens at once (no StoreBusy, no damage): site() fails on any error.
+        listed = set(site.volumes())
+        if "big" in listed:
+            # It committed before it died (or finished): then it must be whole.
+            out = tmp_path / "big.out"
+            site("volume", "export", "big", out)
+            assert sha256_file(out) == image_sha
+            site("volume", "delete", "big")
+            listed.remove("big")
+        else:
+            kills += 1
+            writing += segment_bytes() > before  # it died while appending extents
+        check_store(listed)
+        if attempts % 2:
+            site("datastore", "gc")  # sometimes start from scratch, sometimes from leftovers
+
+    assert writing >= 2, f"only {writing} of {kills} kills landed while data was written"
+    site("datastore", "gc")
+    check_store(set(site.volumes()))
+    # The store is fully usable: a whole import now succeeds and reads back exactly.
+    site("volume", "import", "big", image)
+    out = tmp_path / "big.out"
+    site("volume", "export", "big", out)
+    assert sha256_file(out) == image_sha
+
+
+# -- 5. errors ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def site_with_volume(cli: Cli, store_dir: Path, password_file: Path, tmp_path: Path
+                     ) -> tuple[Site, bytes]:
+    """An encrypted store with volume ``v`` (1 MiB of known content)."""
+    site = init_site(cli, store_dir, password_file)
+    content = random.Random(5).randbytes(MiB - 4096) + bytes(4096)
+    (tmp_path / "v.img").write_bytes(content)
+    site("volume", "import", "v", tmp_path / "v.img")
+    (tmp_path / "payload").write_bytes(random.Random(6).randbytes(3 * BS))
+    return site, content
+
+
+def test_wrong_password_changes_nothing(site_with_volume: tuple[Site, bytes],
+                                        tmp_path: Path) -> None:
+    site, content = site_with_volume
+    before = file_bytes(site.path, ["keystore.json", "store.db", "segments/next"]) | \
+        file_bytes(site.path)
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not the password\n")
+    proc = site.cli("volume", "write", "v", tmp_path / "payload", "--store", site.path,
+                    "--password-file", wrong, check=False)
+    err = assert_one_line_error(proc)
+    assert "wrong password" in err and str(site.path / "keystore.json") in err
+    after = file_bytes(site.path, ["keystore.json", "store.db", "segments/next"]) | \
+        file_bytes(site.path)
+    assert after == before
+    assert site.export("v") == content
+
+
+UNKNOWN_NAME_COMMANDS = [
+    ("volume", "read", "nosuch", "--length", "1"),
+    ("volume", "write", "nosuch", "payload"),
+    ("volume", "export", "nosuch", "-"),
+    ("volume", "resize", "nosuch", "--size", "1MiB"),
+    ("snapshot", "create", "nosuch"),
+    ("snapshot", "read", "nosuch@s1", "--length", "1"),
+    ("volume", "clone", "c", "--from", "v@nosuch"),
+]
+
+
+def test_unknown_volume_or_snapshot(site_with_volume: tuple[Site, bytes]) -> None:
+    site, content = site_with_volume
+    before = file_bytes(site.path)
+    for command in UNKNOWN_NAME_COMMANDS:
+        err = assert_one_line_error(site(*command, check=False))
+        assert "nosuch" in err and "unknown" in err, (command, err)
+        assert file_bytes(site.path) == before, command
+    assert set(site.volumes()) == {"v"}
+    assert site.export("v") == content
+
+
+def test_write_past_the_end_changes_nothing(site_with_volume: tuple[Site, bytes],
+                                            tmp_path: Path) -> None:
+    site, content = site_with_volume
+    before = file_bytes(site.path)
+    # A file that starts inside the volume and runs past its end.
+    proc = site("volume", "write", "v", tmp_path / "payload", "--offset", MiB - BS, check=False)
+    err = assert_one_line_error(proc)
+    assert "'v'" in err and "past the end" in err
+    assert file_bytes(site.path) == before
+    assert site.export("v") == content
+
+    # From standard input the length is unknown up front: the first 4 MiB batches fit a
+    # bigger volume, a later one does not; the whole write is rolled back.
+    site("volume", "resize", "v", "--size", 9 * MiB)
+    grown = content + bytes(8 * MiB)
+    stream = random.Random(7).randbytes(10 * MiB)
+    proc = site("volume", "write", "v", "-", input=stream, check=False)
+    err = assert_one_line_error(proc)
+    assert "'v'" in err and "past the end" in err and "nothing was written" in err
+    assert site.export("v") == grown
+    assert site.volumes()["v"]["mapped_bytes"] == MiB
+
+
+def _truncated(raw: bytes) -> bytes:
+    return raw[:len(raw) // 2]
+
+
+def _edit(change: Callable[[dict], None]) -> Callable[[bytes], bytes]:
+    def edit(raw: bytes) -> bytes:
+        doc = json.loads(raw)
+        change(doc)
+        return json.dumps(doc, indent=2).encode()
+    return edit
+
+
+def _flip_b64(text: str) -> str:
+    """Change one base64 character (still valid base64, different bytes)."""
+    return ("B" if text[0] == "A" else "A") + text[1:]
+
+
+KEYSTORE_DAMAGE: dict[str, Callable[[bytes], bytes]] = {
+    "truncated": _truncated,
+    "garbage": lambda raw: random.Random(8).randbytes(len(raw)),
+    "json list": lambda raw: b"[1, 2, 3]\n",
+    "edited site": _edit(lambda d: d.update(site="elsewhere")),
+    "edited mac": _edit(lambda d: d.update(mac="00" * 32)),
+    "unknown version": _edit(lambda d: d.update(version=9)),
+    "edited kdf cost": _edit(lambda d: d["kdf"].update(n=3)),
+    "salt not base64": _edit(lambda d: d["kdf"].update(salt="%%%")),
+    "edited wrapped data key": _edit(
+        lambda d: d["teks"][0].update(password=_flip_b64(d["teks"][0]["password"]))),
+    "teks not a list": _edit(lambda d: d.update(teks=5)),
+}
+
+
+def test_corrupt_keystore_is_refused_and_left_alone(site_with_volume: tuple[Site, bytes],
+                                                    tmp_path: Path) -> None:
+    site, content = site_with_volume
+    keystore = site.path / "keystore.json"
+    good = keystore.read_bytes()
+    for damage, change in KEYSTORE_DAMAGE.items():
+        keystore.write_bytes(change(good))
+        before = file_bytes(site.path)
+        err = assert_one_line_error(site("volume", "write", "v", tmp_path / "payload",
+                                         check=False))
+        assert str(keystore) in err, (damage, err)
+        # The password is right: the file is damaged, and the message must not mislead.
+        assert "wrong password" not in err, (damage, err)
+        # Nothing changed: the keystore was not rewritten, no segment was written.
+        assert file_bytes(site.path) == before, damage
+    keystore.write_bytes(good)
+    assert site.export("v") == content
+
+
+def test_foreign_keystore_is_refused(cli: Cli, site_with_volume: tuple[Site, bytes],
+                                     tmp_path: Path, password_file: Path) -> None:
+    site, content = site_with_volume
+    other = init_site(cli, tmp_path / "other", password_file)
+    keystore = site.path / "keystore.json"
+    good = keystore.read_bytes()
+    keystore.write_bytes((other.path / "keystore.json").read_bytes())
+    before = file_bytes(site.path)
+    err = assert_one_line_error(site("volume", "write", "v", tmp_path / "payload",
+                                     check=False))
+    assert str(keystore) in err and "another store" in err, err
+    assert file_bytes(site.path) == before
+    keystore.write_bytes(good)
+    assert site.export("v") == content
+
+
+def test_missing_keystore_is_refused(site_with_volume: tuple[Site, bytes]) -> None:
+    site, content = site_with_volume
+    keystore = site.path / "keystore.json"
+    good = keystore.read_bytes()
+    keystore.unlink()
+    before = file_bytes(site.path)
+    err = assert_one_line_error(site("volume", "list", check=False))
+    assert str(keystore) in err and "missing" in err
+    assert file_bytes(site.path) == before
+    keystore.write_bytes(good)
+    assert site.export("v") == content
+
+
+# -- 6. CLI round trips -------------------------------------------------------------------
+
+
+def test_volume_and_snapshot_round_trips(cli: Cli, store_dir: Path, password_file: Path,
+                                         tmp_path: Path) -> None:
+    rng = random.Random(9)
+    site = init_site(cli, store_dir, password_file)
+    size = 3 * MiB
+    site("volume", "create", "v", "--size", "3MiB")
+    info = site.volumes()["v"]
+    assert (info["size"], info["mapped_bytes"]) == (size, 0)
+    model = bytearray(size)
+
+    # Unaligned writes, from a file and from standard input.
+    data = rng.randbytes(200_000)
+    (tmp_path / "data").write_bytes(data)
+    site("volume", "write", "v", tmp_path / "data", "--offset", 100_001)
+    model[100_001:300_001] = data
+    more = rng.randbytes(70_000)
+    site("volume", "write", "v", "-", "--offset", 2 * MiB + 5, input=more)
+    model[2 * MiB + 5:2 * MiB + 70_005] = more
+    proc = site("volume", "read", "v", "--offset", 99_000, "--length", 210_000)
+    assert proc.stdout == model[99_000:309_000]
+    site("snapshot", "create", "v", "--name", "s1")
+    s1 = bytes(model)
+    patch = rng.randbytes(BS)
+    site("volume", "write", "v", "-", "--offset", 2 * BS, input=patch)
+    model[2 * BS:3 * BS] = patch
+    site("snapshot", "create", "v", "--name", "s2")
+    s2 = bytes(model)
+
+    listed = json.loads(site("snapshot", "list", "--json").stdout)
+    assert [s["snapshot"] for s in listed] == ["v@s1", "v@s2"]
+    assert all(s["size"] == size and s["origin"] == "local" for s in listed)
+    assert json.loads(site("snapshot", "list", "v", "--json").stdout) == listed
+    diff = json.loads(site("snapshot", "diff", "v@s1", "v@s2", "--json").stdout)
+    assert diff == [{"offset": 2 * BS, "length": BS}]
+    assert json.loads(site("snapshot", "diff", "v@s1", "v@s1", "--json").stdout) == []
+
+    proc = site("snapshot", "read", "v@s1", "--offset", 2 * BS - 7, "--length", BS + 14)
+    assert proc.stdout == s1[2 * BS - 7:3 * BS + 7]
+    assert site.export("v@s2", snapshot=True) == s2
+    site("snapshot", "export", "v@s1", tmp_path / "s1.img")
+    assert (tmp_path / "s1.img").read_bytes() == s1
+
+    # Grow, then shrink to an unaligned size: the tail is cut, a regrow reads zeros.
+    site("volume", "resize", "v", "--size", "5MiB")
+    model += bytes(2 * MiB)
+    cut = 2 * MiB + 1000
+    site("volume", "resize", "v", "--size", cut)
+    del model[cut:]
+    assert site.export("v") == model
+    site("volume", "resize", "v", "--size", 3 * MiB)
+    model += bytes(3 * MiB - cut)
+    out = tmp_path / "v.img"
+    site("volume", "export", "v", out)  # to a file this time
+    assert out.read_bytes() == model
+
+    # A clone starts as the snapshot and then lives its own life.
+    site("volume", "clone", "c", "--from", "v@s1")
+    assert site.export("c") == s1
+    site("volume", "write", "c", "-", input=b"clone was here")
+    assert site.export("c") == b"clone was here" + s1[14:]
+    assert site.export("v@s1", snapshot=True) == s1  # snapshots never change
+
+    # Deleting a volume keeps its snapshots; deleting a snapshot removes it.
+    site("volume", "delete", "v")
+    assert set(site.volumes()) == {"c"}
+    assert site.export("v@s2", snapshot=True) == s2
+    site("snapshot", "delete", "v@s1")
+    assert [s["snapshot"] for s in json.loads(site("snapshot", "list", "--json").stdout)] \
+        == ["v@s2"]
+    assert_one_line_error(site("snapshot", "read", "v@s1", "--length", "1", check=False))
+    site("datastore", "gc")
+    assert site("datastore", "scrub").returncode == 0
+    assert site.export("v@s2", snapshot=True) == s2
+
+
+def test_site_init_refuses_non_empty_directory(cli: Cli, tmp_path: Path,
+                                               password_file: Path) -> None:
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "precious.txt").write_text("keep me")
+    err = assert_one_line_error(cli("site", "init", "--name", "a", "--store", busy,
+                                    "--password-file", password_file, check=False))
+    assert str(busy) in err and "not empty" in err
+    assert sorted(p.name for p in busy.iterdir()) == ["precious.txt"]
+    assert (busy / "precious.txt").read_text() == "keep me"
+
+    store = tmp_path / "store"
+    site = init_site(cli, store, password_file)
+    before = file_bytes(store, ["keystore.json", "store.db"])
+    err = assert_one_line_error(cli("site", "init", "--name", "b", "--store", store,
+                                    "--password-file", password_file, "--no-encryption",
+                                    check=False))
+    assert "already holds a dvx-dr store" in err
+    assert file_bytes(store, ["keystore.json", "store.db"]) == before
+    assert site.stats()["site"] == "site-a"
+
+
+def test_small_block_size_store(cli: Cli, store_dir: Path, password_file: Path,
+                                tmp_path: Path) -> None:
+    site = init_site(cli, store_dir, password_file, "--block-size", "4KiB")
+    stats = site.stats()
+    assert stats["block_size"] == 4096 and stats["encryption"] is True
+    rng = random.Random(10)
+    model = bytearray(rng.randbytes(1 * MiB))
+    model[8192:12288] = bytes(4096)  # one hole of exactly one small block
+    (tmp_path / "img").write_bytes(model)
+    site("volume", "import", "v", tmp_path / "img")
+    assert site.volumes()["v"]["mapped_bytes"] == MiB - 4096
+    site("snapshot", "create", "v", "--name", "a")
+    site("volume", "write", "v", "-", "--offset", 40_000, input=b"x" * 10)
+    model[40_000:40_010] = b"x" * 10
+    site("snapshot", "create", "v", "--name", "b")
+    diff = json.loads(site("snapshot", "diff", "v@a", "v@b", "--json").stdout)
+    assert diff == [{"offset": 40_000 // 4096 * 4096, "length": 4096}]
+    assert site.export("v@b", snapshot=True) == model
+    assert site("datastore", "scrub").returncode == 0
+
+
+def test_store_from_environment_variable(cli: Cli, store_dir: Path, password_file: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    err = assert_one_line_error(cli("volume", "list", "--password-file", password_file,
+                                    check=False))
+    assert "DVX_DR_STORE" in err
+    monkeypatch.setenv("DVX_DR_STORE", str(store_dir))
+    cli("site", "init", "--name", "env-site", "--password-file", password_file)
+    cli("volume", "create", "v", "--size", "1MiB", "--password-file", password_file)
+    cli("volume", "write", "v", "-", "--offset", 10, "--password-file", password_file,
+        input=b"hello")
+    proc = cli("volume", "read", "v", "--offset", 8, "--length", 9,
+               "--password-file", password_file)
+    assert proc.stdout == b"\0\0hello\0\0"
+    # It is this store that was used, and --store still overrides the variable.
+    site = Site(cli, store_dir, password_file)
+    assert site.stats()["site"] == "env-site"
+    other = init_site(cli, store_dir.parent / "other", password_file)
+    assert other.volumes() == {}
+    assert PASSWORD not in (store_dir / "keystore.json").read_text()
