@@ -447,6 +447,12 @@ class Policy(_Model):
                     )
                 )
             seen.setdefault(target.site, i)
+            if not target.in_flight_encryption:
+                problems.append((
+                    ("replication", i, "in_flight_encryption"),
+                    "expected true, got false: this dvx-dr replicates only over mutual TLS "
+                    "(plaintext transfer has no peer authentication and is not offered)",
+                ))
 
             gap, field, schedule = snapshot_gap, "snapshot.schedule", self.snapshot.schedule
             if isinstance(target.schedule, Schedule):

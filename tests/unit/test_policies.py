@@ -95,13 +95,13 @@ def test_defaults_and_shorthands(tmp_path: Path) -> None:
         members: [vol]
         snapshot: {schedule: "*/5 * * * *", retention: {daily: 1}}
         replication:
-          - {site: dr-west, retention: {daily: 1}, rpo: 5m, in_flight_encryption: false}
+          - {site: dr-west, retention: {daily: 1}, rpo: 5m}
         hooks: {pre_snapshot: sync}
         """,
     )
     policy = load_policy_file(path, SITES)
     assert policy.replication[0].after_snapshot
-    assert policy.replication[0].in_flight_encryption is False
+    assert policy.replication[0].in_flight_encryption is True
     assert policy.hooks.pre_snapshot is not None
     assert policy.hooks.pre_snapshot.argv() == ["/bin/sh", "-c", "sync"]
     assert policy.hooks.pre_snapshot.timeout == 60
@@ -678,3 +678,26 @@ def test_retention_properties(case: tuple[list[tuple[str, datetime]], Retention,
     random.Random(0).shuffle(shuffled)
     assert select_keep(shuffled, rule, NOW, protected) == keep
     assert select_keep(snapshots, rule, NOW) | protected == keep
+
+
+def test_plaintext_replication_is_refused_with_the_reason(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "pg.yaml",
+        """\
+        name: pg
+        members: [vol]
+        snapshot: {schedule: 5m, retention: {daily: 1}}
+        replication:
+          - site: dr-west
+            retention: {daily: 1}
+            rpo: 15m
+            in_flight_encryption: false
+        """,
+    )
+    with pytest.raises(PolicyError) as err:
+        load_policy_file(path, SITES)
+    message = str(err.value)
+    assert "line 8" in message
+    assert "replication[0].in_flight_encryption" in message
+    assert "mutual TLS" in message
