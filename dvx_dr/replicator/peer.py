@@ -33,19 +33,16 @@ PREFIX = "/v1/replication"
 
 
 class PeerClient:
-    def __init__(self, http: aiohttp.ClientSession, site: str, url: str,
-                 verify_tls: bool = True) -> None:
+    def __init__(self, http: aiohttp.ClientSession, site: str, url: str) -> None:
         self.http = http
         self.site = site
         self.url = url.rstrip("/")
-        self.verify_tls = verify_tls and url.startswith("https:")
 
     async def request(self, path: str, data: bytes | None = None,
                       json_body: Any = None) -> bytes:
-        extra: dict[str, Any] = {"server_hostname": self.site} if self.verify_tls else {}
         try:
             async with self.http.post(self.url + PREFIX + path, data=data, json=json_body,
-                                      **extra) as resp:
+                                      server_hostname=self.site) as resp:
                 body = await resp.read()
                 status = resp.status
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as exc:

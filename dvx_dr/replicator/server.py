@@ -192,11 +192,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     service = request.app[SERVICE]
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    if ssl_object is None and service.config.allow_plaintext:
-        request["peer"] = request.headers.get("X-DVX-Site", "")
-        if request["peer"] not in service.config.peers:
-            return error_response(PeerRejected("plaintext request names no configured peer"))
-        return await handler(request)
     try:
         request["peer"] = check_peer(ssl_object, set(service.config.peers))
     except PeerRejected as exc:

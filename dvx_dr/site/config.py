@@ -12,7 +12,6 @@ Example (relative paths are taken relative to the directory holding ``site.yaml`
     admin_socket: /run/dvx-dr/site-a.sock
     startup_key: /etc/dvx-dr/site-a.startup-key   # optional; absent = the site starts locked
     policy_dir: policies              # optional; protection-group policy files
-    allow_plaintext: false            # true lets peers be reached over http://
     peers:                            # the sites this one replicates with, by name
       site-b: https://10.0.0.2:8443
 
@@ -137,17 +136,15 @@ def _check_peer_url(value: str, info: ValidationInfo) -> str:
         port = parts.port
     except ValueError:
         raise ValueError(expected) from None
-    if parts.scheme not in ("https", "http") or not parts.hostname or port is None:
+    if parts.scheme == "http":
+        raise ValueError(f"expected https://host:port, got {value!r}: sites replicate only "
+                         "over mutual TLS")
+    if parts.scheme != "https" or not parts.hostname or port is None:
         raise ValueError(expected)
     if parts.username or parts.password or parts.path not in ("", "/") or parts.query:
         raise ValueError(f"{expected} (no user, path or query)")
     if parts.fragment:
         raise ValueError(f"{expected} (no fragment)")
-    if parts.scheme == "http" and not info.data.get("allow_plaintext", False):
-        raise ValueError(
-            f"plaintext {value!r} needs 'allow_plaintext: true' on this site; "
-            "use https://host:port for mutual TLS"
-        )
     return f"{parts.scheme}://{HostPort(parts.hostname, port)}"
 
 
@@ -188,7 +185,6 @@ class SiteConfig(BaseModel):
     admin_socket: ConfigPath
     startup_key: ConfigPath | None = None
     policy_dir: ConfigPath | None = None
-    allow_plaintext: bool = False
     metrics_listen: Listen | None = None
     peers: dict[PeerName, PeerURL] = {}
 

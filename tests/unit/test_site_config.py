@@ -63,7 +63,6 @@ def test_good_config_loads_and_relative_paths_resolve_against_the_file(tmp_path:
     assert config.admin_socket == conf / "run/admin.sock"
     assert config.peers == {"site-b": "https://10.0.0.2:8443", "site-c": "https://[fd00::3]:9443"}
     assert config.startup_key is None and config.policy_dir is None
-    assert config.allow_plaintext is False
     assert config.model_dump(mode="json")["listen"] == "127.0.0.1:8443"
 
 
@@ -114,16 +113,15 @@ def test_malformed_peer_urls_are_rejected(tmp_path: Path, url: str) -> None:
     assert f"{path} line 10: peers.site-b: expected a URL like https://host:port" in message
 
 
-def test_plaintext_peer_needs_allow_plaintext(tmp_path: Path) -> None:
+def test_plaintext_peer_is_refused(tmp_path: Path) -> None:
     text = GOOD.replace("https://10.0.0.2:8443", "http://10.0.0.2:8080")
     path = _write(tmp_path, text)
     assert _error(path) == (
-        f"{path} line 10: peers.site-b: plaintext 'http://10.0.0.2:8080' needs "
-        "'allow_plaintext: true' on this site; use https://host:port for mutual TLS"
+        f"{path} line 10: peers.site-b: expected https://host:port, got "
+        "'http://10.0.0.2:8080': sites replicate only over mutual TLS"
     )
-
     path = _write(tmp_path, text + "allow_plaintext: true\n")
-    assert load_site_config(path).peers["site-b"] == "http://10.0.0.2:8080"
+    assert "allow_plaintext" in _error(path)
 
 
 def test_unknown_field_names_file_line_and_the_allowed_fields(tmp_path: Path) -> None:
