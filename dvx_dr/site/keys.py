@@ -40,7 +40,7 @@ from dvx_dr.errors import KeysDestroyedError, StoreLockedError, UserError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site import gc
 from dvx_dr.site.crypto import IndexKeys, new_index_key, new_tek
-from dvx_dr.site.keystore import KeyMaterial, Keystore, write_atomic
+from dvx_dr.site.keystore import KeyMaterial, Keystore, scrub_file, write_atomic
 from dvx_dr.site.segments import fsync_dir
 from dvx_dr.site.store import KEYSTORE_NAME, STARTUP_KEY_BYTES, Store, read_startup_key
 
@@ -260,19 +260,10 @@ def crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,
 
 
 def destroy_file(path: Path) -> None:
-    """Overwrite a key file with random bytes, fsync, delete, fsync its directory."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, os.urandom(max(size, 1)), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    path.unlink()
-    fsync_dir(path.parent)
+    """Overwrite a key file with random bytes, fsync, delete; also its leftovers."""
+    for leftover in (path, path.with_name(path.name + ".old"),
+                     path.with_name(path.name + ".tmp")):
+        scrub_file(leftover)
 
 
 def _delete_all_data(store: Store) -> int:

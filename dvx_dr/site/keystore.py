@@ -277,15 +277,47 @@ class Keystore:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content.
+
+    The old content is then overwritten in place (through a hard link kept across the
+    rename) before it is unlinked, so a superseded keystore does not linger in freed blocks;
+    a crash in between leaves ``<name>.old``, which the next write scrubs. (On SSDs and
+    copy-on-write file systems an overwrite is not a guaranteed erase; see the README.)
+    """
     tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
+    scrub_file(old)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+    if path.exists():
+        os.link(path, old)
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+    scrub_file(old)
+
+
+def scrub_file(path: Path) -> None:
+    """Overwrite a file with random bytes, fsync, delete it and fsync its directory."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, os.urandom(max(size, 1)), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    path.unlink()
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dfd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:

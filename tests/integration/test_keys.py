@@ -1,0 +1,681 @@
+"""The key manager through the real ``dvx-dr`` command: enable/disable/convert on live data,
+password change, key rotation, locked startup of a real site, crypto erase, wrong passwords and
+damaged keystores, and SIGKILL in the middle of change-password, rotate-key and convert.
+
+Every command under test runs in its own child process. Checks that need the store's insides
+(the unwrapped keys, a full read-back, a scrub after a crash) open it in this process, after the
+child has exited or been killed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from dvx_dr.errors import WrongPasswordError
+from dvx_dr.site import scrub, volumes
+from dvx_dr.site.store import Store
+from tests.conftest import PASSWORD, cli_env, run_cli
+from tests.integration.sites import Site, Sites, child_env, dvx, internal_errors
+
+BLOCK = 64 * 1024
+MiB = 1024 * 1024
+SITE = "site-a"
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def marker(rng: random.Random) -> bytes:
+    """A byte string that occurs nowhere by chance."""
+    return b"DVX-MARKER-" + rng.randbytes(16).hex().encode()
+
+
+def random_blocks(rng: random.Random, n: int, mark: bytes | None = None) -> bytes:
+    """``n`` incompressible blocks (zstd stores them as they are, so a plain extent holds its
+    bytes verbatim), with ``mark`` embedded in the first one."""
+    data = bytearray(rng.randbytes(n * BLOCK))
+    if mark is not None:
+        data[100:100 + len(mark)] = mark
+    return bytes(data)
+
+
+def files_under(*roots: Path) -> Iterator[Path]:
+    for root in roots:
+        if root.is_file():
+            yield root
+        elif root.is_dir():
+            yield from sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def holding(needle: bytes, *roots: Path) -> list[str]:
+    """The files under ``roots`` whose bytes contain ``needle``."""
+    return [str(p) for p in files_under(*roots) if needle in p.read_bytes()]
+
+
+def digests(store: Path, *skip: str) -> dict[str, str]:
+    """SHA-256 of every file in the store, except the lock file (it holds the owner's pid)."""
+    skipped = {"lock", *skip}
+    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files_under(store) if p.name not in skipped}
+
+
+def segments(store: Path) -> dict[str, int]:
+    """Segment file name -> size."""
+    return {p.name: p.stat().st_size for p in (store / "segments").glob("*.seg")}
+
+
+def user_error(proc: subprocess.CompletedProcess[bytes], *words: str) -> str:
+    """Assert a clear user error: exit 2, one line on stderr, no traceback. Return the line."""
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 2, f"expected exit 2, got {proc.returncode}: {err}"
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {err}"
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def write_password(path: Path, password: str) -> Path:
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    return path
+
+
+class Cli:
+    """``dvx-dr ARGS --store STORE [--password-file F]`` in a child process."""
+
+    def __init__(self, store: Path, password_file: Path | None) -> None:
+        self.store = store
+        self.password_file = password_file
+
+    def __call__(self, *args: str | Path | int, check: bool = True,
+                 password_file: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+        pw = password_file or self.password_file
+        extra: list[str | Path] = ["--password-file", pw] if pw else []
+        return run_cli(*map(str, args), "--store", self.store, *extra, check=check)
+
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads(self("datastore", "encryption", "status", "--json").stdout))
+
+    def export(self, volume: str = "vm1", password_file: Path | None = None) -> bytes:
+        return self("volume", "export", volume, "-", password_file=password_file).stdout
+
+    def enable(self, password_file: Path) -> None:
+        self("datastore", "encryption", "enable", "--new-password-file", password_file, "--yes")
+
+
+def by_version(status: dict[str, Any]) -> dict[int, tuple[int, int]]:
+    """Key version -> (extents, bytes); version 0 is the plain extents."""
+    out = {int(k["version"]): (k["extents"], k["bytes"]) for k in status["key_versions"]}
+    out[0] = (status["plain"]["extents"], status["plain"]["bytes"])
+    return out
+
+
+def verify(store: Path, password: str, images: dict[str, bytes]) -> Store:
+    """Open the store in this process, read every volume back whole, scrub it; return it
+    (still open: the caller closes it)."""
+    s = Store.open(store, lambda: password)
+    try:
+        for name, image in images.items():
+            info = volumes.get(s, name)
+            h = hashlib.sha256()
+            for chunk in volumes.iter_range(s, info.id, info.size, 0, info.size):
+                h.update(chunk)
+            assert info.size == len(image), name
+            assert h.hexdigest() == hashlib.sha256(image).hexdigest(), f"{name} reads back wrong"
+        report = scrub.scrub(s)
+        assert report.damaged == [], report.damaged
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def opens_with(store: Path, password: str) -> bool:
+    try:
+        Store.open(store, lambda: password).close()
+    except WrongPasswordError:
+        return False
+    return True
+
+
+def spawn(*args: str | Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "dvx_dr", *map(str, args)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env())
+
+
+def _reap(proc: subprocess.Popen[bytes], killed: bool) -> bool:
+    out, err = proc.communicate()
+    if not killed:
+        assert proc.returncode == 0, f"exited {proc.returncode}: {err.decode(errors='replace')}"
+    return killed
+
+
+def kill_after(proc: subprocess.Popen[bytes], delay: float) -> bool:
+    """SIGKILL ``proc`` after ``delay`` seconds. True if it was killed, False if it had
+    already finished (successfully: anything else fails the test)."""
+    try:
+        proc.wait(delay)
+        return _reap(proc, False)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return _reap(proc, True)
+
+
+def kill_when(proc: subprocess.Popen[bytes], condition: Callable[[], bool],
+              timeout: float = 60) -> bool:
+    """SIGKILL ``proc`` the moment ``condition()`` holds (polled in a tight loop). True if it
+    was killed, False if it finished first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if condition():
+            proc.kill()
+            return _reap(proc, True)
+        assert time.monotonic() < deadline, "the command did not finish in time"
+    return _reap(proc, False)
+
+
+def timed(*args: str | Path) -> float:
+    start = time.monotonic()
+    run_cli(*args)
+    return time.monotonic() - start
+
+
+# -- enable, disable, convert on live data ---------------------------------------------------
+
+
+def test_enable_on_plain_data_then_convert_and_back(tmp_path: Path, password_file: Path) -> None:
+    rng = random.Random(1)
+    store = tmp_path / "store"
+    cli = Cli(store, None)
+    old_mark, enc_mark, plain_mark = marker(rng), marker(rng), marker(rng)
+    image = bytearray(random_blocks(rng, 32))
+    image[3 * BLOCK + 100:3 * BLOCK + 100 + len(old_mark)] = old_mark
+    (tmp_path / "image").write_bytes(image)
+    run_cli("site", "init", "--store", store, "--name", SITE, "--no-encryption")
+    cli("volume", "import", "vm1", tmp_path / "image")
+    assert holding(old_mark, store), "a plain marker must be visible on disk (check the check)"
+    plain_segments = segments(store)
+
+    # Enable: old data stays readable (and plain); new data is encrypted.
+    cli.enable(password_file)
+    cli.password_file = password_file
+    block = random_blocks(rng, 1, enc_mark)
+    (tmp_path / "block").write_bytes(block)
+    cli("volume", "write", "vm1", tmp_path / "block", "--offset", 16 * BLOCK)
+    image[16 * BLOCK:17 * BLOCK] = block
+    assert cli.export() == image
+    # Neither the data nor its content hash (the raw block id) is anywhere on disk.
+    for needle in (enc_mark, hashlib.sha256(block).digest()):
+        assert holding(needle, store) == [], "data written after enable is on disk in the clear"
+    assert holding(old_mark, store), "enable alone must not rewrite old extents"
+    new_segments = {k: v for k, v in segments(store).items() if k not in plain_segments}
+    # Each process writes its own segment files: the ones from before enable hold exactly the
+    # plain extents, the one written after it exactly the encrypted extent.
+    assert by_version(cli.status()) == {0: (32, sum(plain_segments.values())),
+                                        1: (1, sum(new_segments.values()))}
+
+    # Convert and gc: the old plain data is gone from the disk.
+    cli("datastore", "encryption", "convert", "--to", "encrypted")
+    cli("datastore", "gc")
+    assert holding(old_mark, store) == []
+    assert holding(enc_mark, store) == []
+    assert by_version(cli.status()) == {0: (0, 0), 1: (32, sum(segments(store).values()))}
+    assert cli.export() == image
+
+    # Disable: new data is plain again; convert --to plain decrypts the rest.
+    cli("datastore", "encryption", "disable")
+    block = random_blocks(rng, 1, plain_mark)
+    (tmp_path / "block").write_bytes(block)
+    cli("volume", "write", "vm1", tmp_path / "block", "--offset", 0)
+    image[0:BLOCK] = block
+    found = holding(plain_mark, store)
+    assert found and all(p.endswith(".seg") for p in found), found
+    assert holding(enc_mark, store) == []
+    cli("datastore", "encryption", "convert", "--to", "plain")
+    assert by_version(cli.status()) == {0: (32, sum(segments(store).values())), 1: (0, 0)}
+    assert holding(enc_mark, store), "convert --to plain must have decrypted every extent"
+    assert cli.export() == image
+
+
+# -- password change and key rotation -------------------------------------------------------
+
+
+def test_change_password_rewraps_without_touching_data(tmp_path: Path,
+                                                       password_file: Path) -> None:
+    rng = random.Random(2)
+    store = tmp_path / "store"
+    cli = Cli(store, password_file)
+    image = random_blocks(rng, 16)
+    (tmp_path / "image").write_bytes(image)
+    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
+    cli("volume", "import", "vm1", tmp_path / "image")
+    before = digests(store / "segments")
+    keystore = (store / "keystore.json").read_bytes()
+    new = write_password(tmp_path / "new-password", "a brand new password")
+
+    out = cli("datastore", "encryption", "change-password", "--new-password-file", new)
+    assert b"password changed" in out.stdout
+    user_error(cli("volume", "export", "vm1", "-", check=False), "wrong password")
+    assert cli.export(password_file=new) == image
+    assert digests(store / "segments") == before
+    assert (store / "keystore.json").read_bytes() != keystore
+
+
+def test_rotate_key_twice_then_convert_to_newest(tmp_path: Path, password_file: Path) -> None:
+    rng = random.Random(3)
+    store = tmp_path / "store"
+    cli = Cli(store, password_file)
+    image = bytearray(random_blocks(rng, 32))
+    (tmp_path / "image").write_bytes(image)
+    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
+    cli("volume", "import", "vm1", tmp_path / "image")
+    written = {1: segments(store)}
+    # Distinct random data after each rotation (nothing deduplicates), a different number of
+    # blocks per version so that counts cannot be mixed up: 32, 8, 4.
+    for version, (offset, n) in ((2, (0, 8)), (3, (8, 4))):
+        out = cli("datastore", "encryption", "rotate-key")
+        assert f"new key version {version}".encode() in out.stdout
+        seen = segments(store)
+        data = random_blocks(rng, n)
+        (tmp_path / "data").write_bytes(data)
+        cli("volume", "write", "vm1", tmp_path / "data", "--offset", offset * BLOCK)
+        image[offset * BLOCK:(offset + n) * BLOCK] = data
+        written[version] = {k: v for k, v in segments(store).items() if k not in seen}
+    status = cli.status()
+    assert status["current_key_version"] == 3
+    assert by_version(status) == {0: (0, 0), 1: (32, sum(written[1].values())),
+                                  2: (8, sum(written[2].values())),
+                                  3: (4, sum(written[3].values()))}
+    assert cli.export() == image  # extents of three key versions
+
+    cli("datastore", "encryption", "convert", "--to", "encrypted")
+    status = cli.status()
+    # 20 live blocks of version 1, 8 of version 2, 4 of version 3: all now under version 3.
+    assert by_version(status) == {0: (0, 0), 1: (0, 0), 2: (0, 0),
+                                  3: (32, sum(segments(store).values()))}
+    assert cli.export() == image
+
+
+# -- locked startup of a real site ----------------------------------------------------------
+
+
+class StartupKeySite(Site):
+    """A site whose site.yaml names a startup key file, started without a password."""
+
+    @property
+    def startup_key(self) -> Path:
+        return self.root / f"{self.name}.startup-key"
+
+    def write_config(self) -> None:
+        super().write_config()
+        with self.config.open("a") as f:
+            f.write(f"startup_key: {json.dumps(str(self.startup_key))}\n")
+
+    def spawn(self) -> None:
+        assert not self.running
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed by Site._reap
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dvx_dr", "site", "serve", "--config", str(self.config)],
+            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            env=child_env())
+
+
+def test_locked_startup_and_startup_key(tmp_path: Path) -> None:
+    with Sites(tmp_path / "sites") as sites:
+        site = StartupKeySite(SITE, sites.base / SITE, sites.pki, sites.sockets / "a.sock")
+        sites.sites[SITE] = site
+        site.create()
+        image = random_blocks(random.Random(4), 4)
+        (tmp_path / "image").write_bytes(image)
+        site.cli("volume", "import", "vm1", tmp_path / "image")
+
+        def volume_list() -> subprocess.CompletedProcess[bytes]:
+            # No password: the command goes to the running site's admin socket.
+            return dvx("volume", "list", "--store", site.store, check=False)
+
+        def locked_status() -> bool:
+            out = dvx("datastore", "encryption", "status", "--json", "--store", site.store)
+            return bool(json.loads(out.stdout)["locked"])
+
+        # No startup key yet: the site starts locked and refuses volume operations.
+        site.start()
+        user_error(volume_list(), "locked")
+        user_error(dvx("volume", "export", "vm1", "-", "--store", site.store, check=False),
+                   "locked")
+        assert locked_status()
+        wrong = write_password(tmp_path / "wrong", "not the password")
+        user_error(dvx("datastore", "unlock", "--store", site.store, "--password-file", wrong,
+                       check=False), "wrong password")
+        assert locked_status()
+        dvx("datastore", "unlock", "--store", site.store, "--password-file", site.password_file)
+        assert not locked_status()
+        assert b"vm1" in volume_list().stdout
+        assert dvx("volume", "export", "vm1", "-", "--store", site.store).stdout == image
+
+        # Unlocked startup mode, set through the running site (key path from site.yaml).
+        dvx("datastore", "encryption", "set", "--startup-mode", "unlocked", "--store",
+            site.store)
+        key = site.startup_key
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
+        site.restart()
+        assert not locked_status()
+        listed = volume_list()
+        assert listed.returncode == 0 and b"vm1" in listed.stdout, listed.stderr
+
+        # Startup key file gone: back to a locked start, and the password still unlocks.
+        site.stop()
+        key.unlink()
+        site.start()
+        user_error(volume_list(), "locked")
+        dvx("datastore", "unlock", "--store", site.store, "--password-file", site.password_file)
+        assert dvx("volume", "export", "vm1", "-", "--store", site.store).stdout == image
+    assert internal_errors(site.log()) == []
+
+
+# -- crypto erase ---------------------------------------------------------------------------
+
+
+def _forms(secret: bytes) -> list[bytes]:
+    """A key as it could be written: raw, base64, hex."""
+    return [secret, base64.b64encode(secret), secret.hex().encode()]
+
+
+def test_crypto_erase_destroys_every_copy_of_the_keys(tmp_path: Path,
+                                                      password_file: Path) -> None:
+    store = tmp_path / "store"
+    cli = Cli(store, password_file)
+    image = random_blocks(random.Random(5), 8)
+    (tmp_path / "image").write_bytes(image)
+    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
+    cli("volume", "import", "vm1", tmp_path / "image")
+    startup = tmp_path / "keys" / "site-a.startup-key"
+    cli("datastore", "encryption", "set", "--startup-mode", "unlocked", "--startup-key", startup)
+    cli("datastore", "encryption", "rotate-key", "--startup-key", startup)
+
+    with Store.open(store, lambda: PASSWORD) as s:
+        assert s.keys is not None
+        keys = [s.keys.index_key, *s.keys.teks.values()]
+    assert len(keys) == 3
+    doc = json.loads((store / "keystore.json").read_text())
+    wrapped = [doc["index_key"]["password"], doc["index_key"]["startup"],
+               *(e[slot] for e in doc["teks"] for slot in ("password", "startup"))]
+    assert None not in wrapped
+    secrets = [*keys, startup.read_bytes(), *(base64.b64decode(w) for w in wrapped)]
+    needles = [form for secret in secrets for form in _forms(secret)]
+    # The wrapped keys and the startup key are on disk before the erase (check the check).
+    assert all(holding(w.encode(), store) for w in wrapped)
+    assert holding(startup.read_bytes(), startup)
+
+    # Hard links keep the key files' inodes reachable after they are deleted: an erase that
+    # only unlinked them, without overwriting their bytes, leaves the keys in these.
+    links = tmp_path / "links"
+    links.mkdir()
+    os.link(store / "keystore.json", links / "keystore.json")
+    os.link(startup, links / "startup-key")
+
+    # No --startup-key: the path recorded in the store is found and destroyed too.
+    out = run_cli("datastore", "encryption", "crypto-erase", "--confirm-name", SITE, "--yes",
+                  "--store", store)
+    assert b"keys destroyed" in out.stdout and b"NOT erased" not in out.stdout
+    for args in (("volume", "export", "vm1", "-"),
+                 ("volume", "read", "vm1", "--offset", "0", "--length", "64KiB")):
+        user_error(cli(*args, check=False), "keys destroyed")
+    assert not startup.exists()
+    left = [(p, n) for p in files_under(store, startup.parent, links) for n in needles
+            if n in p.read_bytes()]
+    assert left == [], "key material left on disk after crypto erase"
+
+
+def test_crypto_erase_with_plain_data_left(tmp_path: Path, password_file: Path) -> None:
+    rng = random.Random(6)
+    store = tmp_path / "store"
+    cli = Cli(store, None)
+    plain_mark, enc_mark = marker(rng), marker(rng)
+    (tmp_path / "image").write_bytes(random_blocks(rng, 8, plain_mark))
+    run_cli("site", "init", "--store", store, "--name", SITE, "--no-encryption")
+    cli("volume", "import", "vm1", tmp_path / "image")
+    cli.enable(password_file)
+    (tmp_path / "block").write_bytes(random_blocks(rng, 1, enc_mark))
+    cli("volume", "write", "vm1", tmp_path / "block", "--offset", BLOCK,
+        password_file=password_file)
+    plain = cli.status()["plain"]
+    assert plain["extents"] == 8
+
+    erase = ("datastore", "encryption", "crypto-erase", "--confirm-name", SITE, "--yes")
+    out = cli(*erase).stdout.decode()
+    assert "NOT erased" in out and f"({plain['extents']} extents)" in out, out
+    assert "--delete-plain" in out
+    assert holding(plain_mark, store), "the plain data is still on disk, as reported"
+    after = cli.status()
+    assert after["keys_destroyed"] and after["plain"] == plain
+    user_error(cli("volume", "export", "vm1", "-", check=False, password_file=password_file),
+               "keys destroyed")
+
+    out = cli(*erase, "--delete-plain").stdout.decode()
+    assert "deleted all data" in out, out
+    assert holding(plain_mark, store) == []
+    assert segments(store) == {}
+    assert by_version(cli.status())[0] == (0, 0)
+
+
+# -- wrong passwords and damaged keystores --------------------------------------------------
+
+
+def test_wrong_password_five_times_changes_nothing(tmp_path: Path, password_file: Path) -> None:
+    store = tmp_path / "store"
+    image = random_blocks(random.Random(7), 8)
+    (tmp_path / "image").write_bytes(image)
+    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
+    Cli(store, password_file)("volume", "import", "vm1", tmp_path / "image")
+    wrong = write_password(tmp_path / "wrong", "not the password at all")
+    cli = Cli(store, wrong)
+    before = digests(store)
+    attempts: list[tuple[str | Path, ...]] = [
+        ("volume", "list"),
+        ("volume", "export", "vm1", "-"),
+        ("datastore", "scrub"),
+        ("datastore", "encryption", "change-password", "--new-password-file", wrong),
+        ("datastore", "encryption", "rotate-key"),
+    ]
+    for args in attempts:
+        line = user_error(cli(*args, check=False), "wrong password")
+        assert PASSWORD not in line
+        assert digests(store) == before, f"{args} with a wrong password changed files"
+    # No lockout: the right password still works.
+    assert Cli(store, password_file).export() == image
+
+
+def _damaged_keystores(original: bytes) -> dict[str, bytes]:
+    doc = json.loads(original)
+    wrapped = bytearray(base64.b64decode(doc["teks"][0]["password"]))
+    wrapped[5] ^= 1
+    altered_key = json.loads(original)
+    altered_key["teks"][0]["password"] = base64.b64encode(bytes(wrapped)).decode()
+    return {
+        "truncated": original[:len(original) // 2],
+        "empty": b"",
+        "field edited": json.dumps(doc | {"site": "site-b"}).encode(),
+        "wrapped key edited": json.dumps(altered_key).encode(),
+        "unknown version": json.dumps(doc | {"version": 99}).encode(),
+        "not json": b"\x00\xff" * 100,
+    }
+
+
+def test_damaged_keystore_is_a_clear_error(tmp_path: Path, password_file: Path) -> None:
+    store = tmp_path / "store"
+    cli = Cli(store, password_file)
+    image = random_blocks(random.Random(8), 8)
+    (tmp_path / "image").write_bytes(image)
+    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
+    cli("volume", "import", "vm1", tmp_path / "image")
+    keystore = store / "keystore.json"
+    original = keystore.read_bytes()
+    before = digests(store, "keystore.json")
+    for what, damaged in _damaged_keystores(original).items():
+        keystore.write_bytes(damaged)
+        line = user_error(cli("volume", "export", "vm1", "-", check=False))
+        assert str(keystore) in line, f"{what}: the error does not name the file: {line}"
+        assert digests(store, "keystore.json") == before, f"{what}: data was touched"
+        assert keystore.read_bytes() == damaged, f"{what}: the keystore was rewritten"
+    keystore.write_bytes(original)
+    verify(store, PASSWORD, {"vm1": image}).close()
+
+
+# -- SIGKILL in the middle of key operations ------------------------------------------------
+
+
+def test_kill_during_change_password(tmp_path: Path, password_file: Path) -> None:
+    rng = random.Random(9)
+    store = tmp_path / "store"
+    image = random_blocks(rng, 16)
+    (tmp_path / "image").write_bytes(image)
+    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
+    Cli(store, password_file)("volume", "import", "vm1", tmp_path / "image")
+    tmp_keystore = store / "keystore.json.tmp"
+
+    def change(old: tuple[Path, str], new: tuple[Path, str]) -> tuple[str | Path, ...]:
+        return ("datastore", "encryption", "change-password", "--store", store,
+                "--password-file", old[0], "--new-password-file", new[0])
+
+    # One uninterrupted run sets the scale of the delays.
+    current = (write_password(tmp_path / "pw", "password number 0"), "password number 0")
+    full = timed(*change((password_file, PASSWORD), current))
+    outcomes = []
+    # Random delays around the command's whole run, then two kills placed by watching the
+    # keystore: while its temporary copy is being written, and the moment keystore.json itself
+    # changes in any way (replaced, truncated or written in place).
+    plan: list[float | str] = [rng.uniform(0.3, 1.0) for _ in range(5)] + ["tmp", "changed"]
+    for i, when in enumerate(plan, 1):
+        new = (write_password(tmp_path / f"pw{i}", f"password number {i}"), f"password number {i}")
+        tmp_keystore.unlink(missing_ok=True)  # a leftover from an earlier kill
+        seen = _identity(store / "keystore.json")
+        proc = spawn(*change(current, new))
+        if when == "tmp":
+            killed = kill_when(proc, tmp_keystore.exists)
+        elif when == "changed":
+            def changed(seen: tuple[int, int, int] | None = seen) -> bool:
+                return _identity(store / "keystore.json") != seen
+            killed = kill_when(proc, changed)
+        else:
+            assert isinstance(when, float)
+            killed = kill_after(proc, when * full)
+        opening = [pw for pw in (current, new) if opens_with(store, pw[1])]
+        assert len(opening) == 1, f"try {i} ({when}): opened by {len(opening)} passwords"
+        if not killed:
+            assert opening == [new]
+        outcomes.append((when, killed, opening[0] is new))
+        current = opening[0]
+        verify(store, current[1], {"vm1": image}).close()
+    assert any(killed for _, killed, _ in outcomes), outcomes
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def test_kill_during_rotate_key(tmp_path: Path, password_file: Path) -> None:
+    rng = random.Random(10)
+    store = tmp_path / "store"
+    cli = Cli(store, password_file)
+    image = bytearray(random_blocks(rng, 16))
+    (tmp_path / "image").write_bytes(image)
+    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
+    cli("volume", "import", "vm1", tmp_path / "image")
+    args = ("datastore", "encryption", "rotate-key", "--store", store,
+            "--password-file", password_file)
+    full = timed(*args)
+    version = 2
+    outcomes = []
+    plan: list[float | str] = [rng.uniform(0.3, 1.0) for _ in range(5)] + ["tmp"]
+    for i, when in enumerate(plan):
+        proc = spawn(*args)
+        if when == "tmp":
+            (store / "keystore.json.tmp").unlink(missing_ok=True)
+            killed = kill_when(proc, (store / "keystore.json.tmp").exists)
+        else:
+            assert isinstance(when, float)
+            killed = kill_after(proc, when * full)
+        s = verify(store, PASSWORD, {"vm1": bytes(image)})
+        try:
+            assert s.keys is not None
+            now = int(s.meta("key_version") or 0)
+            assert now in s.keys.teks, f"try {i}: current key version {now} has no key"
+            assert now >= version and (killed or now > version), f"try {i}: {now} after {version}"
+        finally:
+            s.close()
+        outcomes.append((when, killed, now))
+        version = now
+    # Whatever was left behind, the store keeps working: new data under the current version.
+    cli("datastore", "encryption", "rotate-key")
+    data = random_blocks(rng, 2)
+    (tmp_path / "data").write_bytes(data)
+    cli("volume", "write", "vm1", tmp_path / "data", "--offset", 0)
+    image[:2 * BLOCK] = data
+    assert by_version(cli.status())[version + 1][0] >= 2, outcomes
+    verify(store, PASSWORD, {"vm1": bytes(image)}).close()
+    assert any(killed for _, killed, _ in outcomes), outcomes
+
+
+def test_kill_during_convert(tmp_path: Path, password_file: Path) -> None:
+    rng = random.Random(11)
+    store = tmp_path / "store"
+    cli = Cli(store, password_file)
+    run_cli("site", "init", "--store", store, "--name", SITE, "--no-encryption")
+    # 64 MiB of random data before enable, in four volumes written by four processes: four
+    # segments, so that a convert killed half-way leaves some converted and some not.
+    images = {f"vm{i}": rng.randbytes(16 * MiB) for i in range(4)}
+    for name, image in images.items():
+        (tmp_path / name).write_bytes(image)
+        cli("volume", "import", name, tmp_path / name)
+    cli.enable(password_file)
+    total = by_version(cli.status())[0][1]
+    args = ("datastore", "encryption", "convert", "--to", "encrypted", "--password-file",
+            password_file)
+    # The scale of the delays: how long a command takes to start, and a whole convert (timed
+    # on a copy of the store).
+    start_up = timed("datastore", "encryption", "status", "--store", store)
+    shutil.copytree(store, tmp_path / "copy")
+    whole = timed(*args, "--store", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "copy")
+    outcomes = []
+    for _ in range(5):
+        proc = spawn(*args, "--store", store)
+        killed = kill_after(proc, rng.uniform(0.8 * start_up, 0.9 * whole))
+        verify(store, PASSWORD, images).close()
+        plain = by_version(cli.status())[0][1]
+        outcomes.append((killed, plain))
+        if not killed:
+            break
+    # Rerunning it completes the conversion.
+    cli("datastore", "encryption", "convert", "--to", "encrypted")
+    status = by_version(cli.status())
+    assert status[0] == (0, 0), outcomes
+    assert status[1][1] >= total, outcomes
+    cli("datastore", "scrub")
+    s = verify(store, PASSWORD, images)
+    with s:
+        live = {f"{seg:08d}.seg" for (seg,) in s.db.execute("SELECT DISTINCT seg FROM blobs")}
+    # What the killed runs wrote and never committed is garbage for gc; no segment file is
+    # left that holds nothing live.
+    assert set(segments(store)) == live, outcomes
+    assert any(killed for killed, _ in outcomes), outcomes
+
