@@ -217,8 +217,11 @@ class Scheduler:
                 log.exception("group %s: snapshot failed", name)
                 return
             status.last_snapshot = snap.spec
-            status.last_snapshot_error = None
             status.snapshots_total += 1
+            hook_error = await self._post_snapshot(name, policy, snap)
+            status.last_snapshot_error = hook_error
+            if hook_error:
+                status.last_snapshot_error_time = time.time()
             await self._apply_local_retention(name, policy)
         for target in policy.replication:
             if target.after_snapshot:
@@ -235,10 +238,21 @@ class Scheduler:
             await run_hook(name, "pre_snapshot", policy.hooks.pre_snapshot)
         snap = await store.run(groups.create, self.store, name, members)
         log.info("group %s: snapshot %s of %s", name, snap.spec, ", ".join(members))
-        if policy.hooks.post_snapshot:
-            await run_hook(name, "post_snapshot", policy.hooks.post_snapshot,
-                           outcome=f"snapshot {snap.spec} was taken")
         return snap
+
+    async def _post_snapshot(self, name: str, policy: Policy, snap: groups.GroupInfo
+                             ) -> str | None:
+        """Run the post-snapshot hook. Its failure is reported, but the snapshot is good
+        data: it is still kept, pruned and replicated like any other."""
+        if not policy.hooks.post_snapshot:
+            return None
+        try:
+            await run_hook(name, "post_snapshot", policy.hooks.post_snapshot,
+                           outcome=f"snapshot {snap.spec} was taken and is replicated")
+        except DvxError as exc:
+            log.error("group %s: %s", name, exc)
+            return str(exc)
+        return None
 
     async def replicate_job(self, name: str, site: str) -> None:
         policy = self.policies.get(name)
@@ -255,8 +269,10 @@ class Scheduler:
                 if self.store.locked:
                     raise StoreLockedError("store is locked: nothing replicates until unlocked")
                 stats = await self._replicate(name, target)
-            except asyncio.CancelledError:
-                raise
+            except asyncio.CancelledError:  # the site stops; the transfer resumes next start
+                log.info("group %s -> %s: transfer interrupted: the site is stopping", name,
+                         site)
+                return
             except Exception as exc:
                 status.last_error = str(exc) if isinstance(exc, DvxError) else repr(exc)
                 status.last_error_time = time.time()

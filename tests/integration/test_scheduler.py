@@ -1,0 +1,677 @@
+"""The protection-group scheduler inside real ``dvx-dr site serve`` processes (mutual TLS on
+127.0.0.1, encrypted stores, policies loaded from each site's policy directory).
+
+Covers:
+
+- a group of two volumes on a 2-second schedule while a writer updates both: group replicas
+  keep arriving at the target, each one crash-consistent across its members, and
+  ``keep_last: 2`` holds at both ends;
+- two targets, one of them down: the other keeps receiving, the down one goes to RPO
+  VIOLATED in ``status --json`` and in ``/metrics``; the base it holds is not pruned at the
+  source, and once back it catches up with an incremental transfer;
+- every policy mistake is reported with file, line and field (``pg validate``, and
+  ``pg apply`` into a running site), and a bad file never unloads a good one;
+- a hook that fails or overruns its timeout fails that group's snapshot with a clear status
+  error, other groups keep snapshotting, and snapshots resume once it is fixed; a hook still
+  running when the site stops is killed with it.
+
+The tests watch the sites mostly through the admin socket (``dvx_dr.cli.remote``, the client
+the CLI itself uses): each CLI process costs ~0.6 s of startup, too slow for polling. The
+observable contract (``pg validate``, ``pg apply``, ``status --json``, ``snapshot read``, the
+metrics listener) is checked through the real CLI and HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import re
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from dvx_dr.cli import remote
+from dvx_dr.errors import UserError
+from tests.integration.sites import HOST, Site, Sites, dvx, free_port
+
+T = TypeVar("T")
+KiB = 1024
+MiB = 1024 * KiB
+GEN_LEN = 16
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def op(site: Site, operation: str, **params: Any) -> Any:
+    """A named store operation through the running site's admin socket."""
+    return remote.call_op(str(site.admin_socket), operation, params)
+
+
+def status(site: Site) -> dict[str, Any]:
+    """``/admin/v1/status`` of the running site (what ``status --json`` prints)."""
+    return remote.status(str(site.admin_socket))
+
+
+def group_names(site: Site, pg: str) -> list[str]:
+    """Names of the group snapshots of ``pg`` at ``site`` (op group.list), oldest first."""
+    return [g["name"] for g in op(site, "group.list", pg=pg)]
+
+
+class _UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("site", timeout=10)
+        self.path = str(path)
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(self.path)
+
+
+def admin_metrics(site: Site) -> str:
+    """``GET /metrics`` on the admin socket."""
+    conn = _UnixHTTP(site.admin_socket)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        return response.read().decode()
+    finally:
+        conn.close()
+
+
+def http_metrics(port: int) -> str:
+    """``GET /metrics`` on the plain-HTTP ``metrics_listen`` address."""
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as response:
+        assert response.status == 200
+        assert response.headers.get_content_type() == "text/plain"
+        return str(response.read().decode())
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of ``dvx_dr_<name>{labels}`` in Prometheus text; fails when it is absent."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.compile(rf"^dvx_dr_{re.escape(name)}\{{{re.escape(want)}\}} (\S+)$", re.M)
+    found = pattern.findall(text)
+    assert len(found) == 1, f"dvx_dr_{name}{{{want}}} not once in metrics:\n{text}"
+    return float(found[0])
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float,
+             interval: float = 0.2) -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = check()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def configure(site: Site, policy_dir: Path, metrics_port: int | None = None) -> None:
+    """Rewrite ``site.yaml`` with a policy directory (and a metrics listener)."""
+    policy_dir.mkdir(parents=True, exist_ok=True)
+    site.write_config()
+    extra = [f"policy_dir: {str(policy_dir)!r}"]
+    if metrics_port is not None:
+        extra.append(f"metrics_listen: {HOST}:{metrics_port}")
+    with site.config.open("a") as f:
+        f.write("\n".join(extra) + "\n")
+
+
+def gen_bytes(gen: int) -> bytes:
+    return f"gen {gen:010d}\n".encode().ljust(GEN_LEN, b".")
+
+
+def parse_gen(data: bytes) -> int:
+    match = re.fullmatch(rb"gen (\d{10})\n\.*", data)
+    assert match, f"not a generation record: {data!r}"
+    return int(match.group(1))
+
+
+def read_gen(site: Site, snapshot: str) -> int:
+    """The generation written at offset 0 of a volume snapshot (or replica) at ``site``."""
+    data = base64.b64decode(op(site, "snapshot.read", snapshot=snapshot, offset=0,
+                               length=GEN_LEN)["data"])
+    return parse_gen(data)
+
+
+def write_gen(site: Site, volume: str, gen: int) -> None:
+    op(site, "volume.write", name=volume, offset=0,
+       data=base64.b64encode(gen_bytes(gen)).decode())
+
+
+class Writer(threading.Thread):
+    """Writes generation N at offset 0 of each volume in turn, N = 1, 2, 3, ... through the
+    running site, until stopped. ``gen`` is the last generation written to every volume."""
+
+    def __init__(self, site: Site, volumes: list[str], pause: float = 0.0) -> None:
+        super().__init__(daemon=True)
+        self.site, self.volumes, self.pause = site, volumes, pause
+        self.gen = 0
+        self.error: BaseException | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                gen = self.gen + 1
+                for volume in self.volumes:
+                    write_gen(self.site, volume, gen)
+                self.gen = gen
+                if self.pause:
+                    self._stop_event.wait(self.pause)
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join(30)
+        assert not self.is_alive(), "writer did not stop"
+        if self.error is not None:
+            raise AssertionError(f"writer failed: {self.error!r}") from self.error
+        return self.gen
+
+
+def site_bugs(sites: Sites) -> dict[str, list[str]]:
+    """Lines of the site logs that show a bug. Handled errors (a failed hook, a peer that is
+    down, a bad policy file) are logged at ERROR on purpose here, so only tracebacks and
+    internal errors count."""
+    bugs = {}
+    for name, site in sites.sites.items():
+        lines = [line for line in site.log().splitlines()
+                 if "Traceback" in line or "internal error" in line or " CRITICAL " in line]
+        if lines:
+            bugs[name] = lines
+    return bugs
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> Iterator[Sites]:
+    with Sites(tmp_path / "sites") as s:
+        yield s
+    bugs = site_bugs(s)
+    assert not bugs, f"sites logged internal errors: {bugs}"
+
+
+def make_sites(sites: Sites, *names: str) -> list[Site]:
+    made = [sites.add(name) for name in names]
+    sites.mesh()
+    for site in made:
+        configure(site, site.root / "policies")
+    return made
+
+
+def pg_apply(site: Site) -> Any:
+    return site.cli("pg", "apply", "--config", site.config, check=False)
+
+
+POLICY = """\
+name: {name}
+members: {members}
+snapshot:
+  schedule: {schedule}
+  retention: {{keep_last: {keep}}}
+"""
+
+
+def policy(name: str, members: str, schedule: str = "2s", keep: int = 2,
+           targets: tuple[tuple[str, str, int], ...] = (), hooks: str = "") -> str:
+    """A policy file's text; ``targets`` are (site, rpo, keep_last) after each snapshot."""
+    text = POLICY.format(name=name, members=members, schedule=schedule, keep=keep)
+    if targets:
+        text += "replication:\n"
+        for site, rpo, keep_target in targets:
+            text += (f"  - site: {site}\n"
+                     f"    schedule: after-snapshot\n"
+                     f"    retention: {{keep_last: {keep_target}}}\n"
+                     f"    rpo: {rpo}\n")
+    return text + hooks
+
+
+# -- a group of two volumes: crash-consistent replicas and retention --------------------------
+
+
+def test_group_replicas_are_crash_consistent_and_retention_holds(sites: Sites) -> None:
+    a, b = make_sites(sites, "site-a", "site-b")
+    sites.start()
+    for volume in ("db-data", "db-log"):
+        op(a, "volume.create", name=volume, size=1 * MiB)
+    (a.root / "policies" / "db.yaml").write_text(
+        policy("db", '["db-*"]', targets=(("site-b", "1m", 2),)))
+    applied = pg_apply(a)
+    assert applied.returncode == 0, applied.stderr
+    assert b"loaded 1 protection groups: db" in applied.stdout
+
+    # The writer writes N into db-data, then into db-log, then N+1 ...: at any one instant
+    # db-data holds N and db-log N or N-1. A group snapshot taken at one instant shows exactly
+    # such a pair; members snapshotted at different instants would show other pairs.
+    writer = Writer(a, ["db-data", "db-log"])
+    writer.start()
+    checked: dict[str, tuple[int, int]] = {}   # replica name -> (db-data gen, db-log gen)
+    seen: set[str] = set()
+    deadline = time.monotonic() + 45
+    try:
+        while len(checked) < 4:
+            assert time.monotonic() < deadline, f"only {len(checked)} group replicas arrived"
+            assert writer.is_alive(), writer.error
+            replicas = op(b, "group.list", pg="site-a/db")
+            for replica in replicas:
+                name = replica["name"]
+                seen.add(name)
+                if name in checked:
+                    continue
+                assert sorted(replica["members"]) == [f"site-a/db-data@{name}",
+                                                      f"site-a/db-log@{name}"]
+                try:
+                    pair = (read_gen(b, f"site-a/db-data@{name}"),
+                            read_gen(b, f"site-a/db-log@{name}"))
+                except UserError as exc:  # pruned by retention between list and read
+                    assert "unknown" in str(exc), exc
+                    continue
+                checked[name] = pair
+            time.sleep(0.2)
+    finally:
+        last_gen = writer.stop()
+
+    assert len(checked) >= 3
+    for name, (data, log) in checked.items():
+        assert data - log in (0, 1), f"replica {name} is not crash-consistent: db-data holds " \
+            f"generation {data}, db-log {log}"
+    pairs = [checked[name] for name in sorted(checked)]
+    assert pairs == sorted(pairs), f"replicas went back in time: {pairs}"
+    assert pairs[-1][0] > pairs[0][0], f"the replicas do not follow the writer: {pairs}"
+
+    # One more cycle after the writer stopped: the newest replica holds its last generation in
+    # both volumes (read through the real CLI), and retention has pruned at both ends.
+    def final_replica() -> str | None:
+        names = group_names(b, "site-a/db")
+        if names and read_gen(b, f"site-a/db-log@{names[-1]}") == last_gen:
+            return names[-1]
+        return None
+
+    final = wait_for("the writer's last generation at site-b", final_replica, 20)
+    for volume in ("db-data", "db-log"):
+        out = b.cli("snapshot", "read", f"site-a/{volume}@{final}", "--offset", "0",
+                    "--length", str(GEN_LEN)).stdout
+        assert parse_gen(out) == last_gen
+
+    def retention_held() -> bool:
+        at_b = group_names(b, "site-a/db")
+        at_a = group_names(a, "db")
+        seen.update(at_b)
+        base = status(a)["groups"]["db"]["targets"]["site-b"]["last_replica"]
+        # Beyond the 2 newest, site-a may keep only the base site-b holds.
+        return len(at_b) <= 2 and {f"db@{n}" for n in at_a[:-2]} <= {base}
+
+    wait_for("keep_last: 2 at both sites", retention_held, 15)
+    report = a.json("status")
+    group = report["groups"]["db"]
+    assert group["members"] == ["db-data", "db-log"]
+    assert group["last_snapshot_error"] is None
+    target = group["targets"]["site-b"]
+    assert target["rpo_status"] == "OK" and target["last_error"] is None, target
+    assert report["policy_errors"] == []
+
+    # Unload the group (its file removed): no more snapshots, so what retention left at both
+    # ends stays put, and the CLI's snapshot lists show it.
+    (a.root / "policies" / "db.yaml").unlink()
+    applied = pg_apply(a)
+    assert applied.returncode == 0 and b"loaded 0 protection groups" in applied.stdout
+    assert "db" not in status(a)["groups"]
+    time.sleep(1.5)  # a transfer already under way finishes
+
+    def snapshot_names(site: Site, volume: str) -> list[str]:
+        return sorted(s["name"] for s in site.json("snapshot", "list")
+                      if s["volume"] == volume)
+
+    at_a, at_b = group_names(a, "db"), group_names(b, "site-a/db")
+    seen.update(at_b)
+    assert len(seen) >= 5, f"too few replicas arrived to see retention work: {sorted(seen)}"
+    assert 1 <= len(at_b) <= 2, at_b
+    # Beyond the 2 newest, site-a may keep only the base site-b holds (its newest replica).
+    assert set(at_a[:-2]) <= {at_b[-1]} and 1 <= len(at_a) <= 3, (at_a, at_b)
+    assert at_b[-1] in at_a
+    for volume in ("db-data", "db-log"):
+        assert snapshot_names(b, f"site-a/{volume}") == at_b
+        assert snapshot_names(a, volume) == at_a
+    time.sleep(2.5)
+    assert (group_names(a, "db"), group_names(b, "site-a/db")) == (at_a, at_b), \
+        "an unloaded group still snapshots"
+
+
+# -- two targets, one down --------------------------------------------------------------------
+
+
+def test_a_target_that_is_down_violates_its_rpo_and_catches_up_incrementally(
+        sites: Sites, tmp_path: Path) -> None:
+    a, b, c = make_sites(sites, "site-a", "site-b", "site-c")
+    metrics_port = free_port()
+    configure(a, a.root / "policies", metrics_port=metrics_port)
+    sites.start()
+    for volume in ("app-1", "app-2"):
+        image = tmp_path / f"{volume}.img"
+        image.write_bytes(os.urandom(4 * MiB))
+        op(a, "volume.import", name=volume, path=str(image))
+        write_gen(a, volume, 0)
+    (a.root / "policies" / "app.yaml").write_text(policy(
+        "app", '["app-*"]', targets=(("site-b", "1m", 2), ("site-c", "4s", 2))))
+    assert pg_apply(a).returncode == 0
+
+    def targets() -> dict[str, Any]:
+        return dict(status(a)["groups"]["app"]["targets"])
+
+    def both_replicated() -> dict[str, Any] | None:
+        t = targets()
+        ok = all(t[s]["last_replica"] and t[s]["last_error"] is None for s in ("site-b",
+                                                                               "site-c"))
+        return t if ok else None
+
+    first = wait_for("the first replicas at site-b and site-c", both_replicated, 30)
+    # The first transfer to site-c is a full one: 8 MiB of random data.
+    full = metric(admin_metrics(a), "replication_bytes_sent_total", pg="app", target="site-c")
+    assert full >= 8 * MiB, first
+
+    writer = Writer(a, ["app-1"], pause=0.3)
+    writer.start()
+    try:
+        c.stop()
+        b_replicas: set[str] = set()
+
+        def violated() -> dict[str, Any] | None:
+            t = targets()
+            b_replicas.add(t["site-b"]["last_replica"])
+            # site-b keeps receiving while site-c is down: three replicas newer than site-c's
+            # (keep_last: 2 alone would have pruned site-c's base by then).
+            newer = [r for r in b_replicas if r > t["site-c"]["last_replica"]]
+            if t["site-c"]["rpo_status"] == "VIOLATED" and len(newer) >= 3:
+                return t
+            return None
+
+        t = wait_for("site-c to violate its RPO while site-b keeps receiving", violated, 30)
+        base = t["site-c"]["last_replica"]
+        base_name = base.split("@", 1)[1]
+        # site-a still holds the base site-c has (its next incremental starts there); every
+        # other group snapshot follows keep_last: 2.
+        at_a = group_names(a, "app")
+        assert base_name in at_a, f"site-c's base {base} was pruned at site-a: {at_a}"
+        assert len([n for n in at_a if n != base_name]) <= 2, at_a
+        base_gen = read_gen(a, f"app-1@{base_name}")
+        sent_before = metric(admin_metrics(a), "replication_bytes_sent_total", pg="app",
+                             target="site-c")
+        assert t["site-b"]["rpo_status"] == "OK" and t["site-b"]["last_error"] is None, t
+        assert t["site-c"]["last_error"], t["site-c"]
+
+        # The same through the CLI and the metrics listener.
+        report = a.json("status")["groups"]["app"]["targets"]
+        assert report["site-c"]["rpo_status"] == "VIOLATED"
+        assert report["site-c"]["rpo_seconds"] == 4
+        assert report["site-c"]["age_seconds"] > 4
+        assert report["site-c"]["last_replica"] == base
+        assert report["site-b"]["rpo_status"] == "OK"
+        text = http_metrics(metrics_port)
+        assert metric(text, "replication_rpo_status", pg="app", target="site-c") == 2
+        assert metric(text, "replication_rpo_status", pg="app", target="site-b") == 0
+        assert metric(text, "replication_errors_total", pg="app", target="site-c") >= 1
+        assert metric(text, "replication_rpo_seconds", pg="app", target="site-c") == 4
+
+        # site-c (its store read by the CLI while it is down) holds that base too.
+        held = c.cli("snapshot", "read", f"site-a/app-1@{base_name}", "--offset", "0",
+                     "--length", str(GEN_LEN)).stdout
+        assert parse_gen(held) == base_gen
+
+        # site-c comes back: it catches up with what changed, not with a full transfer.
+        c.start()
+
+        def caught_up() -> dict[str, Any] | None:
+            tc = targets()["site-c"]
+            if tc["last_replica"] != base and tc["last_error"] is None \
+                    and tc["rpo_status"] == "OK":
+                return tc
+            return None
+
+        tc = wait_for("site-c to catch up", caught_up, 30)
+        sent_after = metric(admin_metrics(a), "replication_bytes_sent_total", pg="app",
+                            target="site-c")
+    finally:
+        writer.stop()
+    catch_up = sent_after - sent_before
+    assert 0 < catch_up < full / 10, f"catch-up sent {catch_up} bytes, a full transfer {full}"
+    assert tc["bytes_sent"] < full / 10, tc
+    # site-c now holds a newer replica, with what site-a's snapshot holds.
+    newest = group_names(c, "site-a/app")[-1]
+    assert newest > base_name
+    gen = read_gen(c, f"site-a/app-1@{newest}")
+    assert gen > base_gen
+    if newest in group_names(a, "app"):
+        assert gen == read_gen(a, f"app-1@{newest}")
+
+
+# -- policy errors ----------------------------------------------------------------------------
+
+
+BAD_POLICIES = {
+    # file name: (text, line, field or None, what the message says)
+    "unknown-site.yaml": (policy("unknown", '["x-*"]', targets=(("site-x", "1m", 2),)), 7,
+                          "replication[0].site",
+                          "expected one of the peer sites (site-b), got 'site-x'"),
+    "short-rpo.yaml": (policy("shortrpo", '["y-*"]', schedule="1m",
+                              targets=(("site-b", "30s", 2),)), 10, "replication[0].rpo",
+                       "expected at least 1m, as snapshot.schedule '1m' runs only every 1m, "
+                       "got 30s"),
+    "keeps-nothing.yaml": (policy("nothing", '["z-*"]', keep=0), 5, "snapshot.retention",
+                           "this retention would keep nothing"),
+    "malformed.yaml": ('name: broken\nmembers: ["db-*"\nsnapshot:\n  schedule: 2s\n', 3, None,
+                       "not valid YAML"),
+}
+
+
+def error_lines(stderr: bytes) -> list[str]:
+    return [line.removeprefix("dvx-dr: error: ")
+            for line in stderr.decode().splitlines() if line.startswith("dvx-dr: error: ")]
+
+
+def expect_error(lines: list[str], path: Path, line: int, field: str | None,
+                 message: str) -> str:
+    """The one error line about ``path``; it names the file, the line and the field."""
+    mine = [text for text in lines if text.startswith(f"policy {path} ")]
+    assert len(mine) == 1, f"expected one error about {path}, got {lines}"
+    prefix = f"policy {path} line {line}: " + (f"{field}: " if field else "")
+    assert mine[0].startswith(prefix), f"{mine[0]!r} does not start with {prefix!r}"
+    assert message in mine[0], mine[0]
+    return mine[0]
+
+
+def test_policy_errors_name_file_line_and_field(sites: Sites, tmp_path: Path) -> None:
+    # pg validate: no site needed.
+    files = tmp_path / "validate"
+    files.mkdir()
+    for name, (text, *_) in BAD_POLICIES.items():
+        (files / name).write_text(text)
+    good = files / "good.yaml"
+    good.write_text(policy("good", '["db-*"]', targets=(("site-b", "1m", 2),)))
+    paths = [files / name for name in BAD_POLICIES]
+    out = dvx("pg", "validate", good, *paths, "--site", "site-b", check=False)
+    assert out.returncode == 2, out
+    assert out.stdout.decode() == f"{good}: ok (group good, 1 targets)\n"
+    lines = error_lines(out.stderr)
+    assert len(lines) == len(BAD_POLICIES), lines
+    for name, (_, line, field, message) in BAD_POLICIES.items():
+        expect_error(lines, files / name, line, field, message)
+
+    # The same files in a running site's policy directory, next to a good one that runs.
+    (a,) = make_sites(sites, "site-a")
+    a.peers["site-b"] = f"https://{HOST}:{free_port()}"  # a peer that never runs
+    configure(a, a.root / "policies")
+    policies = a.root / "policies"
+    sites.start("site-a")
+    for volume in ("db-data", "db-log"):
+        op(a, "volume.create", name=volume, size=256 * KiB)
+    (policies / "10-good.yaml").write_text(policy("good", '["db-*"]', keep=3))
+    assert pg_apply(a).returncode == 0
+    first = wait_for("a snapshot of the good group",
+                     lambda: status(a)["groups"]["good"]["last_snapshot"], 10)
+
+    # A second group claiming db-log (the good group has it), the bad files, then apply.
+    (policies / "20-claims.yaml").write_text(
+        policy("claims", '["other", "db-l*"]', keep=3))
+    for name, (text, *_) in BAD_POLICIES.items():
+        (policies / f"30-{name}").write_text(text)
+    applied = pg_apply(a)
+    assert applied.returncode == 2
+    assert applied.stdout.decode() == "loaded 1 protection groups: good\n"
+    lines = error_lines(applied.stderr)
+    assert len(lines) == len(BAD_POLICIES) + 1, lines
+    claim = expect_error(lines, policies / "20-claims.yaml", 2, "members[1]",
+                         "expected volumes no other group has, got 'db-log' (already in "
+                         "'good' from 10-good.yaml)")
+    for name, (_, line, field, message) in BAD_POLICIES.items():
+        expect_error(lines, policies / f"30-{name}", line, field, message)
+
+    # The good group keeps snapshotting; status shows every policy error.
+    def snapshots_after(after: str) -> str | None:
+        last = status(a)["groups"]["good"]["last_snapshot"]
+        return last if last > after else None
+
+    second = wait_for("the good group to keep snapshotting", lambda: snapshots_after(first),
+                      10)
+    wait_for("another snapshot of the good group", lambda: snapshots_after(second), 10)
+    report = a.json("status")
+    assert sorted(report["groups"]) == ["good"]
+    assert report["groups"]["good"]["last_snapshot_error"] is None
+    assert set(report["policy_errors"]) == set(lines)
+    assert claim in report["policy_errors"]
+    assert len(group_names(a, "good")) >= 3
+
+
+# -- hooks ------------------------------------------------------------------------------------
+
+
+def hook(command: str, timeout: str, which: str = "pre_snapshot") -> str:
+    return f"hooks:\n  {which}:\n    command: {command!r}\n    timeout: {timeout}\n"
+
+
+def test_a_failing_or_hanging_hook_fails_its_snapshot_and_nothing_else(sites: Sites) -> None:
+    (a,) = make_sites(sites, "site-a")
+    policies = a.root / "policies"
+    sites.start("site-a")
+    for volume in ("h-1", "h-2", "p-1"):
+        op(a, "volume.create", name=volume, size=256 * KiB)
+    hooked = policies / "hooked.yaml"
+    hooked.write_text(policy("hooked", '["h-*"]', keep=3,
+                             hooks=hook("echo cannot quiesce the database; exit 1", "5s")))
+    (policies / "plain.yaml").write_text(policy("plain", '["p-*"]', keep=3))
+    assert pg_apply(a).returncode == 0
+
+    def groups() -> dict[str, Any]:
+        return dict(status(a)["groups"])
+
+    def plain_snapshots_after(after: str | None) -> str | None:
+        last = groups()["plain"]["last_snapshot"]
+        return last if last and (after is None or last > after) else None
+
+    def hooked_error(text: str) -> dict[str, Any] | None:
+        g = groups()["hooked"]
+        return g if g["last_snapshot_error"] and text in g["last_snapshot_error"] else None
+
+    # The hook exits 1: the snapshot is not taken, and status says why.
+    g = wait_for("the failing hook's error", lambda: hooked_error("exited 1"), 10)
+    assert g["last_snapshot_error"] == ("group hooked: pre_snapshot hook exited 1 (cannot "
+                                        "quiesce the database); snapshot not taken")
+    assert g["last_snapshot"] is None and g["last_snapshot_error_time"]
+    assert g["members"] == ["h-1", "h-2"]
+    assert group_names(a, "hooked") == []
+    assert metric(admin_metrics(a), "snapshot_errors", pg="hooked") == 1
+    assert metric(admin_metrics(a), "snapshot_errors", pg="plain") == 0
+    # ... and the other group keeps snapshotting.
+    mark = wait_for("plain snapshots", lambda: plain_snapshots_after(None), 10)
+    mark = wait_for("plain snapshots", lambda: plain_snapshots_after(mark), 10)
+    report = a.json("status")["groups"]
+    assert report["hooked"]["last_snapshot_error"] == g["last_snapshot_error"]
+    assert report["plain"]["last_snapshot_error"] is None
+
+    # The hook runs past its timeout (sleep 10, timeout 1s): killed after 1s, the snapshot is
+    # not taken, and the next runs come on schedule (not after the 10 s the hook wanted).
+    hooked.write_text(policy("hooked", '["h-*"]', keep=3, hooks=hook("sleep 10", "1s")))
+    applied_at = time.monotonic()
+    assert pg_apply(a).returncode == 0
+    wait_for("the hook's timeout error", lambda: hooked_error("timed out"), 8)
+    took = time.monotonic() - applied_at
+    g = groups()["hooked"]
+    assert g["last_snapshot_error"] == ("group hooked: pre_snapshot hook timed out after 1s; "
+                                        "snapshot not taken")
+    first_error = g["last_snapshot_error_time"]
+    assert took < 7, f"the 1s hook timeout was reported only after {took:.1f}s"
+    wait_for("the next timed-out run",
+             lambda: groups()["hooked"]["last_snapshot_error_time"] != first_error, 8)
+    assert group_names(a, "hooked") == []
+    mark = wait_for("plain snapshots", lambda: plain_snapshots_after(mark), 10)
+    wait_for("plain snapshots", lambda: plain_snapshots_after(mark), 10)
+
+    # A post-snapshot hook that fails: the snapshot was taken (the status must not say
+    # otherwise), and the failure is reported.
+    hooked.write_text(policy("hooked", '["h-*"]', keep=3,
+                             hooks=hook("echo cannot resume; exit 3", "5s", "post_snapshot")))
+    assert pg_apply(a).returncode == 0
+    g = wait_for("the post-snapshot hook's error", lambda: hooked_error("post_snapshot"), 8)
+    taken = group_names(a, "hooked")
+    assert taken, "the snapshot before the failed post-snapshot hook is gone"
+    assert re.fullmatch(r"group hooked: post_snapshot hook exited 3 \(cannot resume\); "
+                        r"snapshot hooked@(\S+) was taken and is replicated",
+                        g["last_snapshot_error"]), g
+    assert g["last_snapshot_error"].rsplit("@", 1)[1].split()[0] in taken
+
+    # Fixed and applied: the group snapshots again and the error is gone.
+    hooked.write_text(policy("hooked", '["h-*"]', keep=3, hooks=hook("true", "5s")))
+    assert pg_apply(a).returncode == 0
+
+    def hooked_snapshots() -> dict[str, Any] | None:
+        g = groups()["hooked"]
+        return g if g["last_snapshot"] and g["last_snapshot_error"] is None else None
+
+    g = wait_for("the fixed hook's snapshots", hooked_snapshots, 15)
+    assert g["last_snapshot"] in {f"hooked@{n}" for n in group_names(a, "hooked")}
+    assert metric(admin_metrics(a), "snapshot_errors", pg="hooked") == 0
+    report = a.json("status")["groups"]
+    assert report["hooked"]["last_snapshot_error"] is None
+    assert report["plain"]["last_snapshot_error"] is None
+
+    # A hook still running when the site stops is killed with it, not left behind.
+    pid_file = a.root / "hook.pid"
+    hooked.write_text(policy("hooked", '["h-*"]', keep=3,
+                             hooks=hook(f"echo $$ > {pid_file}; sleep 30; true", "1m")))
+    assert pg_apply(a).returncode == 0
+
+    def hook_pid() -> int | None:
+        text = pid_file.read_text().strip() if pid_file.exists() else ""
+        return int(text) if text.isdigit() else None
+
+    pgid = wait_for("the long hook to start", hook_pid, 8)
+    assert process_group_alive(pgid)
+    assert a.stop() == 0
+    wait_for("the hook's processes to end with the site",
+             lambda: not process_group_alive(pgid), 5, interval=0.1)
+    assert "group hooked: snapshot interrupted: the site is stopping" in a.log()
+
+
+def process_group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
