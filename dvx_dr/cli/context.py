@@ -26,6 +26,21 @@ def add_store_args(parser: argparse.ArgumentParser) -> None:
                         help="read the store password from the first line of this file")
 
 
+class StoreCommands:
+    """A command group whose subcommands all take the store arguments."""
+
+    def __init__(self, groups: Any, name: str, help: str, dest: str = "command") -> None:
+        parser = groups.add_parser(name, help=help)
+        self.sub = parser.add_subparsers(dest=dest, metavar="COMMAND", required=True)
+
+    def add(self, name: str, func: Callable[[argparse.Namespace], int], help: str
+            ) -> argparse.ArgumentParser:
+        parser = self.sub.add_parser(name, help=help)
+        add_store_args(parser)
+        parser.set_defaults(func=func)
+        return parser
+
+
 def store_path(args: argparse.Namespace) -> Path:
     path = args.store or os.environ.get(STORE_ENV)
     if not path:

@@ -7,21 +7,15 @@ import sys
 from typing import Any
 
 from dvx_dr.cli import encryption
-from dvx_dr.cli.context import add_store_args, print_json, progress_bar, run_op
+from dvx_dr.cli.context import StoreCommands, print_json, progress_bar, run_op
 from dvx_dr.site import scrub
 from dvx_dr.site.store import Store
 from dvx_dr.units import format_size
 
 
 def register(groups: Any) -> None:
-    p = groups.add_parser("datastore", help="store-wide operations")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def cmd(name: str, func: Any, help: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help)
-        add_store_args(c)
-        c.set_defaults(func=func)
-        return c
+    commands = StoreCommands(groups, "datastore", "store-wide operations")
+    cmd = commands.add
 
     c = cmd("stats", cmd_stats, "logical, unique and stored bytes; dedup and compression")
     c.add_argument("--json", action="store_true")
@@ -29,7 +23,7 @@ def register(groups: Any) -> None:
     c.add_argument("--json", action="store_true")
     c = cmd("gc", cmd_gc, "reclaim space of deleted volumes and snapshots, compact segments")
     c.add_argument("--json", action="store_true")
-    encryption.register(sub)
+    encryption.register(commands.sub)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

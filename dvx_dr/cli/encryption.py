@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dvx_dr.cli.context import (
+    StoreCommands,
     add_store_args,
     confirm,
     current_password,
@@ -28,14 +29,8 @@ def register(sub: Any) -> None:
     add_store_args(unlock)
     unlock.set_defaults(func=cmd_unlock)
 
-    p = sub.add_parser("encryption", help="the encryption key manager")
-    enc = p.add_subparsers(dest="encryption_command", metavar="COMMAND", required=True)
-
-    def cmd(name: str, func: Any, help: str) -> argparse.ArgumentParser:
-        c = enc.add_parser(name, help=help)
-        add_store_args(c)
-        c.set_defaults(func=func)
-        return c
+    cmd = StoreCommands(sub, "encryption", "the encryption key manager",
+                        dest="encryption_command").add
 
     c = cmd("enable", cmd_enable, "encrypt new data (asks for a new password)")
     c.add_argument("--new-password-file", type=Path)

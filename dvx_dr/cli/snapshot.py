@@ -7,7 +7,13 @@ import base64
 from pathlib import Path
 from typing import Any
 
-from dvx_dr.cli.context import add_store_args, print_json, print_table, progress_bar, run_op
+from dvx_dr.cli.context import (
+    StoreCommands,
+    print_json,
+    print_table,
+    progress_bar,
+    run_op,
+)
 from dvx_dr.cli.volume import copy_out
 from dvx_dr.site import snapshots
 from dvx_dr.site.store import Store
@@ -15,14 +21,8 @@ from dvx_dr.units import format_size, parse_size
 
 
 def register(groups: Any) -> None:
-    p = groups.add_parser("snapshot", help="manage snapshots")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def cmd(name: str, func: Any, help: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help)
-        add_store_args(c)
-        c.set_defaults(func=func)
-        return c
+    commands = StoreCommands(groups, "snapshot", "manage snapshots")
+    cmd = commands.add
 
     c = cmd("create", cmd_create, "snapshot a volume")
     c.add_argument("volume")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from dvx_dr.cli.context import (
-    add_store_args,
+    StoreCommands,
     print_json,
     print_table,
     progress_bar,
@@ -24,14 +24,8 @@ from dvx_dr.units import format_size, parse_size
 
 
 def register(groups: Any) -> None:
-    p = groups.add_parser("volume", help="manage volumes")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def cmd(name: str, func: Any, help: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help)
-        add_store_args(c)
-        c.set_defaults(func=func)
-        return c
+    commands = StoreCommands(groups, "volume", "manage volumes")
+    cmd = commands.add
 
     c = cmd("create", cmd_create, "create an empty (all-zero) volume")
     c.add_argument("name")
