@@ -41,6 +41,10 @@ class StoreBusyError(UserError):
     admin_socket: str | None = None
 
 
+class StoreFullError(UserError):
+    """The device holding the store is full; the operation was rolled back."""
+
+
 class KeysDestroyedError(UserError):
     """The keys were crypto-erased; encrypted data can no longer be read."""
 

@@ -11,6 +11,7 @@ after a crash that left a torn tail nor after gc deleted the newest segment, and
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,8 @@ class SegmentWriter:
         self.number = 0
         self.size = 0
         self._unsynced = False
+        #: Every segment number this writer opened, in order (see ``discard_since``).
+        self.opened: list[int] = []
 
     def _open_new(self) -> None:
         self.close()
@@ -95,6 +98,7 @@ class SegmentWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         fsync_dir(self.directory)
         self.size = 0
+        self.opened.append(self.number)
 
     def reserve(self, length: int) -> tuple[int, int]:
         """The (segment, offset) the next extent of ``length`` bytes will be written at."""
@@ -111,15 +115,59 @@ class SegmentWriter:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None
         view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError:
+            # A partial write (a full disk) leaves bytes the planned offsets do not account
+            # for: seal this segment, so the next extent starts in a new one.
+            self.abandon()
+            raise
         self.size += len(data)
         self._unsynced = True
 
+    def mark(self) -> tuple[int, int, int]:
+        """Where writing stands now, for ``discard_since`` if what follows is rolled back."""
+        return self.number, self.size, len(self.opened)
+
+    def discard_since(self, mark: tuple[int, int, int]) -> list[int]:
+        """Give back the space of extents written since ``mark`` (none of them committed).
+
+        Segments opened since are deleted; the segment open at ``mark`` is cut back to its
+        size then. Either way the writer moves on to a new segment number afterwards, so no
+        (segment, offset) address, and so no XTS tweak, is ever written twice. Returns the
+        deleted segment numbers.
+        """
+        number, size, opened = mark
+        self.abandon()
+        deleted = []
+        for n in self.opened[opened:]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(segment_path(self.directory, n))
+                deleted.append(n)
+        if number and number not in self.opened[opened:]:
+            with contextlib.suppress(FileNotFoundError):
+                os.truncate(segment_path(self.directory, number), size)
+        if deleted:
+            fsync_dir(self.directory)
+        return deleted
+
+    def abandon(self) -> None:
+        """Stop writing to the open segment without syncing (after a failed write)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.number = 0
+        self._unsynced = False
+
     def sync(self) -> None:
         if self._fd is not None and self._unsynced:
-            os.fsync(self._fd)
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                self.abandon()
+                raise
             self._unsynced = False
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ One process owns a store at a time. Everything that changes the store goes throu
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -26,7 +27,13 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dvx_dr.errors import KeysDestroyedError, StoreBusyError, StoreLockedError, UserError
+from dvx_dr.errors import (
+    KeysDestroyedError,
+    StoreBusyError,
+    StoreFullError,
+    StoreLockedError,
+    UserError,
+)
 from dvx_dr.site import db as dbmod
 from dvx_dr.site.blobs import BlobStore
 from dvx_dr.site.crypto import ExtentCipher, IndexKeys, PlainIndex, new_index_key, new_tek
@@ -233,13 +240,22 @@ class Store:
         """
         with self.mutex:
             self.db.execute("BEGIN IMMEDIATE")
+            mark = self.writer.mark()
             try:
                 yield self.db
                 self.writer.sync()
-            except BaseException:
-                self.db.execute("ROLLBACK")
+                self.db.execute("COMMIT")
+            except BaseException as exc:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                for n in self.writer.discard_since(mark):
+                    self.reader.forget(n)
+                if _is_disk_full(exc):
+                    raise StoreFullError(
+                        f"no space left on the device holding store {self.path}: nothing of "
+                        "this operation was committed; free space (delete snapshots or "
+                        "volumes, then 'dvx-dr datastore gc') and retry") from None
                 raise
-            self.db.execute("COMMIT")
 
     def _drop_unfinished_imports(self) -> None:
         with self.transaction() as db:
@@ -247,6 +263,12 @@ class Store:
                 for table in ("blocks", "dirty_leaves", "tree_pages"):
                     db.execute(f"DELETE FROM {table} WHERE vol=?", (vol,))
                 db.execute("DELETE FROM volumes WHERE vol=?", (vol,))
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
 def read_startup_key(path: Path) -> bytes | None:
