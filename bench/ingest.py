@@ -53,6 +53,7 @@ _OPS = {"<": operator.lt, "<=": operator.le, ">=": operator.ge}
 
 DVX_ENC = "dvx-dr encrypted"
 DVX_PLAIN = "dvx-dr plain"
+DVX_FIPS = "dvx-dr FIPS approved"
 RESTIC = "restic"
 
 
@@ -112,6 +113,50 @@ def run_dvx(exe: str, image: Path, base: Path, encrypted: bool) -> ToolRun:
         stored_bytes=common.tree_bytes(store),
         extra={"stats": stats, "stats_command_seconds": round(stats_run.seconds, 3)},
     )
+
+
+def run_dvx_fips(exe: str, image: Path, base: Path) -> ToolRun:
+    """An encrypted store in FIPS *approved* mode (PBKDF2 for the password; the same ciphers)."""
+    home = common.fresh_dir(base / "dvx-fips")
+    store = home / "store"
+    access = ["--store", str(store), "--password-file", str(common.password_file(home))]
+    common.run([exe, "site", "init", *access, "--name", "bench"])
+    common.run([exe, "datastore", "encryption", "set", "--fips-mode", "approved", *access])
+    measured = common.run_measured([exe, "volume", "import", VOLUME, str(image), *access])
+    return ToolRun(tool=DVX_FIPS, seconds=measured.seconds,
+                   peak_rss_bytes=measured.peak_rss_bytes, stored_bytes=common.tree_bytes(store))
+
+
+def run_convert(exe: str, image: Path, second: Path, base: Path) -> dict[str, Any]:
+    """``convert --to encrypted`` on a store holding plain extents and two older key versions'
+    worth of data: the image imported plain, a second image under key version 1, then
+    key version 2 made current; measured: moving everything to version 2."""
+    home = common.fresh_dir(base / "dvx-convert")
+    store = home / "store"
+    password = common.password_file(home)
+    plain = ["--store", str(store)]
+    access = [*plain, "--password-file", str(password)]
+    common.run([exe, "site", "init", *plain, "--name", "bench", "--no-encryption"])
+    common.run([exe, "volume", "import", "plain", str(image), *plain])
+    common.run([exe, "datastore", "encryption", "enable", *plain,
+                "--new-password-file", str(password), "--yes"])
+    common.run([exe, "volume", "import", "v1", str(second), *access])
+    common.run([exe, "datastore", "encryption", "rotate-key", *access])
+    before = json.loads(common.run([exe, "datastore", "encryption", "status", "--json",
+                                    *access]))
+    to_move = before["plain"]["bytes"] + sum(
+        k["bytes"] for k in before["key_versions"] if k["version"] != 2)
+    measured = common.run_measured([exe, "datastore", "encryption", "convert", "--to",
+                                    "encrypted", *access])
+    after = json.loads(common.run([exe, "datastore", "encryption", "status", "--json",
+                                   *access]))
+    left = after["plain"]["bytes"] + sum(
+        k["bytes"] for k in after["key_versions"] if k["version"] != 2)
+    return {"seconds": round(measured.seconds, 3), "bytes_converted": to_move,
+            "mb_per_s": round(to_move / MB / measured.seconds, 1),
+            "peak_rss_bytes": measured.peak_rss_bytes, "bytes_left_in_old_form": left,
+            "versions_before": {str(k["version"]): k["bytes"] for k in before["key_versions"]}
+            | {"plain": before["plain"]["bytes"]}}
 
 
 def run_restic(exe: str, image: Path, base: Path) -> ToolRun:
@@ -264,12 +309,23 @@ def main(argv: list[str] | None = None) -> int:
                     name = DVX_ENC if encrypted else DVX_PLAIN
                     print(f"{name}{suffix} ...", file=sys.stderr)
                     runs.setdefault(name, []).append(run_dvx(dvx, image, base, encrypted))
+                print(f"{DVX_FIPS}{suffix} ...", file=sys.stderr)
+                runs.setdefault(DVX_FIPS, []).append(run_dvx_fips(dvx, image, base))
             if restic:
                 print(f"restic{suffix} ...", file=sys.stderr)
                 runs.setdefault(RESTIC, []).append(run_restic(restic, image, base))
         results = {name: best_of(args.size, tool_runs) for name, tool_runs in runs.items()}
         versions = {"restic": common.run([restic, "version"]).strip()} if restic else {}
         out = report(args.size, args.seed, results, versions)
+        if dvx:
+            print("dvx-dr convert ...", file=sys.stderr)
+            second = common.ensure_image(max(args.size // 4, 1 << 20), args.seed + 1)
+            conv = run_convert(dvx, image, second, base)
+            out["convert"] = conv
+            print(f"\nconvert --to encrypted of a mixed store (plain + key version 1 -> key "
+                  f"version 2): {conv['bytes_converted'] / MB:.1f} MB in {conv['seconds']:.2f} s "
+                  f"= {conv['mb_per_s']:.1f} MB/s, peak RSS {conv['peak_rss_bytes'] / MB:.0f} MB; "
+                  f"left in the old form: {conv['bytes_left_in_old_form']} bytes")
         if args.json:
             common.write_json(args.json, out)
             print(f"\nresults written to {args.json}")
