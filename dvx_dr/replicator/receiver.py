@@ -153,14 +153,19 @@ class Receiver:
     def _verify(self, records: list[protocol.Record]) -> list[bytes | None]:
         """Check every payload against its id (in the worker pool); plaintext of pages/roots."""
 
-        def check(r: protocol.Record) -> bytes | None:
-            plain = decompress(r.payload, r.plain_len) if r.compressed else r.payload
-            if len(plain) != r.plain_len or blob_id(plain) != r.id:
-                raise IntegrityError(f"record for blob {r.id.hex()[:16]}… does not match its "
-                                     "id: the data was corrupted or forged; batch rejected")
-            return plain if r.kind != protocol.KIND_BLOCK else None
+        def check(part: list[protocol.Record]) -> list[bytes | None]:
+            out: list[bytes | None] = []
+            for r in part:
+                plain = decompress(r.payload, r.plain_len) if r.compressed else r.payload
+                if len(plain) != r.plain_len or blob_id(plain) != r.id:
+                    raise IntegrityError(f"record for blob {r.id.hex()[:16]}… does not match "
+                                         "its id: the data was corrupted or forged; batch "
+                                         "rejected")
+                out.append(plain if r.kind != protocol.KIND_BLOCK else None)
+            return out
 
-        return list(self.store.pool.map(check, records))
+        parts = [records[k:k + 16] for k in range(0, len(records), 16)]
+        return [p for part in self.store.pool.map(check, parts) for p in part]
 
     def commit(self, source: str, sid: str) -> dict[str, Any]:
         s = self.session(source, sid)

@@ -400,20 +400,36 @@ class BlobStore:
         if missing:
             raise IntegrityError(f"blob {missing[0].hex()[:16]}… is referenced but not in the "
                                  "store; run 'dvx-dr datastore scrub'")
-        infos = {r: self.row_info(r) for r in set(rows.values())}
+        infos = self._row_infos(set(rows.values()))
         jobs = [(i, infos[rows[i]], self.reader.read(infos[rows[i]].seg, infos[rows[i]].off,
                                                      infos[rows[i]].length)) for i in ids]
 
-        def open_one(job: tuple[bytes, BlobRow, bytes]) -> Payload:
-            blob, info, raw = job
-            compressed, payload = self._open_raw(info, raw)
-            p = Payload(blob, compressed, payload, info.plain_len)
-            if not _verify_payload(p):
-                raise IntegrityError(f"blob at segment {info.seg:08d} offset {info.off} fails "
-                                     "its integrity check; run 'dvx-dr datastore scrub'")
-            return p
+        def open_some(part: Sequence[tuple[bytes, BlobRow, bytes]]) -> list[Payload]:
+            out = []
+            for blob, info, raw in part:
+                compressed, payload = self._open_raw(info, raw)
+                p = Payload(blob, compressed, payload, info.plain_len)
+                if not _verify_payload(p):
+                    raise IntegrityError(f"blob at segment {info.seg:08d} offset {info.off} "
+                                         "fails its integrity check; run 'dvx-dr datastore "
+                                         "scrub'")
+                out.append(p)
+            return out
 
-        return list(self.pool.map(open_one, jobs))
+        parts = [jobs[k:k + _CHUNK] for k in range(0, len(jobs), _CHUNK)]
+        return [p for part in self.pool.map(open_some, parts) for p in part]
+
+    def _row_infos(self, rows: Iterable[int]) -> dict[int, BlobRow]:
+        wanted = list(rows)
+        out: dict[int, BlobRow] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start:start + 500]
+            marks = ",".join("?" * len(part))
+            for r in self.db.execute(
+                    "SELECT row, seg, off, length, plain_len, key_version FROM blobs "
+                    f"WHERE row IN ({marks})", part):
+                out[r[0]] = BlobRow(*r)
+        return out
 
     def get_payload(self, blob: bytes) -> Payload:
         """A blob as it is sent to a peer: decrypted, still compressed, verified."""
