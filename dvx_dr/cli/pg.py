@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from dvx_dr.cli.context import print_json, print_table
+from dvx_dr.cli.context import add_store_args, print_json, print_table, run_op
 from dvx_dr.cli.replicate import add_site_args, admin_socket
 from dvx_dr.errors import DvxError
 
@@ -38,6 +38,25 @@ def register(groups: Any) -> None:
     c.add_argument("name")
     add_site_args(c)
     c.set_defaults(func=cmd_show)
+
+    c = sub.add_parser("snapshots", help="group snapshots (and group replicas) in a store")
+    c.add_argument("pg", nargs="?", help="only this group (a replica group: SITE/PG)")
+    c.add_argument("--json", action="store_true")
+    add_store_args(c)
+    c.set_defaults(func=cmd_snapshots)
+
+    c = sub.add_parser("snapshot-create",
+                       help="snapshot volumes together at one instant, as a group snapshot")
+    c.add_argument("pg", help="group name")
+    c.add_argument("volumes", nargs="+", metavar="VOLUME")
+    c.add_argument("--name", help="snapshot name (default: the UTC time)")
+    add_store_args(c)
+    c.set_defaults(func=cmd_snapshot_create)
+
+    c = sub.add_parser("snapshot-delete", help="delete a group snapshot and its members")
+    c.add_argument("snapshot", help="PG@NAME (a replica group: SITE/PG@NAME)")
+    add_store_args(c)
+    c.set_defaults(func=cmd_snapshot_delete)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -103,4 +122,34 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"dvx-dr: error: unknown protection group {args.name!r}", file=sys.stderr)
         return 2
     print_json(group)
+    return 0
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    snaps = run_op(args, "group.list", {"pg": args.pg})
+    if args.json:
+        print_json(snaps)
+        return 0
+    print_table(["GROUP SNAPSHOT", "CREATED", "ORIGIN", "MEMBERS"],
+                [[g["snapshot"], g["created"], g["origin"], ", ".join(g["members"])]
+                 for g in snaps])
+    return 0
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> int:
+    g = run_op(args, "group.create", {"pg": args.pg, "members": args.volumes,
+                                      "name": args.name})
+    print(f"created group snapshot {g['snapshot']} of {', '.join(g['members'])}")
+    return 0
+
+
+def cmd_snapshot_delete(args: argparse.Namespace) -> int:
+    pg, sep, name = args.snapshot.rpartition("@")
+    if not sep or not pg or not name:
+        print(f"dvx-dr: error: group snapshot {args.snapshot!r}: expected PG@NAME",
+              file=sys.stderr)
+        return 2
+    run_op(args, "group.delete", {"pg": pg, "name": name})
+    print(f"deleted group snapshot {args.snapshot} and its member snapshots; "
+          "'dvx-dr datastore gc' reclaims their space")
     return 0

@@ -147,7 +147,7 @@ def snapshot_delete(store: Store, snapshot: str) -> dict[str, Any]:
     group = groups.is_member(store, volume, name)
     if group is not None:
         raise UserError(f"snapshot {snapshot} is part of group snapshot {group}; delete the "
-                        "group snapshot ('dvx-dr pg snapshot-delete') instead")
+                        f"group snapshot ('dvx-dr pg snapshot-delete {group}') instead")
     snapshots.delete(store, snapshot)
     return {"deleted": snapshot}
 

@@ -1,0 +1,36 @@
+"""Group snapshots from the command line: one instant for several volumes, deleted as one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import run_cli
+
+
+def test_group_snapshot_create_list_and_delete(store_dir: Path, password_file: Path,
+                                               tmp_path: Path) -> None:
+    args = ["--store", store_dir, "--password-file", password_file]
+    run_cli("site", "init", "--name", "site-a", *args)
+    for name, fill in (("db", b"D"), ("log", b"L")):
+        run_cli("volume", "create", name, "--size", "1MiB", *args)
+        run_cli("volume", "write", name, "-", *args, input=fill * 4096)
+    run_cli("pg", "snapshot-create", "app", "db", "log", "--name", "s1", *args)
+    run_cli("volume", "write", "db", "-", *args, input=b"X" * 4096)
+
+    listed = json.loads(run_cli("pg", "snapshots", "--json", *args).stdout)
+    assert [g["snapshot"] for g in listed] == ["app@s1"]
+    assert listed[0]["members"] == ["db@s1", "log@s1"]
+    assert run_cli("snapshot", "read", "db@s1", "--length", "4", *args).stdout == b"DDDD"
+
+    # A member cannot go alone: the group root would name a missing snapshot.
+    refused = run_cli("snapshot", "delete", "db@s1", *args, check=False)
+    assert refused.returncode == 2
+    assert "pg snapshot-delete app@s1" in refused.stderr.decode()
+
+    run_cli("pg", "snapshot-delete", "app@s1", *args)
+    assert json.loads(run_cli("pg", "snapshots", "--json", *args).stdout) == []
+    assert json.loads(run_cli("snapshot", "list", "--json", *args).stdout) == []
+    run_cli("datastore", "gc", *args)
+    assert run_cli("datastore", "scrub", *args).returncode == 0
+    assert run_cli("volume", "read", "db", "--length", "4", *args).stdout == b"XXXX"
