@@ -22,6 +22,8 @@ STORE_ENV = "DVX_DR_STORE"
 def add_store_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", type=Path, default=None,
                         help=f"store directory (default: ${STORE_ENV})")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="or the site's site.yaml, which names the store")
     parser.add_argument("--password-file", type=Path, default=None,
                         help="read the store password from the first line of this file")
 
@@ -42,9 +44,15 @@ class StoreCommands:
 
 
 def store_path(args: argparse.Namespace) -> Path:
-    path = args.store or os.environ.get(STORE_ENV)
+    path = args.store
+    if not path and getattr(args, "config", None) is not None:
+        from dvx_dr.site.config import load_site_config  # pydantic, only with --config
+
+        path = load_site_config(args.config).store
+    path = path or os.environ.get(STORE_ENV)
     if not path:
-        raise UserError(f"no store given: pass --store DIR or set {STORE_ENV}")
+        raise UserError(f"no store given: pass --store DIR or --config site.yaml, or set "
+                        f"{STORE_ENV}")
     return Path(path)
 
 

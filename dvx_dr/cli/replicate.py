@@ -43,7 +43,9 @@ def admin_socket(args: argparse.Namespace) -> str:
 
 def register(groups: Any) -> None:
     c = groups.add_parser("replicate", help="replicate a snapshot to another site now")
-    c.add_argument("snapshot", nargs="?", help="VOLUME@NAME")
+    c.add_argument("snapshot", nargs="?", help="VOLUME@NAME (or PG@NAME with --group)")
+    c.add_argument("--group", action="store_true",
+                   help="the snapshot is a group snapshot: replicate all its members as one")
     c.add_argument("--to", required=True, metavar="SITE")
     c.add_argument("--volume", help="snapshot this volume first, then replicate that snapshot")
     c.add_argument("--json", action="store_true")
@@ -73,14 +75,14 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         if "progress" in line and sys.stderr.isatty():
             p = line["progress"]
             if bar is None:
-                bar = tqdm(total=p["logical_bytes"], unit="B", unit_scale=True,
-                           unit_divisor=1024, desc=f"replicate to {args.to}", leave=False)
-            bar.n = min(p["logical_bytes"], p["blocks_sent"] * 0 + p["payload_bytes"])
+                bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                           desc=f"replicate to {args.to} (on the wire)")
+            bar.n = p["bytes_on_wire"]
             bar.refresh()
 
     try:
         stats = remote.replicate(socket, {"snapshot": args.snapshot, "volume": args.volume,
-                                          "to": args.to}, on_line)
+                                          "to": args.to, "group": args.group}, on_line)
     finally:
         if bar is not None:
             bar.close()

@@ -43,7 +43,7 @@ from dvx_dr.replicator import listener, protocol
 from dvx_dr.replicator.peer import PeerClient, with_retries
 from dvx_dr.replicator.receiver import Receiver
 from dvx_dr.replicator.scheduler import Scheduler
-from dvx_dr.replicator.sender import TransferStats, send_snapshot
+from dvx_dr.replicator.sender import TransferStats, send_group, send_snapshot
 from dvx_dr.replicator.storethread import StoreThread
 from dvx_dr.replicator.tls import PeerRejected, check_peer, client_context, server_context
 from dvx_dr.site import ops
@@ -86,7 +86,9 @@ class SiteService:
 
     async def replicate(self, spec: str, target: str,
                         progress: Callable[[TransferStats], None] | None = None,
-                        attempts: int = 8) -> TransferStats:
+                        attempts: int = 8, group: bool = False) -> TransferStats:
+        """Replicate a volume snapshot (VOLUME@NAME) or, with ``group``, a group snapshot
+        (PG@NAME), retrying transient failures with backoff."""
         if self.store.store.locked:
             raise StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
         peer = self.peer(target)
@@ -99,10 +101,15 @@ class SiteService:
                         delay)
             self.transfers[key].update(attempt=n + 1, last_error=str(exc))
 
+        pg, _, name = spec.rpartition("@")
+
+        def attempt() -> Awaitable[TransferStats]:
+            if group:
+                return send_group(self.store, peer, pg, name, progress)
+            return send_snapshot(self.store, peer, spec, progress)
+
         try:
-            return await with_retries(
-                lambda: send_snapshot(self.store, peer, spec, progress), attempts=attempts,
-                on_retry=on_retry)
+            return await with_retries(attempt, attempts=attempts, on_retry=on_retry)
         finally:
             self.transfers.pop(key, None)
 
@@ -319,7 +326,8 @@ async def admin_replicate(request: web.Request) -> web.StreamResponse:
                 spec = snap["snapshot"]
                 await lines.put({"snapshot_created": spec})
             stats = await service.replicate(
-                spec, params["to"], lambda s: lines.put_nowait({"progress": s.to_json()}))
+                spec, params["to"], lambda s: lines.put_nowait({"progress": s.to_json()}),
+                group=bool(params.get("group")))
             await lines.put({"done": stats.to_json()})
         except DvxError as exc:
             await lines.put({"error": str(exc), "exit_code": exc.exit_code})

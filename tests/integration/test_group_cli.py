@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from tests.conftest import run_cli
+from tests.integration.sites import Sites
 
 
 def test_group_snapshot_create_list_and_delete(store_dir: Path, password_file: Path,
@@ -34,3 +35,22 @@ def test_group_snapshot_create_list_and_delete(store_dir: Path, password_file: P
     run_cli("datastore", "gc", *args)
     assert run_cli("datastore", "scrub", *args).returncode == 0
     assert run_cli("volume", "read", "db", "--length", "4", *args).stdout == b"XXXX"
+
+
+def test_group_snapshot_replicates_as_one(two_sites: Sites) -> None:
+    a, b = two_sites.sites["site-a"], two_sites.sites["site-b"]
+    for name, fill in (("db", b"D"), ("log", b"L")):
+        a.cli("volume", "create", name, "--size", "2MiB")
+        a.cli("volume", "write", name, "-", input=fill * 65536)
+    a.cli("pg", "snapshot-create", "app", "db", "log", "--name", "s1")
+
+    stats = a.json("replicate", "app@s1", "--group", "--to", "site-b")
+    assert stats["replica"] == "site-a/app@s1"
+    assert stats["blocks_sent"] == 2
+
+    groups = b.json("pg", "snapshots")
+    assert [(g["snapshot"], g["members"]) for g in groups] == [
+        ("site-a/app@s1", ["site-a/db@s1", "site-a/log@s1"])]
+    assert b.cli("snapshot", "read", "site-a/log@s1", "--length", "3").stdout == b"LLL"
+    again = a.json("replicate", "app@s1", "--group", "--to", "site-b")
+    assert again["already_replicated"] and again["blocks_sent"] == 0
