@@ -24,7 +24,7 @@ from dvx_dr.policies.loader import (
 from dvx_dr.policies.model import Policy, Retention, Schedule
 from dvx_dr.policies.retention import select_keep
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "policies" / "example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "deploy" / "policies" / "example.yaml"
 SITES = {"dr-east", "dr-west"}
 MARK = "# <-"
 
