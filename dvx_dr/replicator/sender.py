@@ -104,8 +104,9 @@ async def send_snapshot(
                "root": root_id.hex(), "created": snap.created}
     stats = TransferStats(snapshot=spec, target=peer.site,
                           replica=f"{store.store.site}/{snap.volume}@{snap.name}")
-    return await _transfer(store, peer, request, root_id, [(root_id, root)], None, stats,
-                           progress, bandwidth_limit)
+    bases = await store.run(_volume_bases, store, snap, root_id)
+    return await _transfer(store, peer, request, root_id, [(root_id, root)], None, bases,
+                           stats, progress, bandwidth_limit)
 
 
 async def send_group(
@@ -125,8 +126,9 @@ async def send_group(
                "root": group_id.hex(), "created": group.created}
     stats = TransferStats(snapshot=group.spec, target=peer.site,
                           replica=f"{store.store.site}/{pg}@{name}")
+    bases = await store.run(_group_bases, store, group, members)
     return await _transfer(store, peer, request, group_id, [(r, root) for _, r, root in members],
-                           group_blob, stats, progress, bandwidth_limit)
+                           group_blob, bases, stats, progress, bandwidth_limit)
 
 
 async def _transfer(
@@ -136,6 +138,7 @@ async def _transfer(
     top_id: bytes,
     roots: list[tuple[bytes, Root]],
     group_blob: bytes | None,
+    bases: dict[bytes, tuple[bytes, Root]],
     stats: TransferStats,
     progress: Progress | None,
     bandwidth_limit: float | None,
@@ -170,10 +173,11 @@ async def _transfer(
         try:
             if not await have([top_id]):
                 return  # the target holds the top blob, so everything under it
+            usable = await have_all(bases, have)
             for root_id, root in roots:
                 if group_blob is not None and not await have([root_id]):
                     continue
-                await _walk(store, root, have, batcher)
+                await _walk(store, root, have, batcher, usable.get(root_id))
                 packed = root.pack()
                 await batcher.add(protocol.KIND_ROOT, Payload(root_id, False, packed,
                                                               len(packed)))
@@ -221,41 +225,104 @@ async def _transfer(
     return stats
 
 
+# -- bases: earlier snapshots the target may hold whole ---------------------------------------
+
+Bases = dict[bytes, tuple[bytes, Root]]  # new root id -> (candidate base root id, base root)
+
+
+def _volume_bases(store: StoreThread, snap: snapshots.SnapshotInfo, root_id: bytes) -> Bases:
+    """The snapshot of the same volume taken just before this one, as a candidate base."""
+    earlier = [s for s in snapshots.list_snapshots(store.store, snap.volume) if s.id < snap.id]
+    if not earlier:
+        return {}
+    base_id, base = _root(store, earlier[-1])
+    return {} if base_id == root_id else {root_id: (base_id, base)}
+
+
+def _group_bases(store: StoreThread, group: groups.GroupInfo,
+                 members: list[tuple[str, bytes, Root]]) -> Bases:
+    """Each member's root in the group snapshot taken just before this one."""
+    earlier = [g for g in groups.list_groups(store.store, group.pg) if g.id < group.id]
+    if not earlier:
+        return {}
+    before = {v: (r, root) for v, r, root in groups.volume_roots(store.store, earlier[-1])}
+    return {r: before[v] for v, r, _ in members if v in before and before[v][0] != r}
+
+
+async def have_all(bases: Bases, have: Any) -> dict[bytes, Root]:
+    """The bases the target holds (holding a root means holding its whole tree)."""
+    if not bases:
+        return {}
+    missing = set(await have([b for b, _ in bases.values()]))
+    return {r: base for r, (b, base) in bases.items() if b not in missing}
+
+
 def _root(store: StoreThread, snap: snapshots.SnapshotInfo) -> tuple[bytes, Root]:
     blobs = store.store.blobs
     return blobs.id_of(snap.root_row), Root.unpack(blobs.get_row(snap.root_row))
 
 
-async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher) -> None:
+Pair = tuple[bytes, bytes | None]  # a page or block id, and what the base has there
+
+
+async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
+                base: Root | None = None) -> None:
+    """Send what the target lacks of ``root``'s tree, children before parents.
+
+    ``base`` is a tree of the same shape that the target is known to hold whole (it holds
+    its root). Descending both trees side by side, an id equal to the base's at the same
+    place is known to be at the target and is not asked about, so after scattered changes
+    only the changed blocks' ids cross the wire, not every id under each changed leaf.
+    """
     blobs = store.store.blobs
+    if base is not None and (base.depth, base.nblocks) != (root.depth, root.nblocks):
+        base = None
     upper: list[list[Payload]] = []  # missing pages of levels >= 1, top level first
-    frontier = [] if root.top == HOLE else [root.top]
+    frontier: list[Pair] = [] if root.top == HOLE else [(root.top, base.top if base else None)]
     level = root.depth - 1
     while level >= 1 and frontier:
-        missing = await have(frontier)
-        pages = await store.run(blobs.get_payloads, missing)
-        upper.append(pages)
-        plains = await store.run(_plain_pages, store, missing)
-        frontier = [c for p in plains for c in tree.split_ids(p) if c != HOLE]
+        missing = await _missing_pairs(frontier, have)
+        upper.append(await store.run(blobs.get_payloads, [p for p, _ in missing]))
+        frontier = await store.run(_child_pairs, store, missing)
         level -= 1
-    leaves = await have(frontier) if frontier else []
+    leaves = await _missing_pairs(frontier, have) if frontier else []
     sent: set[bytes] = set()
     for start in range(0, len(leaves), LEAVES_PER_ROUND):
         chunk = leaves[start:start + LEAVES_PER_ROUND]
-        plains = await store.run(_plain_pages, store, chunk)
-        wanted = list(dict.fromkeys(c for p in plains for c in tree.split_ids(p)
-                                    if c != HOLE and c not in sent))
-        missing = await have(wanted) if wanted else []
-        for s in range(0, len(missing), 256):
-            part = missing[s:s + 256]
+        pairs = await store.run(_child_pairs, store, chunk)
+        wanted = list(dict.fromkeys(c for c, b in pairs if c != b and c not in sent))
+        lacking: list[bytes] = await have(wanted) if wanted else []
+        for s in range(0, len(lacking), 256):
+            part = lacking[s:s + 256]
             for p in await store.run(blobs.get_payloads, part):
                 await batcher.add(protocol.KIND_BLOCK, p)
             sent.update(part)
-        for p in await store.run(blobs.get_payloads, chunk):
+        for p in await store.run(blobs.get_payloads, [page for page, _ in chunk]):
             await batcher.add(protocol.KIND_PAGE, p)
     for pages in reversed(upper):
         for p in pages:
             await batcher.add(protocol.KIND_PAGE, p)
+
+
+async def _missing_pairs(pairs: list[Pair], have: Any) -> list[Pair]:
+    """The pairs whose page the target lacks; a page equal to the base's is not asked."""
+    ask = [p for p, b in pairs if p != b]
+    missing = set(await have(ask)) if ask else set()
+    return [(p, b) for p, b in pairs if p in missing]
+
+
+def _child_pairs(store: StoreThread, pairs: list[Pair]) -> list[Pair]:
+    """Each page's non-hole children, with the base page's child at the same place."""
+    out: list[Pair] = []
+    for page, base in pairs:
+        children = tree.split_ids(store.store.blobs.get(page))
+        base_children: list[bytes | None] = [None] * len(children)
+        if base is not None and base != HOLE:
+            known = tree.split_ids(store.store.blobs.get(base))
+            if len(known) == len(children):
+                base_children = list(known)
+        out.extend((c, b) for c, b in zip(children, base_children, strict=True) if c != HOLE)
+    return out
 
 
 def _plain_pages(store: StoreThread, ids: list[bytes]) -> list[bytes]:
