@@ -138,7 +138,7 @@ async def _transfer(
     top_id: bytes,
     roots: list[tuple[bytes, Root]],
     group_blob: bytes | None,
-    bases: dict[bytes, tuple[bytes, Root]],
+    bases: Bases,
     stats: TransferStats,
     progress: Progress | None,
     bandwidth_limit: float | None,
@@ -227,34 +227,45 @@ async def _transfer(
 
 # -- bases: earlier snapshots the target may hold whole ---------------------------------------
 
-Bases = dict[bytes, tuple[bytes, Root]]  # new root id -> (candidate base root id, base root)
+#: How many earlier snapshots are offered as bases (newest first, one have request for all).
+BASE_CANDIDATES = 4
+#: new root id -> candidate bases (root id, root), newest first
+Bases = dict[bytes, list[tuple[bytes, Root]]]
 
 
 def _volume_bases(store: StoreThread, snap: snapshots.SnapshotInfo, root_id: bytes) -> Bases:
-    """The snapshot of the same volume taken just before this one, as a candidate base."""
+    """The last few snapshots of the same volume taken before this one."""
     earlier = [s for s in snapshots.list_snapshots(store.store, snap.volume) if s.id < snap.id]
-    if not earlier:
-        return {}
-    base_id, base = _root(store, earlier[-1])
-    return {} if base_id == root_id else {root_id: (base_id, base)}
+    found = [_root(store, s) for s in reversed(earlier[-BASE_CANDIDATES:])]
+    return {root_id: [(b, r) for b, r in found if b != root_id]}
 
 
 def _group_bases(store: StoreThread, group: groups.GroupInfo,
                  members: list[tuple[str, bytes, Root]]) -> Bases:
-    """Each member's root in the group snapshot taken just before this one."""
+    """Each member's roots in the last few group snapshots taken before this one."""
     earlier = [g for g in groups.list_groups(store.store, group.pg) if g.id < group.id]
-    if not earlier:
-        return {}
-    before = {v: (r, root) for v, r, root in groups.volume_roots(store.store, earlier[-1])}
-    return {r: before[v] for v, r, _ in members if v in before and before[v][0] != r}
+    out: Bases = {r: [] for _, r, _ in members}
+    for g in reversed(earlier[-BASE_CANDIDATES:]):
+        before = {v: (r, root) for v, r, root in groups.volume_roots(store.store, g)}
+        for v, r, _ in members:
+            if v in before and before[v][0] != r:
+                out[r].append(before[v])
+    return out
 
 
 async def have_all(bases: Bases, have: Any) -> dict[bytes, Root]:
-    """The bases the target holds (holding a root means holding its whole tree)."""
-    if not bases:
+    """For each new root, the newest candidate base the target holds (holding a root means
+    holding its whole tree)."""
+    ask = list(dict.fromkeys(b for cands in bases.values() for b, _ in cands))
+    if not ask:
         return {}
-    missing = set(await have([b for b, _ in bases.values()]))
-    return {r: base for r, (b, base) in bases.items() if b not in missing}
+    missing = set(await have(ask))
+    chosen = {}
+    for root_id, cands in bases.items():
+        held = [base for b, base in cands if b not in missing]
+        if held:
+            chosen[root_id] = held[0]
+    return chosen
 
 
 def _root(store: StoreThread, snap: snapshots.SnapshotInfo) -> tuple[bytes, Root]:
