@@ -15,9 +15,12 @@ from dvx_dr.cli.context import (
     new_password,
     print_json,
     print_table,
+    progress_bar,
     run_op,
 )
 from dvx_dr.errors import UserError
+from dvx_dr.site import keys
+from dvx_dr.site.store import Store
 from dvx_dr.units import format_size
 
 WARNING = ("WARNING: the password cannot be recovered. Losing it loses every encrypted block "
@@ -152,7 +155,11 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    r = run_op(args, "encryption.convert", {"to": args.to})
+    def local(store: Store) -> Any:
+        with progress_bar(None, f"convert to {args.to}") as bar:
+            return keys.convert(store, args.to, bar)
+
+    r = run_op(args, "encryption.convert", {"to": args.to}, local)
     target = f"key version {r['key_version']}" if args.to == "encrypted" else "plain"
     print(f"converted {format_size(r['bytes_converted'])} to {target} "
           f"({r['segments_rewritten']} segments rewritten, {r['extents_left']} extents left)")
