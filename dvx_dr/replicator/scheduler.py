@@ -308,11 +308,19 @@ class Scheduler:
                                "rate_bytes_per_second": round(s.bytes_on_wire / s.seconds, 1)
                                if s.seconds else 0.0}
 
+        def retrying(n: int, delay: float, exc: DvxError) -> None:
+            # Shown at once: an operator watching status sees why a target is late while
+            # the retries run, not only after the last one.
+            status.last_error = f"{exc} (attempt {n} of {TARGET_ATTEMPTS}; retrying)"
+            status.last_error_time = time.time()
+            log.warning("group %s -> %s: attempt %d failed (%s); retrying in %.1fs", name,
+                        target.site, n, exc, delay)
+
         try:
             stats = await with_retries(
                 lambda: send_group(store, peer, name, snap.name, progress=progress,
                                    bandwidth_limit=target.bandwidth_limit),
-                attempts=TARGET_ATTEMPTS, base=1.0, cap=30.0)
+                attempts=TARGET_ATTEMPTS, base=1.0, cap=30.0, on_retry=retrying)
         finally:
             self._sending.discard((name, snap.name))
             status.progress = {}

@@ -248,26 +248,39 @@ class BlobStore:
                 pos += total
                 i += 1
 
-            def seal(chunk: Sequence[tuple[Payload, int, int]], seg: int = seg) -> bytes:
-                return b"".join(self._seal_extent(kv, p, seg, o) for p, o, _ in chunk)
+            # One buffer for the run; each worker seals its extents straight into their
+            # places (16 spare bytes at the end: OpenSSL writes through a longer window).
+            buf = bytearray(pos - off + extent.XTS_MIN)
+            view = memoryview(buf)
+
+            def seal(chunk: Sequence[tuple[Payload, int, int]], seg: int = seg,
+                     base: int = off, view: memoryview = view) -> None:
+                for p, o, _ in chunk:
+                    self._seal_extent_into(kv, p, seg, o, view[o - base:])
 
             parts = [plans[k:k + _CHUNK] for k in range(0, len(plans), _CHUNK)]
-            self.writer.write(b"".join(self.pool.map(seal, parts)))
+            for _ in self.pool.map(seal, parts):
+                pass
+            self.writer.write(view[:pos - off])
             for p, o, total in plans:
                 name = self.index.name(p.id)
                 out.append((p.id, (name, self.index.seal(name, p.id), seg, o, total,
                                    p.plain_len, kv)))
         return out
 
-    def _seal_extent(self, kv: int, p: Payload, seg: int, off: int) -> bytes:
+    def _seal_extent_into(self, kv: int, p: Payload, seg: int, off: int, out: memoryview
+                          ) -> None:
+        """Write the extent (header, then the payload, encrypted when ``kv``) into ``out``."""
         flags = extent.FLAG_COMPRESSED if p.compressed else 0
         if kv:
             flags |= extent.FLAG_ENCRYPTED
+        out[:extent.HEADER_SIZE] = extent.pack_header(flags, kv, len(p.data))
+        body = out[extent.HEADER_SIZE:]
+        if kv:
             assert self.cipher is not None
-            body = self.cipher.encrypt(kv, seg, off, extent.pad(p.data))
+            self.cipher.encrypt_into(kv, seg, off, extent.pad(p.data), body)
         else:
-            body = p.data
-        return extent.pack_header(flags, kv, len(p.data)) + body
+            body[:len(p.data)] = p.data
 
     def rewrite(self, rows: Sequence[int]) -> int:
         """Copy extents to the open segment under the current write setting (new tweaks).

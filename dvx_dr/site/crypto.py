@@ -81,6 +81,16 @@ class ExtentCipher:
         enc = self._cipher(version, segment, offset).encryptor()
         return enc.update(payload) + enc.finalize()
 
+    def encrypt_into(self, version: int, segment: int, offset: int, data: bytes,
+                     out: memoryview) -> None:
+        """Encrypt ``data`` into ``out``, which must have room for ``len(data) + 15`` bytes
+        (OpenSSL's rule for in-place output); exactly ``len(data)`` bytes are written."""
+        enc = self._cipher(version, segment, offset).encryptor()
+        n = enc.update_into(data, out)
+        tail = enc.finalize()
+        if n != len(data) or tail:
+            raise IntegrityError("XTS produced an unexpected output length")
+
     def decrypt(self, version: int, segment: int, offset: int, data: bytes) -> bytes:
         dec = self._cipher(version, segment, offset).decryptor()
         return dec.update(data) + dec.finalize()
