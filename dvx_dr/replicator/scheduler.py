@@ -313,6 +313,7 @@ class Scheduler:
             # the retries run, not only after the last one.
             status.last_error = f"{exc} (attempt {n} of {TARGET_ATTEMPTS}; retrying)"
             status.last_error_time = time.time()
+            status.errors_total += 1
             log.warning("group %s -> %s: attempt %d failed (%s); retrying in %.1fs", name,
                         target.site, n, exc, delay)
 
@@ -426,7 +427,7 @@ class Scheduler:
                [(lab, t.bytes_skipped_total) for lab, t, _ in rows])
         metric("replication_duration_seconds", "gauge", "Duration of the last transfer.",
                [(lab, round(t.duration, 3)) for lab, t, _ in rows])
-        metric("replication_errors_total", "counter", "Failed replication runs.",
+        metric("replication_errors_total", "counter", "Failed replication attempts.",
                [(lab, t.errors_total) for lab, t, _ in rows])
         metric("snapshot_errors", "gauge", "1 when the group's last snapshot failed.",
                [({"pg": g}, 1 if st.last_snapshot_error else 0)
