@@ -6,6 +6,7 @@ Used by ``bench/ingest.py`` and meant for ``bench/replicate.py``. Benchmarks are
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -283,11 +284,9 @@ def ensure_image(size: int, seed: int = 1) -> Path:
     image = work_dir() / f"image-{size}-seed{seed}.raw"
     meta_path = image.with_suffix(".json")
     meta = {"size": size, "seed": seed, "generator": datagen.GENERATOR_VERSION}
-    try:
+    with contextlib.suppress(OSError, ValueError):  # no or stale sidecar: generate anew
         if json.loads(meta_path.read_text()) == meta and image.stat().st_size == size:
             return image
-    except (OSError, ValueError):
-        pass
     tmp = image.with_suffix(".tmp")
     print(f"generating {human_size(size)} image (seed {seed}) -> {image}", file=sys.stderr)
     start = time.perf_counter()
@@ -303,8 +302,8 @@ def warm_cache(path: Path) -> None:
     """Read ``path`` once so that every measured run starts with it in the page cache."""
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(8 * 1024 * 1024)
-        while f.readinto(buf):
-            pass
+        while f.readinto(buf) > 0:
+            continue
 
 
 def copy_sparse(src: Path, dst: Path, chunk: int = 1024 * 1024) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from dvx_dr.errors import UserError
@@ -46,10 +47,8 @@ def parse_duration(text: str | int | float, what: str = "duration") -> float:
     if isinstance(text, int | float):
         return float(text)
     s = str(text).strip().lower()
-    try:
+    with contextlib.suppress(ValueError):
         return float(s)
-    except ValueError:
-        pass
     pos, total = 0, 0.0
     for m in _DURATION_RE.finditer(s):
         if m.start() != pos:

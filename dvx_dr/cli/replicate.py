@@ -10,6 +10,7 @@ from typing import Any
 
 from dvx_dr.cli.context import STORE_ENV, print_json, print_table
 from dvx_dr.errors import UserError
+from dvx_dr.site.store import lock_holder
 from dvx_dr.units import format_size
 
 CONFIG_ENV = "DVX_DR_CONFIG"
@@ -30,12 +31,9 @@ def admin_socket(args: argparse.Namespace) -> str:
         return str(load_site_config(Path(config)).admin_socket)
     store = args.store or os.environ.get(STORE_ENV)
     if store:
-        try:
-            lines = (Path(store) / "lock").read_text().splitlines()
-        except OSError:
-            lines = []
-        if len(lines) > 1:
-            return lines[1]
+        socket = lock_holder(Path(store))[1]
+        if socket is not None:
+            return socket
         raise UserError(f"no site is running on store {store}; start it with "
                         "'dvx-dr site serve --config site.yaml'")
     raise UserError(f"name the site: --config site.yaml (or ${CONFIG_ENV}), or --store DIR")

@@ -25,6 +25,7 @@ pass OpenSSL's strict X.509 checks (``VERIFY_X509_STRICT``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -200,10 +201,8 @@ def _host_name(host: str) -> x509.GeneralName:
     text = host.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
-    try:
+    with contextlib.suppress(ValueError):  # not an address: a DNS name
         return x509.IPAddress(ipaddress.ip_address(text))
-    except ValueError:
-        pass
     dns = text.lower().rstrip(".")
     labels = dns.split(".")
     if len(dns) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in labels):

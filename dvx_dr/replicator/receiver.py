@@ -13,13 +13,12 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from dvx_dr.errors import IntegrityError, NotFoundError, ProtocolError, UserError
 from dvx_dr.policies.model import Retention
-from dvx_dr.policies.retention import select_keep
 from dvx_dr.replicator import protocol
+from dvx_dr.replicator.retention import prune_groups
 from dvx_dr.site import groups, snapshots, tree
 from dvx_dr.site.blobs import Payload, blob_id, decompress
 from dvx_dr.site.store import Store
@@ -210,14 +209,5 @@ class Receiver:
             protect = [str(n) for n in request.get("protect", [])]
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"retention request is malformed ({exc})") from None
-        replicas = groups.list_groups(self.store, f"{source}/{pg}")
-        now = datetime.now(UTC)
-        keep = select_keep([(g.name, g.created_at) for g in replicas], rule, now, protect)
-        deleted = []
-        for g in replicas:
-            if g.name not in keep:
-                groups.delete(self.store, g.pg, g.name)
-                deleted.append(g.spec)
-        if deleted:
-            log.info("retention for %s/%s: deleted %s", source, pg, ", ".join(deleted))
+        keep, deleted = prune_groups(self.store, f"{source}/{pg}", rule, protect)
         return {"kept": sorted(keep), "deleted": deleted}

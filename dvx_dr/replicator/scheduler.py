@@ -39,8 +39,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from dvx_dr.errors import DvxError, StoreLockedError
 from dvx_dr.policies.loader import load_policy_dir, members_of
 from dvx_dr.policies.model import Hook, Policy, ReplicationTarget
-from dvx_dr.policies.retention import select_keep
 from dvx_dr.replicator.peer import with_retries
+from dvx_dr.replicator.retention import prune_groups
 from dvx_dr.replicator.sender import TransferStats, send_group
 from dvx_dr.site import groups, volumes
 from dvx_dr.site.store import Store, now_iso
@@ -500,14 +500,5 @@ def _prune_local(store: Store, pg: str, policy: Policy, sites: list[str],
     protect |= busy
     if existing:
         protect.add(existing[-1].name)  # the newest, which targets may still need
-    keep = select_keep([(g.name, g.created_at) for g in existing], policy.snapshot.retention,
-                       datetime.now(UTC), protect)
-    deleted = []
-    for g in existing:
-        if g.name not in keep:
-            groups.delete(store, g.pg, g.name)
-            deleted.append(g.spec)
-    if deleted:
-        log.info("group %s: retention deleted %s", pg, ", ".join(deleted))
-    return deleted
+    return prune_groups(store, pg, policy.snapshot.retention, protect)[1]
 

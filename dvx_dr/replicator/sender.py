@@ -26,7 +26,7 @@ from dvx_dr.replicator import protocol
 from dvx_dr.replicator.peer import PeerClient
 from dvx_dr.replicator.storethread import StoreThread
 from dvx_dr.site import groups, snapshots, tree
-from dvx_dr.site.blobs import Payload, blob_id
+from dvx_dr.site.blobs import Payload, blob_id, decompress
 from dvx_dr.site.tree import HOLE, Root
 
 LEAVES_PER_ROUND = 8
@@ -293,14 +293,16 @@ async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
     level = root.depth - 1
     while level >= 1 and frontier:
         missing = await _missing_pairs(frontier, have)
-        upper.append(await store.run(blobs.get_payloads, [p for p, _ in missing]))
-        frontier = await store.run(_child_pairs, store, missing)
+        pages = await store.run(blobs.get_payloads, [p for p, _ in missing])
+        upper.append(pages)
+        frontier = await store.run(_child_pairs, store, pages, [b for _, b in missing])
         level -= 1
     leaves = await _missing_pairs(frontier, have) if frontier else []
     sent: set[bytes] = set()
     for start in range(0, len(leaves), LEAVES_PER_ROUND):
         chunk = leaves[start:start + LEAVES_PER_ROUND]
-        pairs = await store.run(_child_pairs, store, chunk)
+        leaf_pages = await store.run(blobs.get_payloads, [page for page, _ in chunk])
+        pairs = await store.run(_child_pairs, store, leaf_pages, [b for _, b in chunk])
         wanted = list(dict.fromkeys(c for c, b in pairs if c != b and c not in sent))
         lacking: list[bytes] = await have(wanted) if wanted else []
         for s in range(0, len(lacking), 256):
@@ -308,7 +310,7 @@ async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
             for p in await store.run(blobs.get_payloads, part):
                 await batcher.add(protocol.KIND_BLOCK, p)
             sent.update(part)
-        for p in await store.run(blobs.get_payloads, [page for page, _ in chunk]):
+        for p in leaf_pages:
             await batcher.add(protocol.KIND_PAGE, p)
     for pages in reversed(upper):
         for p in pages:
@@ -322,11 +324,15 @@ async def _missing_pairs(pairs: list[Pair], have: Any) -> list[Pair]:
     return [(p, b) for p, b in pairs if p in missing]
 
 
-def _child_pairs(store: StoreThread, pairs: list[Pair]) -> list[Pair]:
-    """Each page's non-hole children, with the base page's child at the same place."""
+def _child_pairs(store: StoreThread, pages: list[Payload], bases: list[bytes | None]
+                 ) -> list[Pair]:
+    """Each page's non-hole children, with the base page's child at the same place. The
+    pages come as the payloads about to be sent (already read and verified), not read again.
+    """
     out: list[Pair] = []
-    for page, base in pairs:
-        children = tree.split_ids(store.store.blobs.get(page))
+    for page, base in zip(pages, bases, strict=True):
+        plain = decompress(page.data, page.plain_len) if page.compressed else page.data
+        children = tree.split_ids(plain)
         base_children: list[bytes | None] = [None] * len(children)
         if base is not None and base != HOLE:
             known = tree.split_ids(store.store.blobs.get(base))
@@ -334,7 +340,3 @@ def _child_pairs(store: StoreThread, pairs: list[Pair]) -> list[Pair]:
                 base_children = list(known)
         out.extend((c, b) for c, b in zip(children, base_children, strict=True) if c != HOLE)
     return out
-
-
-def _plain_pages(store: StoreThread, ids: list[bytes]) -> list[bytes]:
-    return [store.store.blobs.get(i) for i in ids]

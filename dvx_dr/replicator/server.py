@@ -149,23 +149,20 @@ SERVICE = web.AppKey("service", SiteService)
 # -- errors -----------------------------------------------------------------------------
 
 
+#: HTTP status per error class; the first match wins, so subclasses come before bases.
+_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (PeerRejected, 403),
+    (StoreLockedError, 423),
+    (ProtocolError, 400),
+    (NotFoundError, 404),
+    (IntegrityError, 422),
+    (UserError, 409),
+    (TransientError, 503),
+)
+
+
 def error_response(exc: BaseException) -> web.Response:
-    if isinstance(exc, PeerRejected):
-        status = 403
-    elif isinstance(exc, StoreLockedError):
-        status = 423
-    elif isinstance(exc, ProtocolError):
-        status = 400
-    elif isinstance(exc, NotFoundError):
-        status = 404
-    elif isinstance(exc, IntegrityError):
-        status = 422
-    elif isinstance(exc, UserError):
-        status = 409
-    elif isinstance(exc, TransientError):
-        status = 503
-    else:
-        status = 500
+    status = next((code for cls, code in _STATUS if isinstance(exc, cls)), 500)
     code = exc.exit_code if isinstance(exc, DvxError) else 1
     return web.json_response({"error": str(exc) or exc.__class__.__name__, "exit_code": code},
                              status=status)

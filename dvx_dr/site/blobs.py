@@ -259,8 +259,7 @@ class BlobStore:
                     self._seal_extent_into(kv, p, seg, o, view[o - base:])
 
             parts = [plans[k:k + _CHUNK] for k in range(0, len(plans), _CHUNK)]
-            for _ in self.pool.map(seal, parts):
-                pass
+            list(self.pool.map(seal, parts))  # waits, and raises what a worker raised
             self.writer.write(view[:pos - off])
             for p, o, total in plans:
                 name = self.index.name(p.id)
@@ -443,21 +442,6 @@ class BlobStore:
                     f"WHERE row IN ({marks})", part):
                 out[r[0]] = BlobRow(*r)
         return out
-
-    def get_payload(self, blob: bytes) -> Payload:
-        """A blob as it is sent to a peer: decrypted, still compressed, verified."""
-        row = self.lookup([blob]).get(blob)
-        if row is None:
-            raise IntegrityError(f"blob {blob.hex()[:16]}… is referenced but not in the store")
-        info = self.row_info(row)
-        compressed, payload = self.read_payload(info)
-        p = Payload(blob, compressed, payload, info.plain_len)
-        if not _verify_payload(p):
-            raise IntegrityError(
-                f"blob at segment {info.seg:08d} offset {info.off} fails its integrity check"
-            )
-        return p
-
 
 def _extent_len(p: Payload, kv: int) -> int:
     return extent.HEADER_SIZE + extent.stored_length(len(p.data), bool(kv))

@@ -78,8 +78,10 @@ class ExtentCipher:
         return Cipher(algorithms.AES(key), modes.XTS(tweak(segment, offset)))
 
     def encrypt(self, version: int, segment: int, offset: int, payload: bytes) -> bytes:
-        enc = self._cipher(version, segment, offset).encryptor()
-        return enc.update(payload) + enc.finalize()
+        """The same as the write path's ``encrypt_into``, returned as bytes."""
+        out = bytearray(len(payload) + 15)
+        self.encrypt_into(version, segment, offset, payload, memoryview(out))
+        return bytes(out[:len(payload)])
 
     def encrypt_into(self, version: int, segment: int, offset: int, data: bytes,
                      out: memoryview) -> None:

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dvx_dr.site import refs
+from dvx_dr.site import refs, snapshots
 from dvx_dr.site.segments import fsync_dir, segment_path
 from dvx_dr.site.store import Store
 
@@ -53,7 +53,7 @@ def mark(store: Store) -> set[int]:
         live.update(r for (r,) in store.db.execute("SELECT row FROM blobs WHERE row>?",
                                                    (floor,)))
     seen: set[bytes] = set()
-    for snap in refs.all_snapshots(store):
+    for snap in snapshots.list_snapshots(store):
         live.update(r.row for r in refs.snapshot_refs(store, snap, seen))
     return live
 

@@ -103,7 +103,7 @@ def enable(store: Store, new_password: str) -> dict[str, Any]:
         _require_keys(store)
         with store.transaction() as db:
             dbmod.set_meta(db, "encryption", "on")
-        store._apply_write_setting()
+        store.apply_write_setting()
         return {"encryption": "on", "changed": True, "new_keys": False}
     keys = KeyMaterial(new_index_key(), {1: new_tek()})
     fips = (store.meta("fips_mode") or "off") != "off"
@@ -128,7 +128,7 @@ def disable(store: Store) -> dict[str, Any]:
     _require_keys(store)
     with store.transaction() as db:
         dbmod.set_meta(db, "encryption", "off")
-    store._apply_write_setting()
+    store.apply_write_setting()
     return {"encryption": "off"}
 
 
@@ -154,7 +154,7 @@ def rotate_key(store: Store, password: str | None,
     store.install_keys(keys)
     with store.transaction() as db:
         dbmod.set_meta(db, "key_version", str(version))
-    store._apply_write_setting()
+    store.apply_write_setting()
     return {"key_version": version}
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from dvx_dr.errors import IntegrityError
 from dvx_dr.site import tree
-from dvx_dr.site.snapshots import SnapshotInfo, list_snapshots
+from dvx_dr.site.snapshots import SnapshotInfo
 from dvx_dr.site.store import Store
 from dvx_dr.site.tree import HOLE, Root
 
@@ -77,10 +77,6 @@ def snapshot_refs(store: Store, snap: SnapshotInfo, seen_pages: set[bytes]) -> I
             for row in store.blobs.lookup(new_pages).values():
                 yield Ref(row, what, -1)
             new_pages.clear()
-
-
-def all_snapshots(store: Store) -> list[SnapshotInfo]:
-    return list_snapshots(store)
 
 
 def group_refs(store: Store) -> Iterator[Ref]:

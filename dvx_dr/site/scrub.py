@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from dvx_dr.errors import IntegrityError
-from dvx_dr.site import refs
+from dvx_dr.site import refs, snapshots
 from dvx_dr.site.store import Store
 
 _BATCH = 256
@@ -31,7 +31,7 @@ def scrub(store: Store, progress: Callable[[int], None] | None = None) -> ScrubR
         _check(store, refs.live_refs(store), state, report, progress)
         _check(store, refs.group_refs(store), state, report, progress)
         seen: set[bytes] = set()
-        for snap in refs.all_snapshots(store):
+        for snap in snapshots.list_snapshots(store):
             try:
                 _check(store, refs.snapshot_refs(store, snap, seen), state, report, progress)
             except IntegrityError as exc:

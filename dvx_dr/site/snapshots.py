@@ -8,7 +8,6 @@ and commits the snapshot row in the same transaction, after every blob under it 
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import BinaryIO
 
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
 from dvx_dr.site import tree, volumes
+from dvx_dr.site.blobs import blob_id
 from dvx_dr.site.store import Store, now_iso
 from dvx_dr.site.tree import FANOUT, HOLE, Root
 
@@ -129,8 +129,7 @@ def create(store: Store, volume: str, name: str | None = None) -> SnapshotInfo:
 
 def blob_id_of(root: Root) -> bytes:
     """The id of a root blob (the snapshot's id)."""
-    from_pack = root.pack()
-    return hashlib.sha256(from_pack).digest()
+    return blob_id(root.pack())
 
 
 def record(store: Store, volume: str, name: str, root: Root, origin: str = "local",

@@ -87,7 +87,7 @@ class Store:
         self.blobs = BlobStore(db, self.writer, self.reader, PlainIndex(), None, self.pool)
         if keys is not None:
             self.install_keys(keys)
-        self._apply_write_setting()
+        self.apply_write_setting()
 
     @property
     def keyed(self) -> bool:
@@ -103,7 +103,7 @@ class Store:
         self.keys = keys
         self.blobs.index = IndexKeys(keys.index_key)
         self.blobs.cipher = ExtentCipher(keys.teks)
-        self._apply_write_setting()
+        self.apply_write_setting()
 
     def unlock(self, password: str) -> None:
         """Unwrap the keys of a locked store with its password."""
@@ -227,7 +227,7 @@ class Store:
         """Whether new extents are written encrypted."""
         return self.meta("encryption") == "on"
 
-    def _apply_write_setting(self) -> None:
+    def apply_write_setting(self) -> None:
         self.blobs.write_key_version = int(self.meta("key_version") or 0) if self.encrypted \
             else 0
 
@@ -297,21 +297,28 @@ def _unwrap(keystore: Keystore, password: PasswordSource | None, startup_key: Pa
     return keystore.unlock(password())
 
 
+def lock_holder(path: Path) -> tuple[str, str | None]:
+    """What the lock file of store ``path`` says: the owner's pid, and the admin socket of
+    the site serving it (None when the owner is not a running site). See ``announce``."""
+    try:
+        lines = (path / "lock").read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    return (lines[0] if lines else "unknown"), (lines[1] if len(lines) > 1 else None)
+
+
 def _lock(path: Path) -> int:
     fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        try:
-            lines = os.pread(fd, 4096, 0).decode(errors="replace").splitlines()
-        finally:
-            os.close(fd)
-        holder = lines[0] if lines else "unknown"
+        os.close(fd)
+        holder, socket = lock_holder(path)
         error = StoreBusyError(
             f"store {path} is in use by another dvx-dr process (pid {holder}); stop it, or "
             "run the command against the running site"
         )
-        error.admin_socket = lines[1] if len(lines) > 1 else None
+        error.admin_socket = socket
         raise error from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

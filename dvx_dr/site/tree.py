@@ -121,10 +121,6 @@ class GroupRoot:
             raise IntegrityError("group snapshot root blob has trailing bytes")
         return cls(tuple(members))
 
-    @staticmethod
-    def is_group(data: bytes) -> bool:
-        return data[:4] == GROUP_MAGIC
-
 
 def level_counts(nblocks: int) -> list[int]:
     """Pages per level, leaves first, up to the single top page."""
@@ -179,19 +175,6 @@ def _iter_pages(
         return
     for k, child in enumerate(ids):
         yield from _iter_pages(root, level - 1, index * FANOUT + k, child, get, prune)
-
-
-def iter_pages(root: Root, get: GetBlob) -> Iterator[tuple[int, bytes, list[bytes]]]:
-    """Yield ``(level, page id, child ids)`` for every stored page, top-down (for gc/scrub)."""
-    stack = [(root.depth - 1, 0, root.top)]
-    while stack:
-        level, index, page_id = stack.pop()
-        if is_hole(page_id) or child_count(root, level, index) == 0:
-            continue
-        ids = split_ids(get(page_id))
-        yield level, page_id, ids
-        if level > 0:
-            stack.extend((level - 1, index * FANOUT + k, c) for k, c in enumerate(ids))
 
 
 def diff_blocks(a: Root, b: Root, get: GetBlob) -> Iterator[int]:

@@ -98,15 +98,6 @@ def _drop(db: sqlite3.Connection, vol: int) -> None:
     db.execute("DELETE FROM volumes WHERE vol=?", (vol,))
 
 
-def rename(store: Store, old: str, new: str) -> None:
-    check_name(new)
-    vol = get(store, old).id
-    with store.transaction() as db:
-        if db.execute("SELECT 1 FROM volumes WHERE name=?", (new,)).fetchone():
-            raise AlreadyExistsError(f"volume {new!r} already exists")
-        db.execute("UPDATE volumes SET name=? WHERE vol=?", (new, vol))
-
-
 def resize(store: Store, name: str, size: int) -> None:
     """Grow or shrink a volume. Shrinking discards the blocks past the new end."""
     _check_size(size)

@@ -109,7 +109,7 @@ def _q(path: Path) -> str:
 
 
 class SiteNotReady(AssertionError):
-    pass
+    """A site process did not come up (its log is in the message)."""
 
 
 class Site:

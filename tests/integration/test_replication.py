@@ -364,14 +364,11 @@ class CuttingProxy:
 
     def _pump(self, src: socket.socket, dst: socket.socket, pair: tuple[socket.socket, ...],
               count: bool) -> None:
-        try:
+        with contextlib.suppress(OSError):  # either side closing ends the relay
             while data := src.recv(256 * KiB):
                 dst.sendall(data)
                 if count and self._crossed(len(data)):
-                    self._cut(pair)
-                    return
-        except OSError:
-            pass
+                    break
         self._cut(pair)
 
     def _crossed(self, n: int) -> bool:
