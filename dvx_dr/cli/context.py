@@ -10,11 +10,13 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dvx_dr.cli import remote
 from dvx_dr.errors import StoreBusyError, UserError
-from dvx_dr.site import ops
-from dvx_dr.site.store import Store
+
+if TYPE_CHECKING:
+    from dvx_dr.site.store import Store
 
 STORE_ENV = "DVX_DR_STORE"
 
@@ -102,13 +104,14 @@ def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
     admin socket, or else with the store opened here. ``local`` replaces the in-process
     implementation when it can do more here (stream to a file, draw a progress bar).
     ``locked_ok`` opens an encrypted store without asking for its password."""
+    from dvx_dr.site import ops  # the store's code, only for a command that opens a store
+    from dvx_dr.site.store import Store
+
     try:
         store = Store.open(store_path(args), None if locked_ok else password_source(args),
                            allow_locked=locked_ok)
     except StoreBusyError as exc:
         if exc.admin_socket:
-            from dvx_dr.cli import remote  # aiohttp, only when a site runs
-
             materialise = getattr(params, "materialise", None)
             return remote.call_op(exc.admin_socket, name,
                                   materialise() if materialise else params)

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from dvx_dr.cli import remote
 from dvx_dr.cli.context import add_store_args, print_json, print_table, run_op
 from dvx_dr.cli.replicate import add_site_args, admin_socket
 from dvx_dr.errors import DvxError
@@ -84,8 +85,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from dvx_dr.cli import remote
-
     result = remote.call_path(admin_socket(args), "POST", "/reload")
     for error in result["errors"]:
         print(f"dvx-dr: error: {error}", file=sys.stderr)
@@ -94,8 +93,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from dvx_dr.cli import remote
-
     status = remote.status(admin_socket(args))
     groups = status.get("groups", {})
     if args.json:
@@ -114,8 +111,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from dvx_dr.cli import remote
-
     status = remote.status(admin_socket(args))
     group = status.get("groups", {}).get(args.name)
     if group is None:

@@ -1,17 +1,25 @@
-"""Reaching a running site through its admin socket (HTTP over a Unix socket)."""
+"""Reaching a running site through its admin socket: HTTP/1.1 over a Unix socket.
+
+The client is the standard library's ``http.client`` with the connection pointed at the socket
+file. A command that talks to a running site therefore starts without importing aiohttp or
+asyncio (about 0.2 s on a small machine), which matters for commands run often from scripts
+(``dvx-dr replicate``, ``dvx-dr status``). The site's side of the socket is aiohttp
+(``replicator.server``); requests and answers are JSON, and ``/replicate`` answers with one
+JSON object per line (NDJSON) while the transfer runs.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import http.client
 import json
-from collections.abc import Callable
+import socket as socketmod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
-
-import aiohttp
 
 from dvx_dr.errors import DvxError, IntegrityError, TransientError, UserError
 
-BASE = "http://site/admin/v1"
+PREFIX = "/admin/v1"
 
 
 class RemoteError(DvxError):
@@ -20,7 +28,24 @@ class RemoteError(DvxError):
         self.exit_code = exit_code
 
 
-def _raise(body: dict[str, Any], status: int) -> None:
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("site")  # the Host header; the socket file is the address
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _raise(body: Any, status: int) -> None:
+    if not isinstance(body, dict):
+        body = {}
     message = str(body.get("error") or f"HTTP {status}")
     code = int(body.get("exit_code", 2 if status < 500 else 1))
     if code == 3:
@@ -30,58 +55,56 @@ def _raise(body: dict[str, Any], status: int) -> None:
     raise RemoteError(message, code)
 
 
-def _session(socket: str) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=socket),
-                                 timeout=aiohttp.ClientTimeout(total=None))
-
-
-async def _call(socket: str, method: str, path: str, body: Any = None) -> Any:
+def _decode(raw: bytes, socket: str) -> Any:
     try:
-        async with _session(socket) as http, http.request(method, BASE + path,
-                                                          json=body) as resp:
-            data = await resp.json(content_type=None)
-            if resp.status >= 300:
-                _raise(data, resp.status)
-            return data
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, FileNotFoundError,
-            ConnectionRefusedError) as exc:
+        return json.loads(raw)
+    except ValueError:
+        raise TransientError(f"the site at {socket} sent an answer that is not JSON: "
+                             f"{raw[:200]!r}") from None
+
+
+@contextmanager
+def _request(socket: str, method: str, path: str, body: Any = None
+             ) -> Iterator[http.client.HTTPResponse]:
+    conn = _UnixConnection(socket)
+    try:
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {} if payload is None else {"Content-Type": "application/json"}
+        conn.request(method, PREFIX + path, body=payload, headers=headers)
+        response = conn.getresponse()
+        if response.status >= 300:
+            _raise(_decode(response.read(), socket), response.status)
+        yield response
+    except (OSError, http.client.HTTPException) as exc:
         raise TransientError(f"cannot reach the running site at {socket}: {exc}") from None
-
-
-def call_op(socket: str, name: str, params: dict[str, Any]) -> Any:
-    return asyncio.run(_call(socket, "POST", f"/ops/{name}", params))["result"]
+    finally:
+        conn.close()
 
 
 def call_path(socket: str, method: str, path: str, body: Any = None) -> Any:
-    return asyncio.run(_call(socket, method, path, body))
+    with _request(socket, method, path, body) as response:
+        return _decode(response.read(), socket)
+
+
+def call_op(socket: str, name: str, params: dict[str, Any]) -> Any:
+    return call_path(socket, "POST", f"/ops/{name}", params)["result"]
 
 
 def status(socket: str) -> dict[str, Any]:
-    return dict(asyncio.run(_call(socket, "GET", "/status")))
+    return dict(call_path(socket, "GET", "/status"))
 
 
 def replicate(socket: str, params: dict[str, Any],
               on_line: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Start a transfer at the site; feeds progress lines to ``on_line``; returns the stats."""
-
-    async def run() -> dict[str, Any]:
-        try:
-            async with _session(socket) as http, http.post(BASE + "/replicate",
-                                                           json=params) as resp:
-                if resp.status >= 300:
-                    _raise(await resp.json(content_type=None), resp.status)
-                async for raw in resp.content:
-                    if not raw.strip():
-                        continue
-                    line = json.loads(raw)
-                    if "error" in line:
-                        _raise(line, 500)
-                    if "done" in line:
-                        return dict(line["done"])
-                    on_line(line)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, FileNotFoundError,
-                ConnectionRefusedError) as exc:
-            raise TransientError(f"cannot reach the running site at {socket}: {exc}") from None
-        raise TransientError("the site closed the connection before the transfer ended")
-
-    return asyncio.run(run())
+    with _request(socket, "POST", "/replicate", params) as response:
+        for raw in response:
+            if not raw.strip():
+                continue
+            line = _decode(raw, socket)
+            if "error" in line:
+                _raise(line, 500)
+            if "done" in line:
+                return dict(line["done"])
+            on_line(line)
+    raise TransientError("the site closed the connection before the transfer ended")

@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from dvx_dr.cli import remote
 from dvx_dr.cli.context import STORE_ENV, print_json, print_table
 from dvx_dr.errors import UserError
-from dvx_dr.site.store import lock_holder
+from dvx_dr.site import lockfile
 from dvx_dr.units import format_size
 
 CONFIG_ENV = "DVX_DR_CONFIG"
@@ -26,17 +29,36 @@ def add_site_args(parser: argparse.ArgumentParser) -> None:
 def admin_socket(args: argparse.Namespace) -> str:
     config = args.config or os.environ.get(CONFIG_ENV)
     if config:
-        from dvx_dr.site.config import load_site_config  # pydantic, only with --config
-
-        return str(load_site_config(Path(config)).admin_socket)
+        return socket_from_config(Path(config))
     store = args.store or os.environ.get(STORE_ENV)
     if store:
-        socket = lock_holder(Path(store))[1]
+        socket = lockfile.holder(Path(store))[1]
         if socket is not None:
             return socket
         raise UserError(f"no site is running on store {store}; start it with "
                         "'dvx-dr site serve --config site.yaml'")
     raise UserError(f"name the site: --config site.yaml (or ${CONFIG_ENV}), or --store DIR")
+
+
+def socket_from_config(path: Path) -> str:
+    """The admin socket that ``site.yaml`` at ``path`` names. The running site validated its
+    file when it started, and the client needs only this one key, so the common case reads it
+    with PyYAML alone, resolving it as the site does (``~`` expanded, relative to the file's
+    directory); validating the whole file with pydantic would cost about 0.1 s of every
+    command's start. A file without a usable ``admin_socket`` goes through the full validation
+    for its error message."""
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"),
+                         Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        value = data.get("admin_socket") if isinstance(data, dict) else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        value = None
+    if isinstance(value, str) and value.strip():
+        socket = Path(value).expanduser()
+        return str(socket if socket.is_absolute() else path.absolute().parent / socket)
+    from dvx_dr.site.config import load_site_config  # pydantic, for the error message
+
+    return str(load_site_config(path).admin_socket)
 
 
 def register(groups: Any) -> None:
@@ -59,12 +81,8 @@ def register(groups: Any) -> None:
 def cmd_replicate(args: argparse.Namespace) -> int:
     if bool(args.snapshot) == bool(args.volume):
         raise UserError("give either a snapshot (VOLUME@NAME) or --volume VOLUME")
-    from tqdm import tqdm
-
-    from dvx_dr.cli import remote
-
     socket = admin_socket(args)
-    bar: tqdm[Any] | None = None
+    bar: Any = None
 
     def on_line(line: dict[str, Any]) -> None:
         nonlocal bar
@@ -73,6 +91,8 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         if "progress" in line and sys.stderr.isatty():
             p = line["progress"]
             if bar is None:
+                from tqdm import tqdm  # only on a terminal
+
                 bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, leave=False,
                            desc=f"replicate to {args.to} (on the wire)")
             bar.n = p["bytes_on_wire"]
@@ -102,8 +122,6 @@ def cmd_replicate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dvx_dr.cli import remote
-
     status = remote.status(admin_socket(args))
     if args.json:
         print_json(status)

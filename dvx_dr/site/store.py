@@ -6,7 +6,7 @@ Layout of a store directory::
     keystore.json            wrapped keys (see ``keystore``); absent on a store never encrypted
     segments/NNNNNNNN.seg    extents (see ``segments`` and ``extent``)
     segments/next            the segment number high-water mark
-    lock                     held (flock) by the one process that owns the store
+    lock                     held (flock) by the one process that owns the store (see ``lockfile``)
 
 One process owns a store at a time. Everything that changes the store goes through one
 ``Store`` object, and through ``Store.transaction()``.
@@ -15,7 +15,6 @@ One process owns a store at a time. Everything that changes the store goes throu
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import re
 import sqlite3
@@ -29,12 +28,12 @@ from pathlib import Path
 
 from dvx_dr.errors import (
     KeysDestroyedError,
-    StoreBusyError,
     StoreFullError,
     StoreLockedError,
     UserError,
 )
 from dvx_dr.site import db as dbmod
+from dvx_dr.site import lockfile
 from dvx_dr.site.blobs import BlobStore
 from dvx_dr.site.crypto import ExtentCipher, IndexKeys, PlainIndex, new_index_key, new_tek
 from dvx_dr.site.keystore import KeyMaterial, Keystore, check_password_strength
@@ -166,7 +165,7 @@ class Store:
         if not (path / DB_NAME).exists():
             raise UserError(f"{path} is not a dvx-dr store (no {DB_NAME}); create one with "
                             "'dvx-dr site init'")
-        lock_fd = _lock(path)
+        lock_fd = lockfile.acquire(path)
         try:
             db = dbmod.open_db(path / DB_NAME)
             keys = keystore = None
@@ -201,8 +200,7 @@ class Store:
     def announce(self, admin_socket: str) -> None:
         """Record in the lock file where the owning site's admin socket is, for the CLI."""
         self.served = True
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, f"{os.getpid()}\n{admin_socket}\n".encode(), 0)
+        lockfile.announce(self._lock_fd, admin_socket)
 
     def close(self) -> None:
         self.writer.close()
@@ -295,31 +293,3 @@ def _unwrap(keystore: Keystore, password: PasswordSource | None, startup_key: Pa
         raise StoreLockedError(f"store {path} is encrypted: give its password "
                                "(--password-file FILE, or type it at the prompt)")
     return keystore.unlock(password())
-
-
-def lock_holder(path: Path) -> tuple[str, str | None]:
-    """What the lock file of store ``path`` says: the owner's pid, and the admin socket of
-    the site serving it (None when the owner is not a running site). See ``announce``."""
-    try:
-        lines = (path / "lock").read_text(errors="replace").splitlines()
-    except OSError:
-        lines = []
-    return (lines[0] if lines else "unknown"), (lines[1] if len(lines) > 1 else None)
-
-
-def _lock(path: Path) -> int:
-    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        holder, socket = lock_holder(path)
-        error = StoreBusyError(
-            f"store {path} is in use by another dvx-dr process (pid {holder}); stop it, or "
-            "run the command against the running site"
-        )
-        error.admin_socket = socket
-        raise error from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd

@@ -1,0 +1,59 @@
+"""The store's lock file: which process owns the store, and how to reach it.
+
+``STORE/lock`` is held with ``flock`` by the one process that has the store open. Its text is
+the owner's pid on the first line and, when the owner is a running site (``site serve``), the
+path of that site's admin socket on the second::
+
+    4242
+    /run/dvx-dr/site-a.sock
+
+A command that finds the store locked reads the second line and sends its operation to the
+running site instead. This module imports nothing heavy, so the command line can find a
+running site without loading the store's code.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from dvx_dr.errors import StoreBusyError
+
+NAME = "lock"
+
+
+def holder(path: Path) -> tuple[str, str | None]:
+    """The owner's pid (as text) and the admin socket of the site serving store ``path``
+    (None when the owner is not a running site)."""
+    try:
+        lines = (path / NAME).read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    return (lines[0] if lines else "unknown"), (lines[1] if len(lines) > 1 else None)
+
+
+def acquire(path: Path) -> int:
+    """Take the lock of store ``path`` and write our pid; the open descriptor holds it.
+    :class:`StoreBusyError`, carrying the owner's admin socket, when another process has it."""
+    fd = os.open(path / NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid, socket = holder(path)
+        error = StoreBusyError(
+            f"store {path} is in use by another dvx-dr process (pid {pid}); stop it, or "
+            "run the command against the running site"
+        )
+        error.admin_socket = socket
+        raise error from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def announce(fd: int, admin_socket: str) -> None:
+    """Record, in the lock file held through ``fd``, the admin socket of the owning site."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n{admin_socket}\n".encode(), 0)
