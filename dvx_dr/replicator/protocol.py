@@ -1,13 +1,16 @@
-"""The replication wire format between sites, version 1.
+"""The replication wire format between sites, version 2.
 
 A transfer runs over HTTPS (mutual TLS) as a short series of requests from the source site to
 the target site, all under ``/v1/replication``:
 
-``POST /sessions``  JSON ``{"version": 1, "volume": "vm1", "snapshot": "daily-1",
-    "root": "<hex id>", "created": "<ISO time>"}`` for one volume's snapshot, or with
-    ``"group": "pg1"`` instead of ``"volume"`` for a protection-group snapshot (root = the
-    group root); answers ``{"session": "<id>", "complete": bool}`` (complete: the target
-    already holds this replica).
+``POST /sessions``  JSON ``{"version": 2, "volume": "vm1", "snapshot": "daily-1",
+    "root": "<hex id>", "created": "<ISO time>", "ask": ["<hex id>", ...]}`` for one volume's
+    snapshot, or with ``"group": "pg1"`` instead of ``"volume"`` for a protection-group
+    snapshot (root = the group root); answers ``{"session": "<id>", "complete": bool,
+    "lacking": ["<hex id>", ...]}`` (complete: the target already holds this replica). ``ask``
+    (optional, at most ``MAX_ASK`` ids) is a first ``have`` question folded into the opening:
+    the source asks about the root and the roots of earlier snapshots it could use as bases,
+    and ``lacking`` lists those the target does not hold.
 
 ``POST /sessions/<id>/have``  body: concatenated 32-byte ids (at most ``MAX_HAVE_IDS``);
     answers one byte per id: 1 when the target lacks it, 0 when it holds it. The source walks
@@ -34,14 +37,24 @@ Batch layout, all integers little-endian::
     record header (44 bytes), repeated
       0   1   kind: 1 = data block, 2 = tree page, 3 = snapshot root, 4 = group root,
               0 = end of batch
-      1   1   flags: bit 0 = payload is zstd-compressed; other bits must be zero
+      1   1   flags: bit 0 = payload is zstd-compressed;
+                     bit 1 = a base page id follows (tree pages only); other bits zero
       2   2   reserved (0)
       4   4   plaintext length
       8   4   payload length
       12  32  blob id = SHA-256(plaintext)
+    base page id (32 bytes, only with flag bit 1)
     payload (payload length bytes)
     ...
     end record: kind 0 with every other field zero; nothing may follow it.
+
+A tree page may name a *base page*: a page the target holds (the page at the same place in
+an earlier snapshot whose root the target holds). Holding a page means holding everything
+under it, so the target checks only the children that differ from the base page's, and the
+cost of checking a page is in proportion to what changed, not to the page's 512 entries.
+
+Version 2 added the base page and ``ask``; a version-1 peer is refused with a message naming
+both versions.
 
 Hard limits: a payload and a plaintext at most ``MAX_PLAIN`` bytes; at most
 ``MAX_RECORDS`` records and ``MAX_BATCH`` bytes per batch. Records come bottom-up: a tree page
@@ -58,7 +71,7 @@ from dataclasses import dataclass
 
 from dvx_dr.errors import ProtocolError
 
-VERSION = 1
+VERSION = 2
 BATCH_MAGIC = b"DXRB"
 _BATCH_HEADER = struct.Struct("<4sB3x")
 _RECORD = struct.Struct("<BBHII32s")
@@ -68,10 +81,12 @@ KIND_PAGE = 2
 KIND_ROOT = 3
 KIND_GROUP = 4
 FLAG_COMPRESSED = 0x01
+FLAG_BASE = 0x02
 MAX_PLAIN = 4 * 1024 * 1024
 MAX_RECORDS = 4096
 MAX_BATCH = 64 * 1024 * 1024
 MAX_HAVE_IDS = 16384
+MAX_ASK = 256
 ID = 32
 
 
@@ -82,13 +97,16 @@ class Record:
     plain_len: int
     id: bytes
     payload: bytes
+    base: bytes | None = None  # tree pages: a page the target holds that this one revises
 
 
 def encode_batch(records: Iterable[Record]) -> bytes:
     parts = [_BATCH_HEADER.pack(BATCH_MAGIC, VERSION)]
     for r in records:
-        parts.append(_RECORD.pack(r.kind, FLAG_COMPRESSED if r.compressed else 0, 0,
-                                  r.plain_len, len(r.payload), r.id))
+        flags = (FLAG_COMPRESSED if r.compressed else 0) | (FLAG_BASE if r.base else 0)
+        parts.append(_RECORD.pack(r.kind, flags, 0, r.plain_len, len(r.payload), r.id))
+        if r.base:
+            parts.append(r.base)
         parts.append(r.payload)
     parts.append(_RECORD.pack(KIND_END, 0, 0, 0, 0, bytes(ID)))
     return b"".join(parts)
@@ -127,8 +145,16 @@ def _records(data: bytes, pos: int) -> Iterator[Record]:
             return
         if kind not in (KIND_BLOCK, KIND_PAGE, KIND_ROOT, KIND_GROUP):
             raise ProtocolError(f"record {count} has unknown kind {kind}")
-        if flags & ~FLAG_COMPRESSED or reserved:
+        if flags & ~(FLAG_COMPRESSED | FLAG_BASE) or reserved:
             raise ProtocolError(f"record {count} has unknown flags {flags:#x}")
+        base = None
+        if flags & FLAG_BASE:
+            if kind != KIND_PAGE:
+                raise ProtocolError(f"record {count} names a base page but is not a tree page")
+            if pos + ID > len(data):
+                raise ProtocolError(f"batch is truncated inside record {count}'s base id")
+            base = bytes(view[pos:pos + ID])
+            pos += ID
         if length > MAX_PLAIN or plain_len > MAX_PLAIN:
             raise ProtocolError(f"record {count} claims {max(length, plain_len)} bytes, above "
                                 f"the limit of {MAX_PLAIN}")
@@ -141,12 +167,28 @@ def _records(data: bytes, pos: int) -> Iterator[Record]:
         if count > MAX_RECORDS:
             raise ProtocolError(f"batch has more than {MAX_RECORDS} records")
         yield Record(kind, bool(flags & FLAG_COMPRESSED), plain_len, blob_id,
-                     bytes(view[pos:pos + length]))
+                     bytes(view[pos:pos + length]), base)
         pos += length
 
 
 def encode_ids(ids: Iterable[bytes]) -> bytes:
     return b"".join(ids)
+
+
+def decode_ask(value: object) -> list[bytes]:
+    """The ``ask`` list of a session request: at most ``MAX_ASK`` hex ids."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_ASK:
+        raise ProtocolError(f"session request: 'ask' must be a list of at most {MAX_ASK} ids")
+    try:
+        ids = [bytes.fromhex(v) for v in value]
+    except (TypeError, ValueError):
+        raise ProtocolError("session request: 'ask' holds something that is not a hex id"
+                            ) from None
+    if any(len(i) != ID for i in ids):
+        raise ProtocolError("session request: an id in 'ask' is not 32 bytes")
+    return ids
 
 
 def decode_ids(data: bytes) -> list[bytes]:

@@ -4,7 +4,8 @@ Every method is synchronous and runs in the site's store thread. A batch is pars
 payload verified (``SHA-256(plaintext) == id``) and every tree page and root checked for
 completeness (each child it names is a hole, already durable here, or earlier in the same
 batch) *before* anything is written; then the payloads are re-encrypted with this site's key,
-fsync'ed and indexed in one transaction. A bad batch therefore writes nothing.
+fsync'ed and indexed in one transaction. A bad batch therefore writes nothing. A page that
+names a base page held here is checked only where it differs from the base (see ``protocol``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Receiver:
             name = str(request["snapshot"])
             root = bytes.fromhex(str(request["root"]))
             created = str(request.get("created") or "")
+            ask = protocol.decode_ask(request.get("ask"))
         except (KeyError, TypeError, ValueError):
             raise ProtocolError("session request is malformed: expected version, volume, "
                                 "snapshot and root") from None
@@ -78,13 +80,15 @@ class Receiver:
             if existing != root:
                 raise UserError(f"replica {session.replica_volume}@{name} already exists here "
                                 "with different content; delete it first")
-            return {"session": None, "complete": True}
+            return {"session": None, "complete": True, "lacking": []}
         if len(self.sessions) >= MAX_SESSIONS:
             raise ProtocolError("too many open replication sessions; retry later")
         self.sessions[session.id] = session
         self.store.pin(session.id)
         log.info("session %s from %s: %s@%s", session.id[:8], source, volume, name)
-        return {"session": session.id, "complete": False}
+        known = self.store.blobs.lookup(ask)
+        return {"session": session.id, "complete": False,
+                "lacking": [i.hex() for i in ask if i not in known]}
 
     def _existing(self, s: Session) -> bytes | None:
         try:
@@ -122,11 +126,18 @@ class Receiver:
         payloads = [Payload(r.id, r.compressed, r.payload, r.plain_len) for r in records]
         plains = self._verify(records)
         in_batch = {r.id for r in records}
+        bases = self._base_pages({r.base for r in records if r.base})
         needed: set[bytes] = set()
         for r, plain in zip(records, plains, strict=True):
             if r.kind == protocol.KIND_PAGE:
                 assert plain is not None
-                needed.update(c for c in tree.split_ids(plain) if c != HOLE)
+                children = tree.split_ids(plain)
+                known = bases.get(r.base) if r.base else None
+                if known is not None and len(known) == len(children):
+                    needed.update(c for c, k in zip(children, known, strict=True)
+                                  if c != k and c != HOLE)
+                else:
+                    needed.update(c for c in children if c != HOLE)
             elif r.kind == protocol.KIND_ROOT:
                 assert plain is not None
                 top = Root.unpack(plain).top
@@ -148,6 +159,13 @@ class Receiver:
         s.blobs += len(records)
         s.bytes += size
         return {"stored": len(records), "bytes": size}
+
+    def _base_pages(self, ids: set[bytes]) -> dict[bytes, list[bytes]]:
+        """The children of each named base page, read (and verified) from this store. A base
+        the store lacks is left out: its page is then checked child by child."""
+        found = list(self.store.blobs.lookup(ids).items())
+        plains = self.store.blobs.get_rows([row for _, row in found])
+        return {i: tree.split_ids(plain) for (i, _), plain in zip(found, plains, strict=True)}
 
     def _verify(self, records: list[protocol.Record]) -> list[bytes | None]:
         """Check every payload against its id (in the worker pool); plaintext of pages/roots."""

@@ -1,11 +1,15 @@
 """The source side of a transfer: walk the snapshot tree against the target, stream what it lacks.
 
-1. Open a session naming the snapshot and its root id. If the target already holds the replica,
-   stop. If it holds the root blob, everything under it is there too (pages are only ever stored
-   after their children), so only the commit is left.
-2. Walk the tree top-down, level by level, asking the target which page ids it lacks
-   (``have``) and descending only into those. Leaves are handled a few at a time: their block
-   ids are asked for, the missing blocks sent, then the leaf pages themselves.
+1. Open a session naming the snapshot and its root id, asking at once whether the target holds
+   the root and the roots of the last few earlier snapshots (candidate *bases*). If the target
+   already holds the replica, stop. If it holds the root blob, everything under it is there
+   too (pages are only ever stored after their children), so only the commit is left.
+2. Walk the tree top-down, level by level, beside the newest base the target holds, asking
+   the target which page ids it lacks (``have``) and descending only into those; an id equal
+   to the base's at the same place is known to be there and is not asked about. Leaves are
+   handled many at a time: their changed block ids are asked for, the missing blocks sent,
+   then the leaf pages themselves, each naming its base page so that the target checks only
+   the entries that changed.
 3. Send the missing upper pages bottom-up, then the root, then commit.
 
 Store reads (decrypting with this site's key, checking each blob's id) run in the store thread
@@ -21,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dvx_dr.errors import ProtocolError, UserError
+from dvx_dr.errors import IntegrityError, ProtocolError, UserError
 from dvx_dr.replicator import protocol
 from dvx_dr.replicator.peer import PeerClient
 from dvx_dr.replicator.storethread import StoreThread
@@ -29,7 +33,7 @@ from dvx_dr.site import groups, snapshots, tree
 from dvx_dr.site.blobs import Payload, blob_id, decompress
 from dvx_dr.site.tree import HOLE, Root
 
-LEAVES_PER_ROUND = 8
+LEAVES_PER_ROUND = 64
 BATCH_PAYLOAD = 8 * 1024 * 1024
 QUEUE_DEPTH = 2
 
@@ -69,11 +73,12 @@ class _Batcher:
         self.records: list[protocol.Record] = []
         self.size = 0
 
-    async def add(self, kind: int, p: Payload) -> None:
+    async def add(self, kind: int, p: Payload, base: bytes | None = None) -> None:
         if self.records and (len(self.records) >= protocol.MAX_RECORDS
                              or self.size + len(p.data) > BATCH_PAYLOAD):
             await self.flush()
-        self.records.append(protocol.Record(kind, p.compressed, p.plain_len, p.id, p.data))
+        self.records.append(protocol.Record(kind, p.compressed, p.plain_len, p.id, p.data,
+                                            base if base and base != HOLE else None))
         self.size += len(p.data)
         if kind == protocol.KIND_BLOCK:
             self.stats.blocks_sent += 1
@@ -145,13 +150,21 @@ async def _transfer(
 ) -> TransferStats:
     started = time.monotonic()
     stats.logical_bytes = sum(r.mapped_blocks * r.block_size for _, r in roots)
-    opened = await peer.post_json("/sessions", request)
+    ask = _ask_list(top_id, bases)
+    opened = await peer.post_json("/sessions", request | {"ask": [i.hex() for i in ask]})
+    stats.ids_exchanged += len(ask)
+    stats.id_bytes += 2 * protocol.ID * len(ask)
     if opened["complete"]:
         stats.already_replicated = True
         stats.bytes_skipped = stats.logical_bytes
         stats.seconds = time.monotonic() - started
         return stats
     sid = opened["session"]
+    try:
+        lacking = {bytes.fromhex(i) for i in opened.get("lacking", [])}
+    except (TypeError, ValueError):
+        raise ProtocolError("the target's session answer has a malformed 'lacking' list"
+                            ) from None
 
     async def have(ids: list[bytes]) -> list[bytes]:
         missing: list[bytes] = []
@@ -171,9 +184,9 @@ async def _transfer(
 
     async def produce() -> None:
         try:
-            if not await have([top_id]):
+            if top_id not in lacking:
                 return  # the target holds the top blob, so everything under it
-            usable = await have_all(bases, have)
+            usable = await store.run(_usable_bases, store, bases, set(ask) - lacking)
             for root_id, root in roots:
                 if group_blob is not None and not await have([root_id]):
                     continue
@@ -227,17 +240,19 @@ async def _transfer(
 
 # -- bases: earlier snapshots the target may hold whole ---------------------------------------
 
-#: How many earlier snapshots are offered as bases (newest first, one have request for all).
-BASE_CANDIDATES = 4
-#: new root id -> candidate bases (root id, root), newest first
-Bases = dict[bytes, list[tuple[bytes, Root]]]
+#: How many earlier snapshots of a volume are offered as bases, newest first. They are asked
+#: about when the session opens (at most ``protocol.MAX_ASK`` ids in all), so a target that
+#: missed a few transfers still gets an incremental walk.
+BASE_CANDIDATES = 32
+#: new root id -> candidate base root ids, newest first
+Bases = dict[bytes, list[bytes]]
 
 
 def _volume_bases(store: StoreThread, snap: snapshots.SnapshotInfo, root_id: bytes) -> Bases:
     """The last few snapshots of the same volume taken before this one."""
     earlier = [s for s in snapshots.list_snapshots(store.store, snap.volume) if s.id < snap.id]
-    found = [_root(store, s) for s in reversed(earlier[-BASE_CANDIDATES:])]
-    return {root_id: [(b, r) for b, r in found if b != root_id]}
+    ids = [store.store.blobs.id_of(s.root_row) for s in reversed(earlier[-BASE_CANDIDATES:])]
+    return {root_id: [b for b in ids if b != root_id]}
 
 
 def _group_bases(store: StoreThread, group: groups.GroupInfo,
@@ -246,25 +261,34 @@ def _group_bases(store: StoreThread, group: groups.GroupInfo,
     earlier = [g for g in groups.list_groups(store.store, group.pg) if g.id < group.id]
     out: Bases = {r: [] for _, r, _ in members}
     for g in reversed(earlier[-BASE_CANDIDATES:]):
-        before = {v: (r, root) for v, r, root in groups.volume_roots(store.store, g)}
+        before = {v: r for v, r, _ in groups.volume_roots(store.store, g)}
         for v, r, _ in members:
-            if v in before and before[v][0] != r:
+            if v in before and before[v] != r:
                 out[r].append(before[v])
     return out
 
 
-async def have_all(bases: Bases, have: Any) -> dict[bytes, Root]:
-    """For each new root, the newest candidate base the target holds (holding a root means
-    holding its whole tree)."""
-    ask = list(dict.fromkeys(b for cands in bases.values() for b, _ in cands))
-    if not ask:
-        return {}
-    missing = set(await have(ask))
+def _ask_list(top_id: bytes, bases: Bases) -> list[bytes]:
+    """What to ask about when the session opens: the top blob, then the candidate bases,
+    each root's newest first, round-robin so that a group's every member gets its newest
+    candidates within the ``MAX_ASK`` limit."""
+    ask = {top_id: None}
+    depth = max((len(c) for c in bases.values()), default=0)
+    for k in range(depth):
+        for cands in bases.values():
+            if k < len(cands) and len(ask) < protocol.MAX_ASK:
+                ask.setdefault(cands[k], None)
+    return list(ask)
+
+
+def _usable_bases(store: StoreThread, bases: Bases, held: set[bytes]) -> dict[bytes, Root]:
+    """For each new root, the root of its newest candidate base that the target holds
+    (holding a root means holding its whole tree)."""
     chosen = {}
     for root_id, cands in bases.items():
-        held = [base for b, base in cands if b not in missing]
-        if held:
-            chosen[root_id] = held[0]
+        base = next((b for b in cands if b in held), None)
+        if base is not None:
+            chosen[root_id] = Root.unpack(store.store.blobs.get(base))
     return chosen
 
 
@@ -288,14 +312,15 @@ async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
     blobs = store.store.blobs
     if base is not None and (base.depth, base.nblocks) != (root.depth, root.nblocks):
         base = None
-    upper: list[list[Payload]] = []  # missing pages of levels >= 1, top level first
+    upper: list[tuple[list[Payload], list[bytes | None]]] = []  # levels >= 1, top first
     frontier: list[Pair] = [] if root.top == HOLE else [(root.top, base.top if base else None)]
     level = root.depth - 1
     while level >= 1 and frontier:
         missing = await _missing_pairs(frontier, have)
         pages = await store.run(blobs.get_payloads, [p for p, _ in missing])
-        upper.append(pages)
-        frontier = await store.run(_child_pairs, store, pages, [b for _, b in missing])
+        page_bases = [b for _, b in missing]
+        upper.append((pages, page_bases))
+        frontier = await store.run(_child_pairs, store, pages, page_bases)
         level -= 1
     leaves = await _missing_pairs(frontier, have) if frontier else []
     sent: set[bytes] = set()
@@ -310,11 +335,11 @@ async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
             for p in await store.run(blobs.get_payloads, part):
                 await batcher.add(protocol.KIND_BLOCK, p)
             sent.update(part)
-        for p in leaf_pages:
-            await batcher.add(protocol.KIND_PAGE, p)
-    for pages in reversed(upper):
-        for p in pages:
-            await batcher.add(protocol.KIND_PAGE, p)
+        for p, (_, b) in zip(leaf_pages, chunk, strict=True):
+            await batcher.add(protocol.KIND_PAGE, p, b)
+    for pages, page_bases in reversed(upper):
+        for p, b in zip(pages, page_bases, strict=True):
+            await batcher.add(protocol.KIND_PAGE, p, b)
 
 
 async def _missing_pairs(pairs: list[Pair], have: Any) -> list[Pair]:
@@ -329,14 +354,23 @@ def _child_pairs(store: StoreThread, pages: list[Payload], bases: list[bytes | N
     """Each page's non-hole children, with the base page's child at the same place. The
     pages come as the payloads about to be sent (already read and verified), not read again.
     """
+    blobs = store.store.blobs
+    wanted = list(dict.fromkeys(b for b in bases if b is not None and b != HOLE))
+    rows = blobs.lookup(wanted)
+    missing = [b for b in wanted if b not in rows]
+    if missing:
+        raise IntegrityError(f"tree page {missing[0].hex()[:16]}… of an earlier snapshot is "
+                             "referenced but not in the store; run 'dvx-dr datastore scrub'")
+    plains = blobs.get_rows([rows[b] for b in wanted])
+    known = {b: tree.split_ids(p) for b, p in zip(wanted, plains, strict=True)}
     out: list[Pair] = []
     for page, base in zip(pages, bases, strict=True):
         plain = decompress(page.data, page.plain_len) if page.compressed else page.data
         children = tree.split_ids(plain)
-        base_children: list[bytes | None] = [None] * len(children)
-        if base is not None and base != HOLE:
-            known = tree.split_ids(store.store.blobs.get(base))
-            if len(known) == len(children):
-                base_children = list(known)
-        out.extend((c, b) for c, b in zip(children, base_children, strict=True) if c != HOLE)
+        base_children = known.get(base) if base is not None else None
+        if base_children is None or len(base_children) != len(children):
+            out.extend((c, None) for c in children if c != HOLE)
+        else:
+            out.extend((c, b) for c, b in zip(children, base_children, strict=True)
+                       if c != HOLE)
     return out

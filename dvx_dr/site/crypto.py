@@ -110,7 +110,7 @@ class IndexKeys:
         self._seal = AESGCM(derived[32:])
 
     def name(self, blob_id: bytes) -> bytes:
-        return hmac.new(self._name_key, blob_id, hashlib.sha256).digest()
+        return hmac.digest(self._name_key, blob_id, "sha256")
 
     def seal(self, name: bytes, blob_id: bytes) -> bytes:
         nonce = os.urandom(12)

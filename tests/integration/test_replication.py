@@ -466,7 +466,7 @@ def wait_for_log(site: Site, since: int, text: str, timeout: float = 5.0) -> str
 def test_peers_with_wrong_or_missing_certificates_are_refused_and_logged(
         two_sites: Sites) -> None:
     a, b = two_sites["site-a"], two_sites["site-b"]
-    session = {"version": 1, "volume": "vm1", "snapshot": "s1", "root": "00" * 32}
+    session = {"version": protocol.VERSION, "volume": "vm1", "snapshot": "s1", "root": "00" * 32}
     other_cert, other_key = two_sites.issue("site-a", two_sites.other_ca())
     stranger_cert, stranger_key = two_sites.issue("site-c")
 
@@ -526,7 +526,7 @@ def test_malformed_batches_are_refused_and_change_nothing(
     block = random.Random(51).randbytes(BS)
     other = random.Random(52).randbytes(BS)
     status, opened = post(b.port, client, "/sessions", json_body={
-        "version": 1, "volume": "evil", "snapshot": "s1",
+        "version": protocol.VERSION, "volume": "evil", "snapshot": "s1",
         "root": hashlib.sha256(b"no such root").hexdigest()})
     assert status == 200, opened
     sid = opened["session"]
@@ -538,7 +538,11 @@ def test_malformed_batches_are_refused_and_change_nothing(
          "above the limit"),
         ("wrong id for the data", batch(good, record(other, blob=hashlib.sha256(b"x").digest())),
          422, "does not match its id"),
-        ("unknown protocol version", batch(good, version=2), 400, "protocol version 2"),
+        ("unknown protocol version", batch(good, version=protocol.VERSION + 1), 400,
+         f"protocol version {protocol.VERSION + 1}"),
+        ("a base page on a data block", batch(_RECORD.pack(
+            protocol.KIND_BLOCK, protocol.FLAG_BASE, 0, BS, BS, hashlib.sha256(block).digest())
+            + bytes(32) + block), 400, "not a tree page"),
         ("garbage", random.Random(53).randbytes(4096), 400, "magic"),
         ("a page before its children", batch(good, record(hashlib.sha256(b"c").digest() * 4,
                                                           kind=protocol.KIND_PAGE)),
@@ -576,3 +580,47 @@ def test_malformed_batches_are_refused_and_change_nothing(
     out = tmp_path / "replica.img"
     b.cli("snapshot", "export", "site-a/small@s1", out)
     assert_same_file(out, image)
+
+
+def page_record(page: bytes, base: bytes) -> bytes:
+    """A tree-page record naming ``base`` as its base page (protocol flag bit 1)."""
+    return _RECORD.pack(protocol.KIND_PAGE, protocol.FLAG_BASE, 0, len(page), len(page),
+                        hashlib.sha256(page).digest()) + base + page
+
+
+def test_page_naming_a_base_is_checked_where_it_differs(two_sites: Sites,
+                                                        tmp_path: Path) -> None:
+    """A page that names a base page the target holds is checked only where it differs from
+    it, and a difference naming a blob the target lacks is still refused."""
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    image = tmp_path / "small.img"
+    mixed_image(image, seed=61, size=16 * MiB)  # 256 blocks: one leaf page, the tree's top
+    a.cli("volume", "import", "small", image)
+    a.cli("snapshot", "create", "small", "--name", "s1")
+    a.replicate("small@s1", to="site-b")
+    data = image.read_bytes()
+    ids = [bytes(32) if data[o:o + BS] == bytes(BS) else hashlib.sha256(data[o:o + BS]).digest()
+           for o in range(0, len(data), BS)]
+    held = [i for i in ids if i != bytes(32)]
+    base = hashlib.sha256(b"".join(ids)).digest()
+
+    client = client_context(a.cert, a.key, a.ca)
+    unknown = hashlib.sha256(b"never stored").digest()
+    status, opened = post(b.port, client, "/sessions", json_body={
+        "version": protocol.VERSION, "volume": "crafted", "snapshot": "s1",
+        "root": unknown.hex(), "ask": [base.hex(), unknown.hex()]})
+    assert status == 200, opened
+    assert opened["lacking"] == [unknown.hex()]  # the 'ask' folded into the opening
+    sid = opened["session"]
+
+    forged = list(ids)
+    forged[3] = unknown
+    status, answer = post(b.port, client, f"/sessions/{sid}/blobs",
+                          data=batch(page_record(b"".join(forged), base)))
+    assert status == 400 and "pages must follow their children" in answer["error"], answer
+
+    revised = list(ids)
+    revised[3], revised[4] = held[-1], bytes(32)  # a block the target holds, and a hole
+    status, answer = post(b.port, client, f"/sessions/{sid}/blobs",
+                          data=batch(page_record(b"".join(revised), base)))
+    assert status == 200 and answer["stored"] == 1, answer
