@@ -1,8 +1,11 @@
 """The store's metadata database (SQLite, WAL, synchronous=FULL, secure_delete).
 
-Schema version 1, created by ``create_schema``; later versions are numbered migrations in
-``MIGRATIONS`` applied in order by ``open_db``. A database of a newer schema than this build
-knows is refused.
+Schema version 2, created by ``create_schema``; an older database is brought up to it by the
+numbered migrations in ``MIGRATIONS``, applied in order by ``open_db``. A database of a newer
+schema than this build knows is refused.
+
+Versions: 1, the first; 2 adds ``dirty_blocks`` (snapshots patch the cached leaf pages over
+written blocks instead of rebuilding whole leaves).
 
 Nothing here names a blob by its raw id: ``blobs.name`` is ``HMAC-SHA256(index key, id)`` on
 a store with keys (the raw id only on a store that never had encryption), ``blobs.sealed_id``
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from dvx_dr.errors import FormatError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def create_schema(db: sqlite3.Connection) -> None:
@@ -63,11 +66,20 @@ def create_schema(db: sqlite3.Connection) -> None:
             PRIMARY KEY (vol, blk)
         ) WITHOUT ROWID;
 
-        -- Leaf pages whose blocks changed since the volume's tree was last built.
+        -- Leaf pages to rebuild in full at the next snapshot (a resize, a clone, an import).
         CREATE TABLE dirty_leaves (
             vol   INTEGER NOT NULL,
             leaf  INTEGER NOT NULL,
             PRIMARY KEY (vol, leaf)
+        ) WITHOUT ROWID;
+
+        -- Blocks written since the volume's tree was last built: the next snapshot patches
+        -- their ids into the cached leaf pages. A superset is harmless (the block map is read
+        -- again); a block missing here while its map row changed would corrupt the tree.
+        CREATE TABLE dirty_blocks (
+            vol   INTEGER NOT NULL,
+            blk   INTEGER NOT NULL,
+            PRIMARY KEY (vol, blk)
         ) WITHOUT ROWID;
 
         -- The volume's Merkle tree as last built: page (level, idx) -> blob; absent = hole.
@@ -121,8 +133,22 @@ def create_schema(db: sqlite3.Connection) -> None:
     )
 
 
+def _add_dirty_blocks(db: sqlite3.Connection) -> None:
+    """1 -> 2: blocks written since the last snapshot. Pending ``dirty_leaves`` rows stay, and
+    the next snapshot rebuilds those leaves in full as before."""
+    db.execute(
+        """
+        CREATE TABLE dirty_blocks (
+            vol   INTEGER NOT NULL,
+            blk   INTEGER NOT NULL,
+            PRIMARY KEY (vol, blk)
+        ) WITHOUT ROWID
+        """
+    )
+
+
 #: Migration N takes a database from schema version N to N + 1.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_dirty_blocks}
 
 
 def connect(path: Path) -> sqlite3.Connection:

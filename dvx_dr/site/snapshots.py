@@ -1,9 +1,10 @@
 """Snapshots: immutable Merkle trees over a volume's blocks (format in ``tree``).
 
 A snapshot is named ``VOLUME@NAME``; a replica received from another site lives under that
-site's namespace, ``SITE/VOLUME@NAME``. Taking a snapshot rebuilds only the tree pages over
-blocks written since the last one (O(changed)), stores the new pages and the root as blobs,
-and commits the snapshot row in the same transaction, after every blob under it is durable.
+site's namespace, ``SITE/VOLUME@NAME``. Taking a snapshot patches only the cached tree pages
+over blocks written since the last one (O(changed), see ``build_tree``), stores the new pages
+and the root as blobs, and commits the snapshot row in the same transaction, after every blob
+under it is durable.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
 from dvx_dr.site import tree, volumes
 from dvx_dr.site.blobs import blob_id
 from dvx_dr.site.store import Store, now_iso
-from dvx_dr.site.tree import FANOUT, HOLE, Root
+from dvx_dr.site.tree import FANOUT, HOLE, ID, Root
 
 SNAP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+#: Tree pages built and stored (one ``put_many``) at once: a whole level of a usual snapshot,
+#: 4 MiB of pages at most when a large volume's tree is built from scratch.
+PAGE_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -72,44 +76,108 @@ def default_name() -> str:
 
 
 def build_tree(store: Store, vol: int, size: int) -> Root:
-    """Bring the volume's cached tree up to date with its live map; inside a transaction."""
+    """Bring the volume's cached tree up to date with its live map; inside a transaction.
+
+    Level by level, only pages over changed children are touched. A page with a cached copy of
+    the right length is patched: the ids of its changed children (at level 0 the blocks in
+    ``dirty_blocks``, read again from the map; above, the pages just built below) replace
+    theirs. A page in ``dirty_leaves``, or with no usable cached copy, is rebuilt in full from
+    the level below. Either way a page is byte-identical to a full rebuild's.
+    """
     db = store.db
-    blobs = store.blobs
     nblocks = -(-size // store.block_size)
     counts = tree.level_counts(nblocks)
-    dirty = {r[0] for r in db.execute("SELECT leaf FROM dirty_leaves WHERE vol=?", (vol,))}
     db.execute("DELETE FROM tree_pages WHERE vol=? AND level>=?", (vol, len(counts)))
+    whole = {r[0] for r in db.execute("SELECT leaf FROM dirty_leaves WHERE vol=? AND leaf<?",
+                                      (vol, counts[0]))}
+    touched = {r[0] for r in db.execute(
+        "SELECT DISTINCT blk / ? FROM dirty_blocks WHERE vol=? AND blk<?",
+        (FANOUT, vol, nblocks))}
+    changed: dict[int, bytes] = {}  # child index -> its new id, for the level being built
+    below = nblocks
     for level, count in enumerate(counts):
         db.execute("DELETE FROM tree_pages WHERE vol=? AND level=? AND idx>=?",
                    (vol, level, count))
-        todo = sorted(i for i in dirty if i < count)
-        below = nblocks if level == 0 else counts[level - 1]
-        for idx in todo:
-            lo, hi = idx * FANOUT, min((idx + 1) * FANOUT, below)
-            if level == 0:
-                refs = db.execute("SELECT blk, blob FROM blocks WHERE vol=? AND blk>=? AND blk<?",
-                                  (vol, lo, hi)).fetchall()
-            else:
-                refs = db.execute("SELECT idx, blob FROM tree_pages WHERE vol=? AND level=? "
-                                  "AND idx>=? AND idx<?", (vol, level - 1, lo, hi)).fetchall()
-            if not refs:
-                db.execute("DELETE FROM tree_pages WHERE vol=? AND level=? AND idx=?",
-                           (vol, level, idx))
-                continue
-            ids = blobs.ids_of(r for _, r in refs)
-            page = [HOLE] * (hi - lo)
-            for n, r in refs:
-                page[n - lo] = ids[r]
-            _, (row,) = blobs.put_many([b"".join(page)])
-            db.execute("INSERT OR REPLACE INTO tree_pages (vol, level, idx, blob) "
-                       "VALUES (?, ?, ?, ?)", (vol, level, idx, row))
-        dirty = {i // FANOUT for i in todo}
+        if level:
+            whole, touched = set(), {i // FANOUT for i in changed}
+        todo = sorted(touched | whole)
+        built: dict[int, bytes] = {}
+        for start in range(0, len(todo), PAGE_BATCH):
+            built.update(_build_pages(store, vol, level, below, todo[start:start + PAGE_BATCH],
+                                      whole, changed))
+        changed, below = built, count
     db.execute("DELETE FROM dirty_leaves WHERE vol=?", (vol,))
+    db.execute("DELETE FROM dirty_blocks WHERE vol=?", (vol,))
     top = db.execute("SELECT blob FROM tree_pages WHERE vol=? AND level=? AND idx=0",
                      (vol, len(counts) - 1)).fetchone()
     mapped = db.execute("SELECT COUNT(*) FROM blocks WHERE vol=?", (vol,)).fetchone()[0]
-    top_id = blobs.id_of(top[0]) if top else HOLE
+    top_id = store.blobs.id_of(top[0]) if top else HOLE
     return Root(len(counts), store.block_size, size, mapped, top_id)
+
+
+def _build_pages(store: Store, vol: int, level: int, below: int, idxs: list[int],
+                 whole: set[int], changed: dict[int, bytes]) -> dict[int, bytes]:
+    """Patch or rebuild pages ``idxs`` (ascending) of one level over ``below`` children, store
+    them with one ``put_many`` and record them; returns idx -> new page id (HOLE: no page)."""
+    db = store.db
+    blobs = store.blobs
+    pages = _cached_pages(store, vol, level, below, [i for i in idxs if i not in whole])
+    if level == 0 and pages:
+        changed = _dirty_block_ids(store, vol, below, pages)
+    for child, child_id in changed.items():
+        page = pages.get(child // FANOUT)
+        if page is not None:
+            k = child % FANOUT * ID
+            page[k:k + ID] = child_id
+    full = [i for i in idxs if i not in pages]
+    refs: list[tuple[int, int]] = []
+    for idx in full:
+        lo, hi = idx * FANOUT, min((idx + 1) * FANOUT, below)
+        pages[idx] = bytearray(ID * (hi - lo))
+        if level == 0:
+            refs += db.execute("SELECT blk, blob FROM blocks WHERE vol=? AND blk>=? AND blk<?",
+                               (vol, lo, hi)).fetchall()
+        else:
+            refs += db.execute("SELECT idx, blob FROM tree_pages WHERE vol=? AND level=? "
+                               "AND idx>=? AND idx<?", (vol, level - 1, lo, hi)).fetchall()
+    ids = blobs.ids_of(r for _, r in refs)
+    for child, r in refs:
+        k = child % FANOUT * ID
+        pages[child // FANOUT][k:k + ID] = ids[r]
+    built = {idx: HOLE for idx in idxs}
+    keep = [idx for idx in idxs if pages[idx].count(0) != len(pages[idx])]  # holes: no page
+    new_ids, rows = blobs.put_many([bytes(pages[idx]) for idx in keep])
+    built.update(zip(keep, new_ids, strict=True))
+    db.executemany("INSERT OR REPLACE INTO tree_pages (vol, level, idx, blob) VALUES (?, ?, ?, ?)",
+                   [(vol, level, idx, row) for idx, row in zip(keep, rows, strict=True)])
+    db.executemany("DELETE FROM tree_pages WHERE vol=? AND level=? AND idx=?",
+                   [(vol, level, idx) for idx in idxs if built[idx] == HOLE])
+    return built
+
+
+def _cached_pages(store: Store, vol: int, level: int, below: int, idxs: list[int]
+                  ) -> dict[int, bytearray]:
+    """The cached pages among ``idxs`` whose length fits ``below`` children (else rebuilt)."""
+    if not idxs:
+        return {}
+    marks = ",".join("?" * len(idxs))
+    rows = store.db.execute(f"SELECT idx, blob FROM tree_pages WHERE vol=? AND level=? "
+                            f"AND idx IN ({marks})", (vol, level, *idxs)).fetchall()
+    plains = store.blobs.get_rows([r for _, r in rows])
+    return {idx: bytearray(p) for (idx, _), p in zip(rows, plains, strict=True)
+            if len(p) == ID * min(FANOUT, below - idx * FANOUT)}
+
+
+def _dirty_block_ids(store: Store, vol: int, nblocks: int, leaves: dict[int, bytearray]
+                     ) -> dict[int, bytes]:
+    """Block number -> current id (HOLE for a hole) of the dirty blocks under ``leaves``."""
+    first, last = min(leaves), max(leaves)
+    refs = [(blk, r) for blk, r in store.db.execute(
+        "SELECT d.blk, b.blob FROM dirty_blocks d LEFT JOIN blocks b "
+        "ON b.vol=d.vol AND b.blk=d.blk WHERE d.vol=? AND d.blk>=? AND d.blk<?",
+        (vol, first * FANOUT, min((last + 1) * FANOUT, nblocks))) if blk // FANOUT in leaves]
+    ids = store.blobs.ids_of(r for _, r in refs if r is not None)
+    return {blk: HOLE if r is None else ids[r] for blk, r in refs}
 
 
 def create(store: Store, volume: str, name: str | None = None) -> SnapshotInfo:

@@ -258,7 +258,7 @@ class Store:
     def _drop_unfinished_imports(self) -> None:
         with self.transaction() as db:
             for (vol,) in db.execute("SELECT vol FROM volumes WHERE state='importing'").fetchall():
-                for table in ("blocks", "dirty_leaves", "tree_pages"):
+                for table in ("blocks", "dirty_leaves", "dirty_blocks", "tree_pages"):
                     db.execute(f"DELETE FROM {table} WHERE vol=?", (vol,))
                 db.execute("DELETE FROM volumes WHERE vol=?", (vol,))
 

@@ -1,8 +1,9 @@
 """Volumes: fixed-block virtual disks kept as a live map (block number -> blob).
 
 A write at any byte offset is a read-modify-write of the blocks it touches. An all-zero block
-is stored as a hole (its map row is removed). Every write marks the leaf pages of the
-snapshot tree over its blocks dirty, so the next snapshot rebuilds only those.
+is stored as a hole (its map row is removed). Every write marks its blocks dirty, so the next
+snapshot patches just their ids into the cached tree pages; a resize or an import marks whole
+leaf pages dirty instead, to be rebuilt in full.
 
 Writes are atomic: ``write`` runs in one transaction, so a failure (a write past the end, a
 full disk) changes nothing. ``import_file`` builds the volume in the 'importing' state and
@@ -93,7 +94,7 @@ def delete(store: Store, name: str) -> None:
 
 
 def _drop(db: sqlite3.Connection, vol: int) -> None:
-    for table in ("blocks", "dirty_leaves", "tree_pages"):
+    for table in ("blocks", "dirty_leaves", "dirty_blocks", "tree_pages"):
         db.execute(f"DELETE FROM {table} WHERE vol=?", (vol,))
     db.execute("DELETE FROM volumes WHERE vol=?", (vol,))
 
@@ -123,22 +124,46 @@ def resize(store: Store, name: str, size: int) -> None:
 # -- writing ------------------------------------------------------------------------------
 
 
-def _put_blocks(store: Store, vol: int, blocks: dict[int, bytes]) -> None:
-    """Store whole blocks (inside a transaction): holes for zeros, blobs for the rest."""
+def _put_blocks(store: Store, vol: int, blocks: dict[int, bytes], whole_leaves: bool = False
+                ) -> None:
+    """Store whole blocks (inside a transaction): holes for zeros, blobs for the rest.
+
+    The blocks whose content changed are marked dirty for the next snapshot (rewriting a
+    block with what it already holds changes nothing, so writing back a whole image with a
+    few changes costs the next snapshot only those); with ``whole_leaves`` (a volume that has
+    no tree yet) their leaf pages are, to be built in full.
+    """
     db = store.db
     zero = bytes(store.block_size)
     data = {b: d for b, d in blocks.items() if d != zero}
-    holes = [b for b, d in blocks.items() if d == zero]
+    new: dict[int, int | None] = {b: None for b in blocks}  # block -> blob row; None = hole
     if data:
         numbers = list(data)
         _, rows = store.blobs.put_many([data[b] for b in numbers])
-        db.executemany("INSERT OR REPLACE INTO blocks (vol, blk, blob) VALUES (?, ?, ?)",
-                       [(vol, b, r) for b, r in zip(numbers, rows, strict=True)])
-    if holes:
-        db.executemany("DELETE FROM blocks WHERE vol=? AND blk=?", [(vol, b) for b in holes])
-    leaves = {b // FANOUT for b in blocks}
-    db.executemany("INSERT OR IGNORE INTO dirty_leaves (vol, leaf) VALUES (?, ?)",
-                   [(vol, leaf) for leaf in leaves])
+        new.update(zip(numbers, rows, strict=True))
+    old = {} if whole_leaves else _block_rows(db, vol, list(blocks))
+    changed = [b for b, r in new.items() if whole_leaves or old.get(b) != r]
+    db.executemany("INSERT OR REPLACE INTO blocks (vol, blk, blob) VALUES (?, ?, ?)",
+                   [(vol, b, new[b]) for b in changed if new[b] is not None])
+    db.executemany("DELETE FROM blocks WHERE vol=? AND blk=?",
+                   [(vol, b) for b in changed if new[b] is None])
+    if whole_leaves:
+        db.executemany("INSERT OR IGNORE INTO dirty_leaves (vol, leaf) VALUES (?, ?)",
+                       [(vol, leaf) for leaf in {b // FANOUT for b in blocks}])
+    else:
+        db.executemany("INSERT OR IGNORE INTO dirty_blocks (vol, blk) VALUES (?, ?)",
+                       [(vol, b) for b in changed])
+
+
+def _block_rows(db: sqlite3.Connection, vol: int, numbers: list[int]) -> dict[int, int]:
+    """The blob row of each of ``numbers`` that is mapped (holes are absent)."""
+    out: dict[int, int] = {}
+    for start in range(0, len(numbers), 500):
+        part = numbers[start:start + 500]
+        marks = ",".join("?" * len(part))
+        out.update(db.execute(f"SELECT blk, blob FROM blocks WHERE vol=? AND blk IN ({marks})",
+                              [vol, *part]))
+    return out
 
 
 def _write_in_txn(store: Store, vol: int, size: int, offset: int, data: bytes,
@@ -235,7 +260,7 @@ def import_file(store: Store, name: str, path: Path, progress: Progress | None =
                         chunk += bytes(bs - len(chunk) % bs)
                     n = len(chunk) // bs
                     _put_blocks(store, vol, {blk + i: chunk[i * bs:(i + 1) * bs]
-                                             for i in range(n)})
+                                             for i in range(n)}, whole_leaves=True)
                     if progress:
                         progress(min(len(chunk), size - blk * bs))
                     blk += n
@@ -250,9 +275,7 @@ def import_file(store: Store, name: str, path: Path, progress: Progress | None =
 def _read_blocks(store: Store, vol: int, numbers: list[int]) -> list[bytes]:
     if not numbers:
         return []
-    marks = ",".join("?" * len(numbers))
-    rows = dict(store.db.execute(
-        f"SELECT blk, blob FROM blocks WHERE vol=? AND blk IN ({marks})", (vol, *numbers)))
+    rows = _block_rows(store.db, vol, numbers)
     wanted = [rows[b] for b in numbers if b in rows]
     plains = iter(store.blobs.get_rows(wanted))
     zero = bytes(store.block_size)
