@@ -12,6 +12,7 @@ caller with backoff); 4xx answers become the error the peer described.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import random
 from collections.abc import Awaitable, Callable
@@ -40,8 +41,12 @@ class PeerClient:
 
     async def request(self, path: str, data: bytes | None = None,
                       json_body: Any = None) -> bytes:
+        # A large body goes to the TLS layer in 64 KiB pieces (aiohttp reads a BytesIO that
+        # way, with the Content-Length known): asyncio encrypts one big write into a
+        # growing memory buffer, which measured 7x slower (14 ms against 2 ms per 5 MB).
+        body_io = io.BytesIO(data) if data is not None else None
         try:
-            async with self.http.post(self.url + PREFIX + path, data=data, json=json_body,
+            async with self.http.post(self.url + PREFIX + path, data=body_io, json=json_body,
                                       server_hostname=self.site) as resp:
                 body = await resp.read()
                 status = resp.status
