@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -127,9 +127,13 @@ class BlobStore:
 
     # -- lookups ---------------------------------------------------------------------------
 
-    def lookup(self, ids: Iterable[bytes]) -> dict[bytes, int]:
-        """Map each id the index holds to its row; ids it lacks are absent."""
+    def lookup(self, ids: Iterable[bytes], names_out: dict[bytes, bytes] | None = None
+               ) -> dict[bytes, int]:
+        """Map each id the index holds to its row; ids it lacks are absent. ``names_out``
+        receives id -> index name of every id, for a caller about to store the new ones."""
         names = {self.index.name(i): i for i in ids}
+        if names_out is not None:
+            names_out.update((i, n) for n, i in names.items())
         found: dict[bytes, int] = {}
         keys = list(names)
         for start in range(0, len(keys), 500):
@@ -173,20 +177,31 @@ class BlobStore:
         if not plaintexts:
             return [], []
         ids = [i for part in self.pool.map(_hash_chunk, _chunks(plaintexts)) for i in part]
-        known = self.lookup(ids)
+        names: dict[bytes, bytes] = {}
+        known = self.lookup(ids, names)
         new: dict[bytes, bytes] = {}
         for i, plain in zip(ids, plaintexts, strict=True):
             if i not in known and i not in new:
                 new[i] = plain
         if new:
-            plains = list(new.values())
-            packed = [p for part in self.pool.map(_compress_chunk, _chunks(plains)) for p in part]
-            payloads = [
-                Payload(i, c, data, len(plain))
-                for (i, plain), (c, data) in zip(new.items(), packed, strict=True)
-            ]
-            known.update(self.put_payloads(payloads, verified=True, fresh=True))
+            known.update(self._write_new(self._compressed_groups(new), names))
         return ids, [known[i] for i in ids]
+
+    def _compressed_groups(self, new: dict[bytes, bytes]) -> Iterator[list[Payload]]:
+        """Compress ``new`` (id -> plaintext) in the worker pool, yielding each chunk's
+        payloads in order as soon as it is done: the caller seals and writes one chunk while
+        the pool compresses the next (zstd runs without the GIL; sealing holds it)."""
+        items = list(new.items())
+        parts = [items[k:k + _CHUNK] for k in range(0, len(items), _CHUNK)]
+        futures = [self.pool.submit(_compress_chunk, [plain for _, plain in part])
+                   for part in parts]
+        try:
+            for part, future in zip(parts, futures, strict=True):
+                yield [Payload(i, c, data, len(plain))
+                       for (i, plain), (c, data) in zip(part, future.result(), strict=True)]
+        finally:
+            for future in futures:
+                future.cancel()
 
     def put_payloads(self, payloads: Sequence[Payload], verified: bool = False,
                      fresh: bool = False) -> dict[bytes, int]:
@@ -211,28 +226,47 @@ class BlobStore:
             seen.add(p.id)
             todo.append(p)
         if todo:
-            # The caller's transaction fsyncs the segment before it commits these rows.
-            for pid, values in self._append_many(todo):
-                cur = self.db.execute(
-                    "INSERT INTO blobs (name, sealed_id, seg, off, length, plain_len, "
-                    "key_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    values,
-                )
-                assert cur.lastrowid is not None
-                known[pid] = cur.lastrowid
+            known.update(self._write_new([todo]))
+        return known
+
+    def _write_new(self, groups: Iterable[Sequence[Payload]],
+                   names: dict[bytes, bytes] | None = None) -> dict[bytes, int]:
+        """Append new blobs and index them; returns id -> row. ``names`` may hold their index
+        names already computed. The caller's transaction fsyncs the segment before it
+        commits these rows."""
+        known = {}
+        for pid, values in self._append_many(groups, names or {}):
+            cur = self.db.execute(
+                "INSERT INTO blobs (name, sealed_id, seg, off, length, plain_len, "
+                "key_version) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+            assert cur.lastrowid is not None
+            known[pid] = cur.lastrowid
         return known
 
     def _append(self, p: Payload) -> tuple[bytes, bytes, int, int, int, int, int]:
         """Append one extent to the open segment; returns its future index row values."""
-        return self._append_many([p])[0][1]
+        return self._append_many([[p]], {})[0][1]
 
     def _append_many(
-        self, payloads: Sequence[Payload]
+        self, groups: Iterable[Sequence[Payload]], names: dict[bytes, bytes]
     ) -> list[tuple[bytes, tuple[bytes, bytes, int, int, int, int, int]]]:
-        """Append extents to the open segment(s): addresses are planned first (the XTS tweak
-        is the address), then the extents are sealed in the worker pool and written with one
-        call per segment run. Returns ``(id, index row values)`` per payload."""
+        """Append extents to the open segment(s), group by group as ``groups`` yields them:
+        addresses are planned first (the XTS tweak is the address), then the extents are
+        sealed, in this thread, straight into one buffer per segment run, written with one
+        call. Sealing holds the GIL (the pool's threads would only take turns at it), so it
+        stays here and overlaps the pool's compression of the next group. Returns
+        ``(id, index row values)`` per payload."""
         kv = self.write_key_version if self.cipher is not None else 0
+        out = []
+        for payloads in groups:
+            out.extend(self._append_group(kv, payloads, names))
+        return out
+
+    def _append_group(
+        self, kv: int, payloads: Sequence[Payload], names: dict[bytes, bytes]
+    ) -> list[tuple[bytes, tuple[bytes, bytes, int, int, int, int, int]]]:
         out = []
         i = 0
         while i < len(payloads):
@@ -248,21 +282,15 @@ class BlobStore:
                 pos += total
                 i += 1
 
-            # One buffer for the run; each worker seals its extents straight into their
-            # places (16 spare bytes at the end: OpenSSL writes through a longer window).
+            # One buffer for the run, each extent sealed straight into its place (16 spare
+            # bytes at the end: OpenSSL writes through a longer window).
             buf = bytearray(pos - off + extent.XTS_MIN)
             view = memoryview(buf)
-
-            def seal(chunk: Sequence[tuple[Payload, int, int]], seg: int = seg,
-                     base: int = off, view: memoryview = view) -> None:
-                for p, o, _ in chunk:
-                    self._seal_extent_into(kv, p, seg, o, view[o - base:])
-
-            parts = [plans[k:k + _CHUNK] for k in range(0, len(plans), _CHUNK)]
-            list(self.pool.map(seal, parts))  # waits, and raises what a worker raised
+            for p, o, _ in plans:
+                self._seal_extent_into(kv, p, seg, o, view[o - off:])
             self.writer.write(view[:pos - off])
             for p, o, total in plans:
-                name = self.index.name(p.id)
+                name = names.get(p.id) or self.index.name(p.id)
                 out.append((p.id, (name, self.index.seal(name, p.id), seg, o, total,
                                    p.plain_len, kv)))
         return out
