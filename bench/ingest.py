@@ -263,6 +263,16 @@ def report(
                 f"\n    the stats command took {r.extra['stats_command_seconds']:.2f} s "
                 "(start-up and key unlock, which the import also pays)"
             )
+    enc, plain = results.get(DVX_ENC), results.get(DVX_PLAIN)
+    if enc and plain and len(enc.runs) > 1:
+        e, p = statistics.median(enc.runs), statistics.median(plain.runs)
+        fixed_e = enc.extra.get("stats_command_seconds", 0.0)
+        fixed_p = plain.extra.get("stats_command_seconds", 0.0)
+        print(
+            f"  encryption overhead by the median of {len(enc.runs)} runs: "
+            f"{(e / p - 1) * 100:.1f}%; with each command's start-up and key unlock (the "
+            f"stats command's time) taken off: {((e - fixed_e) / (p - fixed_p) - 1) * 100:.1f}%"
+        )
     ratios, targets = compare(results)
     print()
     target_rows = [(t["name"], t["value"], t["target"], common.verdict(t["pass"])) for t in targets]
