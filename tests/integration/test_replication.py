@@ -624,3 +624,29 @@ def test_page_naming_a_base_is_checked_where_it_differs(two_sites: Sites,
     status, answer = post(b.port, client, f"/sessions/{sid}/blobs",
                           data=batch(page_record(b"".join(revised), base)))
     assert status == 200 and answer["stored"] == 1, answer
+
+    # A base the target does not hold is no help: every entry is checked.
+    revised[5] = held[-2]
+    status, answer = post(b.port, client, f"/sessions/{sid}/blobs",
+                          data=batch(page_record(b"".join(revised), unknown)))
+    assert status == 200 and answer["stored"] == 1, answer
+    forged[5] = held[-2]
+    status, answer = post(b.port, client, f"/sessions/{sid}/blobs",
+                          data=batch(page_record(b"".join(forged), unknown)))
+    assert status == 400 and "pages must follow their children" in answer["error"], answer
+
+
+def test_malformed_ask_in_the_session_opening_is_refused(two_sites: Sites) -> None:
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    client = client_context(a.cert, a.key, a.ca)
+    cases: list[tuple[Any, str]] = [
+        ("0" * 64, "must be a list"),
+        (["zz" * 32], "not a hex id"),
+        (["00" * 31], "not 32 bytes"),
+        (["00" * 32] * (protocol.MAX_ASK + 1), f"at most {protocol.MAX_ASK}"),
+    ]
+    for ask, phrase in cases:
+        status, answer = post(b.port, client, "/sessions", json_body={
+            "version": protocol.VERSION, "volume": "v", "snapshot": "s1", "root": "11" * 32,
+            "ask": ask})
+        assert status == 400 and phrase in answer["error"], (ask, answer)
