@@ -80,4 +80,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     print(f"gc: removed {report['blobs_deleted']} unused blobs, compacted "
           f"{report['segments_compacted']} segments, deleted {report['segments_deleted']} "
           f"segment files; reclaimed {format_size(report['reclaimed'])}")
+    if report.get("sessions_open"):
+        print(f"gc: {report['sessions_open']} replication sessions were open at this site, so "
+              "no blob was deleted; run gc again when they have ended")
     return 0

@@ -10,10 +10,13 @@ the target site, all under ``/v1/replication``:
     "lacking": ["<hex id>", ...]}`` (complete: the target already holds this replica). ``ask``
     (optional, at most ``MAX_ASK`` ids) is a first ``have`` question folded into the opening:
     the source asks about the root and the roots of earlier snapshots it could use as bases,
-    and ``lacking`` lists those the target does not hold.
+    and ``lacking`` lists those the target does not hold as complete roots.
 
-``POST /sessions/<id>/have``  body: concatenated 32-byte ids (at most ``MAX_HAVE_IDS``);
-    answers one byte per id: 1 when the target lacks it, 0 when it holds it. The source walks
+``POST /sessions/<id>/have[?level=N]``  body: concatenated 32-byte ids (at most
+    ``MAX_HAVE_IDS``); answers one byte per id: 1 when the target lacks it, 0 when it holds
+    it. Without ``level`` the ids are data blocks, held when stored at all; with it they are
+    tree pages of level N (0 = leaf pages, -1 = volume roots), held only when the target
+    holds them as *complete* tree nodes of that level (``site.treeblobs``). The source walks
     the snapshot's Merkle tree top-down and descends only into pages the target lacks.
 
 ``POST /sessions/<id>/blobs``  body: one *batch*, a framed stream of records (below). The
@@ -39,7 +42,7 @@ Batch layout, all integers little-endian::
               0 = end of batch
       1   1   flags: bit 0 = payload is zstd-compressed;
                      bit 1 = a base page id follows (tree pages only); other bits zero
-      2   2   reserved (0)
+      2   2   tree level of a tree page (0 = a leaf page, listing blocks); 0 for others
       4   4   plaintext length
       8   4   payload length
       12  32  blob id = SHA-256(plaintext)
@@ -48,13 +51,16 @@ Batch layout, all integers little-endian::
     ...
     end record: kind 0 with every other field zero; nothing may follow it.
 
-A tree page may name a *base page*: a page the target holds (the page at the same place in
-an earlier snapshot whose root the target holds). Holding a page means holding everything
-under it, so the target checks only the children that differ from the base page's, and the
-cost of checking a page is in proportion to what changed, not to the page's 512 entries.
+A tree page carries its level, and the target checks each entry against it: a leaf page's
+entries must be stored blobs, a level-k page's entries complete pages of level k - 1, a root's
+top a complete page of the root's depth - 1 (each, or earlier in the same batch). A tree page
+may also name a *base page*: a page the target holds complete at the same level (the page at
+the same place in an earlier snapshot whose root the target holds). Holding it means holding
+everything under it, so the target checks only the entries that differ from the base page's,
+and the cost of checking a page is in proportion to what changed, not to its 512 entries.
 
-Version 2 added the base page and ``ask``; a version-1 peer is refused with a message naming
-both versions.
+Version 2 added page levels, the base page, ``have?level`` and ``ask``; a version-1 peer is
+refused with a message naming both versions.
 
 Hard limits: a payload and a plaintext at most ``MAX_PLAIN`` bytes; at most
 ``MAX_RECORDS`` records and ``MAX_BATCH`` bytes per batch. Records come bottom-up: a tree page
@@ -87,6 +93,7 @@ MAX_RECORDS = 4096
 MAX_BATCH = 64 * 1024 * 1024
 MAX_HAVE_IDS = 16384
 MAX_ASK = 256
+MAX_LEVEL = 15
 ID = 32
 
 
@@ -98,13 +105,14 @@ class Record:
     id: bytes
     payload: bytes
     base: bytes | None = None  # tree pages: a page the target holds that this one revises
+    level: int = 0  # tree pages: 0 for a leaf page
 
 
 def encode_batch(records: Iterable[Record]) -> bytes:
     parts = [_BATCH_HEADER.pack(BATCH_MAGIC, VERSION)]
     for r in records:
         flags = (FLAG_COMPRESSED if r.compressed else 0) | (FLAG_BASE if r.base else 0)
-        parts.append(_RECORD.pack(r.kind, flags, 0, r.plain_len, len(r.payload), r.id))
+        parts.append(_RECORD.pack(r.kind, flags, r.level, r.plain_len, len(r.payload), r.id))
         if r.base:
             parts.append(r.base)
         parts.append(r.payload)
@@ -135,18 +143,22 @@ def _records(data: bytes, pos: int) -> Iterator[Record]:
         if pos + _RECORD.size > len(data):
             raise ProtocolError(f"batch is truncated: record header at byte {pos} is incomplete "
                                 "(the connection was probably cut)")
-        kind, flags, reserved, plain_len, length, blob_id = _RECORD.unpack_from(data, pos)
+        kind, flags, level, plain_len, length, blob_id = _RECORD.unpack_from(data, pos)
         pos += _RECORD.size
         if kind == KIND_END:
-            if flags or reserved or plain_len or length or blob_id != bytes(ID):
+            if flags or level or plain_len or length or blob_id != bytes(ID):
                 raise ProtocolError("malformed end-of-batch record")
             if pos != len(data):
                 raise ProtocolError(f"{len(data) - pos} bytes follow the end-of-batch record")
             return
         if kind not in (KIND_BLOCK, KIND_PAGE, KIND_ROOT, KIND_GROUP):
             raise ProtocolError(f"record {count} has unknown kind {kind}")
-        if flags & ~(FLAG_COMPRESSED | FLAG_BASE) or reserved:
+        if flags & ~(FLAG_COMPRESSED | FLAG_BASE):
             raise ProtocolError(f"record {count} has unknown flags {flags:#x}")
+        if level > (MAX_LEVEL if kind == KIND_PAGE else 0):
+            raise ProtocolError(f"record {count} has tree level {level}, which a "
+                                f"{'tree page' if kind == KIND_PAGE else 'non-page'} record "
+                                "cannot have")
         base = None
         if flags & FLAG_BASE:
             if kind != KIND_PAGE:
@@ -167,7 +179,7 @@ def _records(data: bytes, pos: int) -> Iterator[Record]:
         if count > MAX_RECORDS:
             raise ProtocolError(f"batch has more than {MAX_RECORDS} records")
         yield Record(kind, bool(flags & FLAG_COMPRESSED), plain_len, blob_id,
-                     bytes(view[pos:pos + length]), base)
+                     bytes(view[pos:pos + length]), base, level)
         pos += length
 
 
@@ -189,6 +201,19 @@ def decode_ask(value: object) -> list[bytes]:
     if any(len(i) != ID for i in ids):
         raise ProtocolError("session request: an id in 'ask' is not 32 bytes")
     return ids
+
+
+def decode_level(value: str | None) -> int | None:
+    """The ``level`` of a have request: None for blocks, -1 (roots) to ``MAX_LEVEL``."""
+    if value is None:
+        return None
+    try:
+        level = int(value)
+    except ValueError:
+        level = -2
+    if not -1 <= level <= MAX_LEVEL:
+        raise ProtocolError(f"have: level must be -1 (roots) to {MAX_LEVEL}, got {value!r}")
+    return level
 
 
 def decode_ids(data: bytes) -> list[bytes]:

@@ -4,8 +4,11 @@ Every method is synchronous and runs in the site's store thread. A batch is pars
 payload verified (``SHA-256(plaintext) == id``) and every tree page and root checked for
 completeness (each child it names is a hole, already durable here, or earlier in the same
 batch) *before* anything is written; then the payloads are re-encrypted with this site's key,
-fsync'ed and indexed in one transaction. A bad batch therefore writes nothing. A page that
-names a base page held here is checked only where it differs from the base (see ``protocol``).
+fsync'ed and indexed in one transaction. A bad batch therefore writes nothing. Each entry is
+checked against the level it must have: a leaf page's entries are stored blobs, a level-k
+page's entries and a root's top are complete tree pages of the level below (``treeblobs``),
+which the batch's pages and roots become once stored. A page that names a base page held
+complete here is checked only where it differs from the base (see ``protocol``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +25,7 @@ from dvx_dr.errors import IntegrityError, NotFoundError, ProtocolError, UserErro
 from dvx_dr.policies.model import Retention
 from dvx_dr.replicator import protocol
 from dvx_dr.replicator.retention import prune_groups
-from dvx_dr.site import groups, snapshots, tree
+from dvx_dr.site import groups, snapshots, tree, treeblobs
 from dvx_dr.site.blobs import Payload, blob_id, decompress
 from dvx_dr.site.store import Store
 from dvx_dr.site.tree import HOLE, GroupRoot, Root
@@ -86,9 +91,9 @@ class Receiver:
         self.sessions[session.id] = session
         self.store.pin(session.id)
         log.info("session %s from %s: %s@%s", session.id[:8], source, volume, name)
-        known = self.store.blobs.lookup(ask)
+        held = self._complete(ask, treeblobs.ROOT) | self._complete(ask, treeblobs.GROUP)
         return {"session": session.id, "complete": False,
-                "lacking": [i.hex() for i in ask if i not in known]}
+                "lacking": [i.hex() for i in ask if i not in held]}
 
     def _existing(self, s: Session) -> bytes | None:
         try:
@@ -114,58 +119,85 @@ class Receiver:
         s.last_used = time.monotonic()
         return s
 
-    def have(self, source: str, sid: str, body: bytes) -> bytes:
+    def have(self, source: str, sid: str, body: bytes, level: int | None = None) -> bytes:
+        """One byte per id, 0 when held: stored at all (blocks, ``level`` None), or held as a
+        complete tree node of ``level``."""
         self.session(source, sid)
         ids = protocol.decode_ids(body)
-        known = self.store.blobs.lookup(ids)
+        known = self.store.blobs.lookup(ids) if level is None else self._complete(ids, level)
         return bytes(0 if i in known else 1 for i in ids)
+
+    def _complete(self, ids: Iterable[bytes], level: int) -> dict[bytes, int]:
+        """Those of ``ids`` held here as complete tree nodes of ``level``: id -> row."""
+        found = self.store.blobs.lookup(ids)
+        good = treeblobs.marked(self.store.db, found.values(), level)
+        return {i: row for i, row in found.items() if row in good}
 
     def receive(self, source: str, sid: str, body: bytes) -> dict[str, int]:
         s = self.session(source, sid)
         records = protocol.decode_batch(body)
         payloads = [Payload(r.id, r.compressed, r.payload, r.plain_len) for r in records]
         plains = self._verify(records)
-        in_batch = {r.id for r in records}
-        bases = self._base_pages({r.base for r in records if r.base})
-        needed: set[bytes] = set()
+        in_batch = {r.id for r in records}  # any record's bytes can be a block
+        pages_in = {(r.id, r.level) for r in records if r.kind == protocol.KIND_PAGE}
+        roots_in = {r.id for r in records if r.kind == protocol.KIND_ROOT}
+        bases = self._base_pages({(r.base, r.level) for r in records if r.base})
+        blocks: set[bytes] = set()
+        pages: dict[int, set[bytes]] = defaultdict(set)  # level -> page ids
+        roots: set[bytes] = set()
         for r, plain in zip(records, plains, strict=True):
             if r.kind == protocol.KIND_PAGE:
                 assert plain is not None
                 children = tree.split_ids(plain)
-                known = bases.get(r.base) if r.base else None
+                known = bases.get((r.base, r.level)) if r.base else None
                 if known is not None and len(known) == len(children):
-                    needed.update(c for c, k in zip(children, known, strict=True)
-                                  if c != k and c != HOLE)
+                    changed = [c for c, k in zip(children, known, strict=True)
+                               if c != k and c != HOLE]
                 else:
-                    needed.update(c for c in children if c != HOLE)
+                    changed = [c for c in children if c != HOLE]
+                (blocks if r.level == 0 else pages[r.level - 1]).update(changed)
             elif r.kind == protocol.KIND_ROOT:
                 assert plain is not None
-                top = Root.unpack(plain).top
-                if top != HOLE:
-                    needed.add(top)
+                root = Root.unpack(plain)
+                if root.top != HOLE:
+                    pages[root.depth - 1].add(root.top)
             elif r.kind == protocol.KIND_GROUP:
                 assert plain is not None
-                needed.update(root_id for _, root_id in GroupRoot.unpack(plain).members)
-        needed -= in_batch
-        if needed:
-            present = self.store.blobs.lookup(needed)
-            lacking = needed - set(present)
-            if lacking:
-                raise ProtocolError(f"batch sends a tree page before {len(lacking)} of the "
-                                    "blobs it names; pages must follow their children")
-        with self.store.transaction():
-            self.store.blobs.put_payloads(payloads, verified=True)
+                roots.update(root_id for _, root_id in GroupRoot.unpack(plain).members)
+        lacking = blocks - in_batch
+        if lacking:
+            lacking -= set(self.store.blobs.lookup(lacking))
+        for level, ids in pages.items():
+            ids = {i for i in ids if (i, level) not in pages_in}
+            lacking |= ids - set(self._complete(ids, level))
+        roots -= roots_in
+        lacking |= roots - set(self._complete(roots, treeblobs.ROOT))
+        if lacking:
+            raise ProtocolError(f"batch sends a tree page or root before {len(lacking)} of the "
+                                "blobs it names; pages must follow their children")
+        with self.store.transaction() as db:
+            rows = self.store.blobs.put_payloads(payloads, verified=True)
+            for r in records:
+                if r.kind == protocol.KIND_PAGE:
+                    treeblobs.mark(db, [rows[r.id]], r.level)
+                elif r.kind in (protocol.KIND_ROOT, protocol.KIND_GROUP):
+                    treeblobs.mark(db, [rows[r.id]], treeblobs.ROOT if r.kind == protocol.KIND_ROOT
+                                   else treeblobs.GROUP)
         size = len(body)
         s.blobs += len(records)
         s.bytes += size
         return {"stored": len(records), "bytes": size}
 
-    def _base_pages(self, ids: set[bytes]) -> dict[bytes, list[bytes]]:
-        """The children of each named base page, read (and verified) from this store. A base
-        the store lacks is left out: its page is then checked child by child."""
-        found = list(self.store.blobs.lookup(ids).items())
+    def _base_pages(self, wanted: set[tuple[bytes, int]]) -> dict[tuple[bytes, int], list[bytes]]:
+        """The entries of each named base page (id, level) that this store holds complete at
+        that level, read and verified. Any other base is left out, and its page is then
+        checked entry by entry."""
+        found: list[tuple[tuple[bytes, int], int]] = []
+        for level in {lv for _, lv in wanted}:
+            held = self._complete({i for i, lv in wanted if lv == level}, level)
+            found.extend(((i, level), row) for i, row in held.items())
         plains = self.store.blobs.get_rows([row for _, row in found])
-        return {i: tree.split_ids(plain) for (i, _), plain in zip(found, plains, strict=True)}
+        return {key: tree.split_ids(plain) for (key, _), plain in zip(found, plains, strict=True)}
 
     def _verify(self, records: list[protocol.Record]) -> list[bytes | None]:
         """Check every payload against its id (in the worker pool); plaintext of pages/roots."""
@@ -187,7 +219,7 @@ class Receiver:
     def commit(self, source: str, sid: str) -> dict[str, Any]:
         s = self.session(source, sid)
         blobs = self.store.blobs
-        row = blobs.lookup([s.root]).get(s.root)
+        row = self._complete([s.root], treeblobs.GROUP if s.group else treeblobs.ROOT).get(s.root)
         if row is None:
             raise ProtocolError("commit before the snapshot root was sent")
         plain = blobs.get_row(row, s.root)
@@ -196,13 +228,13 @@ class Receiver:
         if s.group:
             group = GroupRoot.unpack(plain)
             for volume, root_id in group.members:
-                if "/" in volume or not blobs.lookup([root_id]):
+                if "/" in volume or not self._complete([root_id], treeblobs.ROOT):
                     raise ProtocolError(f"commit before member {volume}'s root was sent")
                 members.append((volume, Root.unpack(blobs.get(root_id))))
         else:
             members.append((s.volume, Root.unpack(plain)))
         for volume, root in members:
-            if root.top != HOLE and not blobs.lookup([root.top]):
+            if root.top != HOLE and not self._complete([root.top], root.depth - 1):
                 raise ProtocolError(f"commit before {volume}'s top page was sent")
         prefix = f"{s.source}/"
         with self.store.transaction():

@@ -29,7 +29,7 @@ from dvx_dr.errors import IntegrityError, ProtocolError, UserError
 from dvx_dr.replicator import protocol
 from dvx_dr.replicator.peer import PeerClient
 from dvx_dr.replicator.storethread import StoreThread
-from dvx_dr.site import groups, snapshots, tree
+from dvx_dr.site import groups, snapshots, tree, treeblobs
 from dvx_dr.site.blobs import Payload, blob_id, decompress
 from dvx_dr.site.tree import HOLE, Root
 
@@ -73,12 +73,13 @@ class _Batcher:
         self.records: list[protocol.Record] = []
         self.size = 0
 
-    async def add(self, kind: int, p: Payload, base: bytes | None = None) -> None:
+    async def add(self, kind: int, p: Payload, base: bytes | None = None, level: int = 0
+                  ) -> None:
         if self.records and (len(self.records) >= protocol.MAX_RECORDS
                              or self.size + len(p.data) > BATCH_PAYLOAD):
             await self.flush()
         self.records.append(protocol.Record(kind, p.compressed, p.plain_len, p.id, p.data,
-                                            base if base and base != HOLE else None))
+                                            base if base and base != HOLE else None, level))
         self.size += len(p.data)
         if kind == protocol.KIND_BLOCK:
             self.stats.blocks_sent += 1
@@ -166,12 +167,14 @@ async def _transfer(
         raise ProtocolError("the target's session answer has a malformed 'lacking' list"
                             ) from None
 
-    async def have(ids: list[bytes]) -> list[bytes]:
+    async def have(ids: list[bytes], level: int | None = None) -> list[bytes]:
+        """The ids the target lacks: as blocks, or as complete tree nodes of ``level``."""
         missing: list[bytes] = []
+        query = "" if level is None else f"?level={level}"
         for start in range(0, len(ids), protocol.MAX_HAVE_IDS):
             part = ids[start:start + protocol.MAX_HAVE_IDS]
             body = protocol.encode_ids(part)
-            answer = await peer.request(f"/sessions/{sid}/have", data=body)
+            answer = await peer.request(f"/sessions/{sid}/have{query}", data=body)
             if len(answer) != len(part):
                 raise ProtocolError("have answer has the wrong length")
             stats.ids_exchanged += len(part)
@@ -188,7 +191,7 @@ async def _transfer(
                 return  # the target holds the top blob, so everything under it
             usable = await store.run(_usable_bases, store, bases, set(ask) - lacking)
             for root_id, root in roots:
-                if group_blob is not None and not await have([root_id]):
+                if group_blob is not None and not await have([root_id], treeblobs.ROOT):
                     continue
                 await _walk(store, root, have, batcher, usable.get(root_id))
                 packed = root.pack()
@@ -312,17 +315,18 @@ async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
     blobs = store.store.blobs
     if base is not None and (base.depth, base.nblocks) != (root.depth, root.nblocks):
         base = None
-    upper: list[tuple[list[Payload], list[bytes | None]]] = []  # levels >= 1, top first
+    # missing pages of levels >= 1, top level first: (pages, their base pages, level)
+    upper: list[tuple[list[Payload], list[bytes | None], int]] = []
     frontier: list[Pair] = [] if root.top == HOLE else [(root.top, base.top if base else None)]
     level = root.depth - 1
     while level >= 1 and frontier:
-        missing = await _missing_pairs(frontier, have)
+        missing = await _missing_pairs(frontier, have, level)
         pages = await store.run(blobs.get_payloads, [p for p, _ in missing])
         page_bases = [b for _, b in missing]
-        upper.append((pages, page_bases))
+        upper.append((pages, page_bases, level))
         frontier = await store.run(_child_pairs, store, pages, page_bases)
         level -= 1
-    leaves = await _missing_pairs(frontier, have) if frontier else []
+    leaves = await _missing_pairs(frontier, have, 0) if frontier else []
     sent: set[bytes] = set()
     for start in range(0, len(leaves), LEAVES_PER_ROUND):
         chunk = leaves[start:start + LEAVES_PER_ROUND]
@@ -337,15 +341,16 @@ async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
             sent.update(part)
         for p, (_, b) in zip(leaf_pages, chunk, strict=True):
             await batcher.add(protocol.KIND_PAGE, p, b)
-    for pages, page_bases in reversed(upper):
+    for pages, page_bases, page_level in reversed(upper):
         for p, b in zip(pages, page_bases, strict=True):
-            await batcher.add(protocol.KIND_PAGE, p, b)
+            await batcher.add(protocol.KIND_PAGE, p, b, page_level)
 
 
-async def _missing_pairs(pairs: list[Pair], have: Any) -> list[Pair]:
-    """The pairs whose page the target lacks; a page equal to the base's is not asked."""
+async def _missing_pairs(pairs: list[Pair], have: Any, level: int) -> list[Pair]:
+    """The pairs whose page (of ``level``) the target lacks; a page equal to the base's is
+    not asked."""
     ask = [p for p, b in pairs if p != b]
-    missing = set(await have(ask)) if ask else set()
+    missing = set(await have(ask, level)) if ask else set()
     return [(p, b) for p, b in pairs if p in missing]
 
 

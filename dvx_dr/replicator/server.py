@@ -226,8 +226,9 @@ async def open_session(request: web.Request) -> web.Response:
 async def have(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body = await request.read()
+    level = protocol.decode_level(request.query.get("level"))
     answer = await service.store.run(service.receiver.have, request["peer"],
-                                     request.match_info["sid"], body)
+                                     request.match_info["sid"], body, level)
     return web.Response(body=answer, content_type="application/octet-stream")
 
 

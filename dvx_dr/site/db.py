@@ -5,7 +5,8 @@ numbered migrations in ``MIGRATIONS``, applied in order by ``open_db``. A databa
 schema than this build knows is refused.
 
 Versions: 1, the first; 2 adds ``dirty_blocks`` (snapshots patch the cached leaf pages over
-written blocks instead of rebuilding whole leaves).
+written blocks instead of rebuilding whole leaves); 3 adds ``tree_blobs`` (which blobs are
+complete tree nodes, see ``treeblobs``).
 
 Nothing here names a blob by its raw id: ``blobs.name`` is ``HMAC-SHA256(index key, id)`` on
 a store with keys (the raw id only on a store that never had encryption), ``blobs.sealed_id``
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from dvx_dr.errors import FormatError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def create_schema(db: sqlite3.Connection) -> None:
@@ -80,6 +81,15 @@ def create_schema(db: sqlite3.Connection) -> None:
             vol   INTEGER NOT NULL,
             blk   INTEGER NOT NULL,
             PRIMARY KEY (vol, blk)
+        ) WITHOUT ROWID;
+
+        -- Blobs that are complete tree nodes: a page at ``level`` (0 = a leaf page, listing
+        -- blocks) or a root (-1 a volume root, -2 a group root) whose whole subtree is durable
+        -- and whose pages are in this table too. See ``treeblobs``.
+        CREATE TABLE tree_blobs (
+            row   INTEGER NOT NULL,
+            level INTEGER NOT NULL,
+            PRIMARY KEY (row, level)
         ) WITHOUT ROWID;
 
         -- The volume's Merkle tree as last built: page (level, idx) -> blob; absent = hole.
@@ -147,8 +157,27 @@ def _add_dirty_blocks(db: sqlite3.Connection) -> None:
     )
 
 
+def _add_tree_blobs(db: sqlite3.Connection) -> None:
+    """2 -> 3: complete tree nodes. It starts empty (the trees cannot be read without the
+    keys, and a store may be opened locked): the next snapshot of each volume marks its whole
+    tree, and a peer resends the tree pages (not the blocks) of the first replica it sends
+    here after the upgrade."""
+    db.execute(
+        """
+        CREATE TABLE tree_blobs (
+            row   INTEGER NOT NULL,
+            level INTEGER NOT NULL,
+            PRIMARY KEY (row, level)
+        ) WITHOUT ROWID
+        """
+    )
+
+
 #: Migration N takes a database from schema version N to N + 1.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _add_dirty_blocks}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _add_dirty_blocks,
+    2: _add_tree_blobs,
+}
 
 
 def connect(path: Path) -> sqlite3.Connection:

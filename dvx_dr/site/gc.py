@@ -2,7 +2,8 @@
 
 1. *Mark* every blob row that a live volume, a volume's cached tree or a retained snapshot
    names (``refs``). An unreadable snapshot tree stops gc before anything is deleted.
-2. *Sweep* the index rows nobody names.
+2. *Sweep* the index rows nobody names; skipped while a replication session is open at this
+   site (``Store.pin``).
 3. *Compact*: segments whose live bytes fall under ``COMPACT_BELOW`` of their size have their
    live extents copied into the open segment (new addresses, so new XTS tweaks, under the
    current key and encryption setting); the old segment file is deleted only after the index
@@ -17,7 +18,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dvx_dr.site import refs, snapshots
+from dvx_dr.site import refs, snapshots, treeblobs
 from dvx_dr.site.segments import fsync_dir, segment_path
 from dvx_dr.site.store import Store
 
@@ -31,6 +32,8 @@ class GcReport:
     segments_compacted: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
+    #: Replication sessions open at the time; with any, nothing is deleted (``Store.pin``).
+    sessions_open: int = 0
 
     @property
     def reclaimed(self) -> int:
@@ -45,17 +48,13 @@ def _segment_bytes(store: Store) -> dict[int, int]:
     return out
 
 
-def mark(store: Store) -> set[int]:
-    live: set[int] = {r.row for r in refs.live_refs(store)}
-    live.update(r.row for r in refs.group_refs(store))
-    if store.pins:
-        floor = min(store.pins.values())
-        live.update(r for (r,) in store.db.execute("SELECT row FROM blobs WHERE row>?",
-                                                   (floor,)))
+def mark(store: Store) -> tuple[set[int], set[int]]:
+    """The live rows, and those of them under a snapshot or group snapshot."""
+    kept: set[int] = {r.row for r in refs.group_refs(store)}
     seen: set[bytes] = set()
     for snap in snapshots.list_snapshots(store):
-        live.update(r.row for r in refs.snapshot_refs(store, snap, seen))
-    return live
+        kept.update(r.row for r in refs.snapshot_refs(store, snap, seen))
+    return kept | {r.row for r in refs.live_refs(store)}, kept
 
 
 def gc(store: Store, compact_below: float = COMPACT_BELOW,
@@ -68,13 +67,18 @@ def gc(store: Store, compact_below: float = COMPACT_BELOW,
         report.bytes_before = sum(_segment_bytes(store).values())
         if progress:
             progress("marking")
-        live = mark(store)
-        if progress:
-            progress("sweeping")
-        with store.transaction() as db:
-            dead = [(r,) for (r,) in db.execute("SELECT row FROM blobs") if r not in live]
-            db.executemany("DELETE FROM blobs WHERE row=?", dead)
-        report.blobs_deleted = len(dead)
+        report.sessions_open = len(store.pins)
+        if not store.pins:
+            live, under_snapshots = mark(store)
+            if progress:
+                progress("sweeping")
+            with store.transaction() as db:
+                dead = [(r,) for (r,) in db.execute("SELECT row FROM blobs") if r not in live]
+                db.executemany("DELETE FROM blobs WHERE row=?", dead)
+                # A volume's cached tree can outlive blocks it named: only what is under a
+                # snapshot stays marked complete.
+                treeblobs.unmark_except(db, under_snapshots)
+            report.blobs_deleted = len(dead)
         if progress:
             progress("compacting")
         report.segments_compacted = compact(store, compact_below, select, progress_bytes)

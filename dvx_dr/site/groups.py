@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
-from dvx_dr.site import snapshots, volumes
+from dvx_dr.site import snapshots, treeblobs, volumes
 from dvx_dr.site.store import Store, now_iso
 from dvx_dr.site.tree import GroupRoot, Root
 
@@ -94,6 +94,7 @@ def record(store: Store, pg: str, name: str, group: GroupRoot, origin: str = "lo
            created: str | None = None) -> int:
     """Store a group root blob and its row (inside a transaction, members already recorded)."""
     _, (row,) = store.blobs.put_many([group.pack()])
+    treeblobs.mark(store.db, [row], treeblobs.GROUP)
     cur = store.db.execute(
         "INSERT INTO group_snapshots (pg, name, root, created, origin) VALUES (?, ?, ?, ?, ?)",
         (pg, name, row, created or now_iso(), origin))

@@ -270,7 +270,8 @@ def _delete_all_data(store: Store) -> int:
     """After a crypto erase with --delete-plain: drop every volume, snapshot and extent."""
     with store.transaction() as db:
         for table in ("blocks", "dirty_leaves", "dirty_blocks", "tree_pages", "volumes",
-                      "snapshots", "group_snapshots", "replication_state", "blobs"):
+                      "snapshots", "group_snapshots", "replication_state", "tree_blobs",
+                      "blobs"):
             db.execute(f"DELETE FROM {table}")
     store.writer.close()
     total = 0

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import BinaryIO
 
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
-from dvx_dr.site import tree, volumes
+from dvx_dr.site import tree, treeblobs, volumes
 from dvx_dr.site.blobs import blob_id
 from dvx_dr.site.store import Store, now_iso
 from dvx_dr.site.tree import FANOUT, HOLE, ID, Root
@@ -108,6 +108,7 @@ def build_tree(store: Store, vol: int, size: int) -> Root:
         changed, below = built, count
     db.execute("DELETE FROM dirty_leaves WHERE vol=?", (vol,))
     db.execute("DELETE FROM dirty_blocks WHERE vol=?", (vol,))
+    treeblobs.mark_cached_tree(db, vol)
     top = db.execute("SELECT blob FROM tree_pages WHERE vol=? AND level=? AND idx=0",
                      (vol, len(counts) - 1)).fetchone()
     mapped = db.execute("SELECT COUNT(*) FROM blocks WHERE vol=?", (vol,)).fetchone()[0]
@@ -204,6 +205,7 @@ def record(store: Store, volume: str, name: str, root: Root, origin: str = "loca
            created: str | None = None) -> int:
     """Store a root blob and its snapshot row (inside a transaction, blobs already durable)."""
     _, (root_row,) = store.blobs.put_many([root.pack()])
+    treeblobs.mark(store.db, [root_row], treeblobs.ROOT)
     cur = store.db.execute(
         "INSERT INTO snapshots (volume, name, root, size, mapped_blocks, created, origin) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -71,9 +71,8 @@ class Store:
         self.keys = keys
         self.mutex = threading.RLock()
         self.served = False  # owned by a running site (``site serve``)
-        #: Open replication sessions pin every blob row above a watermark: blobs they made
-        #: durable are not referenced by any snapshot until commit, and gc must keep them.
-        self.pins: dict[str, int] = {}
+        #: Open replication sessions (see ``pin``).
+        self.pins: set[str] = set()
         self.store_id = dbmod.get_meta(db, "store_id") or ""
         self.site = dbmod.get_meta(db, "site") or ""
         self.block_size = int(dbmod.get_meta(db, "block_size") or DEFAULT_BLOCK)
@@ -190,12 +189,14 @@ class Store:
         return store
 
     def pin(self, key: str) -> None:
-        """Keep every blob stored from now on until ``unpin(key)`` (see ``pins``)."""
-        top = self.db.execute("SELECT COALESCE(MAX(row), 0) FROM blobs").fetchone()[0]
-        self.pins[key] = top
+        """Hold off gc's sweep until ``unpin(key)``: while a replication session is open, the
+        blobs it made durable are named by no snapshot yet, and the pages it stored rely on
+        older blobs (a base page's subtree, blocks shared with other volumes) that deleting a
+        snapshot could leave unnamed meanwhile. gc deletes nothing while any pin is held."""
+        self.pins.add(key)
 
     def unpin(self, key: str) -> None:
-        self.pins.pop(key, None)
+        self.pins.discard(key)
 
     def announce(self, admin_socket: str) -> None:
         """Record in the lock file where the owning site's admin socket is, for the CLI."""

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dvx_dr.site import db as dbmod
-from dvx_dr.site import snapshots, volumes
+from dvx_dr.site import gc, snapshots, treeblobs, volumes
 from dvx_dr.site.store import Store
 from dvx_dr.site.tree import FANOUT, HOLE, Root
 from tests.conftest import PASSWORD
@@ -274,16 +274,18 @@ def test_version_1_store_migrates_and_honours_pending_dirty_leaves(
     snapshots.create(store, "v", "a")
     write_blocks(store, "v", [3, 600, 1025], lambda b: _content("rnd", b))
     write_blocks(store, "v", [7], lambda b: bytes(BS))
-    # What version 1 wrote for these writes: dirty leaves, and no dirty_blocks table.
+    # What version 1 wrote for these writes: dirty leaves, and neither dirty_blocks nor
+    # tree_blobs (version 3).
     with store.transaction() as db:
         db.execute("INSERT OR IGNORE INTO dirty_leaves SELECT vol, blk / ? FROM dirty_blocks",
                    (FANOUT,))
         db.execute("DROP TABLE dirty_blocks")
+        db.execute("DROP TABLE tree_blobs")
         db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     store.close()
 
     store = Store.open(store_dir, lambda: PASSWORD)
-    assert dbmod.get_meta(store.db, "schema_version") == str(dbmod.SCHEMA_VERSION) == "2"
+    assert dbmod.get_meta(store.db, "schema_version") == str(dbmod.SCHEMA_VERSION) == "3"
     fresh = new_store(path=tmp_path / "fresh")
     assert _table_sql(store.db) == _table_sql(fresh.db)
     snapshots.create(store, "v", "b")
@@ -294,3 +296,27 @@ def test_version_1_store_migrates_and_honours_pending_dirty_leaves(
     snapshots.create(store, "v", "c")
     check_snapshot(store, "v", "c")
     store.close()
+
+
+def test_complete_marks_cover_snapshot_trees_and_gc_keeps_them_only_under_snapshots(
+        new_store: Callable[..., Store]) -> None:
+    """Every page and root of a snapshot's tree is marked complete (``treeblobs``); once no
+    snapshot names them, gc drops the marks: a volume's cached tree can outlive the blocks
+    it named."""
+    store = new_store(block_size=BS)
+    volumes.create(store, "v", 2 * LEAF)
+    write_blocks(store, "v", range(0, 2 * FANOUT, 7), lambda b: _content("rnd", b))
+    snapshots.create(store, "v", "a")
+
+    def marks() -> set[tuple[int, int]]:
+        return set(store.db.execute("SELECT row, level FROM tree_blobs"))
+
+    pages = set(store.db.execute("SELECT blob, level FROM tree_pages"))
+    root = snapshots.get(store, "v@a").root_row
+    assert marks() == pages | {(root, treeblobs.ROOT)} and len(pages) == 3
+    snapshots.delete(store, "v@a")
+    gc.gc(store)
+    assert marks() == set()
+    snapshots.create(store, "v", "b")
+    assert marks() == set(store.db.execute("SELECT blob, level FROM tree_pages")) | {
+        (snapshots.get(store, "v@b").root_row, treeblobs.ROOT)}

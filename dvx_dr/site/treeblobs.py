@@ -1,0 +1,56 @@
+"""Which blobs are complete tree nodes (table ``tree_blobs``).
+
+A blob is *complete* at a level when it is a tree page of that level (0 = a leaf page, whose
+entries are blocks; k = a page whose entries are pages of level k - 1) or a root (``ROOT``, a
+volume snapshot's root; ``GROUP``, a group snapshot's root), everything under it is durable,
+and every page under it is marked complete too. Replication rests on this: a target answers
+"held" for a page or root only when it is marked, accepts a *base page* only when it is marked
+at the page's level, and checks every child of a received page against the level it must have.
+So a blob that merely has the bytes of a page (a data block, say) is never taken for one.
+
+Marked by ``snapshots.build_tree`` (every page of the tree it builds), ``snapshots.record`` and
+``groups.record`` (roots), and the replication receiver (pages and roots it checked). gc keeps
+marks only on blobs under a snapshot (a volume's cached tree can outlive the blocks it named).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+
+ROOT = -1
+GROUP = -2
+#: Tree levels a page can have (2^50-byte volumes of 4 KiB blocks need 5).
+MAX_LEVEL = 15
+
+
+def mark(db: sqlite3.Connection, rows: Iterable[int], level: int) -> None:
+    """Record blob ``rows`` as complete at ``level`` (inside the transaction storing them)."""
+    db.executemany("INSERT OR IGNORE INTO tree_blobs (row, level) VALUES (?, ?)",
+                   [(row, level) for row in rows])
+
+
+def mark_cached_tree(db: sqlite3.Connection, vol: int) -> None:
+    """Mark every page of volume ``vol``'s cached tree, just brought up to date for a
+    snapshot (so complete under every page), at its level."""
+    db.execute("INSERT OR IGNORE INTO tree_blobs (row, level) "
+               "SELECT blob, level FROM tree_pages WHERE vol=?", (vol,))
+
+
+def marked(db: sqlite3.Connection, rows: Iterable[int], level: int) -> set[int]:
+    """Those of ``rows`` that are complete at ``level``."""
+    wanted = list(dict.fromkeys(rows))
+    out: set[int] = set()
+    for start in range(0, len(wanted), 500):
+        part = wanted[start:start + 500]
+        marks = ",".join("?" * len(part))
+        out.update(r for (r,) in db.execute(
+            f"SELECT row FROM tree_blobs WHERE level=? AND row IN ({marks})", (level, *part)))
+    return out
+
+
+def unmark_except(db: sqlite3.Connection, keep: set[int]) -> int:
+    """Drop the marks of every row not in ``keep``; returns how many rows lost them."""
+    stale = [(r,) for (r,) in db.execute("SELECT DISTINCT row FROM tree_blobs") if r not in keep]
+    db.executemany("DELETE FROM tree_blobs WHERE row=?", stale)
+    return len(stale)

@@ -1,0 +1,148 @@
+"""The target's checks, driven in-process with hand-made batches from a source that lies.
+
+Each case is a batch a buggy or hostile peer could send. The target must refuse it, or at
+least never commit a replica with something missing under it: "a stored tree page or root
+means its whole subtree is stored" is what every later transfer relies on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import pytest
+
+from dvx_dr.errors import ProtocolError
+from dvx_dr.replicator import protocol
+from dvx_dr.replicator.receiver import Receiver
+from dvx_dr.site import gc, snapshots
+from dvx_dr.site.store import Store
+from dvx_dr.site.tree import Root
+
+BS = 4096
+
+
+def sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def rec(kind: int, data: bytes, base: bytes | None = None, level: int = 0) -> protocol.Record:
+    return protocol.Record(kind, False, len(data), sha(data), data, base, level)
+
+
+def blocks(n: int, seed: int) -> list[bytes]:
+    return [bytes([seed]) * (BS - 4) + i.to_bytes(4, "little") for i in range(n)]
+
+
+def open_session(rx: Receiver, snapshot: str, root: bytes, ask: list[bytes] | None = None
+                 ) -> tuple[str, list[str]]:
+    opened = rx.open("src", {"version": protocol.VERSION, "volume": "vm1",
+                             "snapshot": snapshot, "root": root.hex(),
+                             "ask": [i.hex() for i in ask or []]})
+    return opened["session"], opened["lacking"]
+
+
+def send(rx: Receiver, sid: str, *records: protocol.Record) -> None:
+    rx.receive("src", sid, protocol.encode_batch(records))
+
+
+@pytest.fixture
+def rx(new_store: Callable[..., Store]) -> Receiver:
+    return Receiver(new_store(block_size=BS))
+
+
+def replicate_one_leaf(rx: Receiver, name: str, data: list[bytes]) -> tuple[bytes, bytes]:
+    """A well-behaved transfer of a one-leaf volume; returns (leaf page, root blob)."""
+    leaf = b"".join(sha(b) for b in data)
+    root = root_of(leaf)
+    sid, _ = open_session(rx, name, sha(root))
+    send(rx, sid, *[rec(protocol.KIND_BLOCK, b) for b in data],
+         rec(protocol.KIND_PAGE, leaf), rec(protocol.KIND_ROOT, root))
+    rx.commit("src", sid)
+    return leaf, root
+
+
+def incremental(rx: Receiver, first: str, second: str, seed: int
+                ) -> tuple[list[bytes], bytes, bytes, bytes, str]:
+    """Replicate a one-leaf volume as ``first``, then open the session of ``second``, in
+    which the first block changed; returns (data, changed block, base leaf, new leaf,
+    session id)."""
+    data = blocks(512, seed)
+    leaf, root = replicate_one_leaf(rx, first, data)
+    changed = bytes([seed + 1]) * BS
+    leaf2 = sha(changed) + leaf[32:]
+    root2 = Root(1, BS, BS * 512, 512, sha(leaf2)).pack()
+    sid, lacking = open_session(rx, second, sha(root2), ask=[sha(root)])
+    assert lacking == []  # the earlier root is held, complete: a usable base
+    return data, changed, leaf, leaf2, sid
+
+
+def root_of(leaf: bytes) -> bytes:
+    return Root(1, BS, BS * 512, 512, sha(leaf)).pack()
+
+
+def test_a_data_block_is_not_accepted_as_a_base_page(rx: Receiver) -> None:
+    made_up = [sha(b"nothing %d" % i) for i in range(512)]
+    decoy = b"".join(made_up)  # a "block" whose bytes look like a leaf page
+    child = b"\1" * BS
+    page = sha(child) + decoy[32:]  # equal to the decoy but for one real entry
+    root = Root(1, BS, BS * 512, 512, sha(page)).pack()
+    sid, _ = open_session(rx, "s1", sha(root))
+    send(rx, sid, rec(protocol.KIND_BLOCK, decoy), rec(protocol.KIND_BLOCK, child))
+    with pytest.raises(ProtocolError, match="pages must follow their children"):
+        send(rx, sid, rec(protocol.KIND_PAGE, page, base=sha(decoy)))
+
+
+def test_a_root_whose_top_is_a_data_block_is_refused(rx: Receiver) -> None:
+    decoy = b"".join(sha(b"nothing %d" % i) for i in range(512))
+    root = Root(1, BS, BS * 512, 512, sha(decoy)).pack()
+    sid, _ = open_session(rx, "s1", sha(root))
+    send(rx, sid, rec(protocol.KIND_BLOCK, decoy))
+    with pytest.raises(ProtocolError, match="pages must follow their children"):
+        send(rx, sid, rec(protocol.KIND_ROOT, root))
+    with pytest.raises(ProtocolError, match="root was sent"):
+        rx.commit("src", sid)
+
+
+def test_an_upper_page_must_list_complete_pages_of_the_level_below(rx: Receiver) -> None:
+    data = blocks(3, 1)
+    for b in data:
+        sid, _ = open_session(rx, "s0", sha(b"x"))
+        send(rx, sid, rec(protocol.KIND_BLOCK, b))
+    upper = b"".join(sha(b) for b in data)  # names blocks, claiming they are leaf pages
+    root = Root(2, BS, BS * 512 * 3, 3, sha(upper)).pack()
+    sid, _ = open_session(rx, "s1", sha(root))
+    with pytest.raises(ProtocolError, match="pages must follow their children"):
+        send(rx, sid, rec(protocol.KIND_PAGE, upper, level=1))
+    # The same bytes as a leaf page are fine (its entries are blocks) ...
+    send(rx, sid, rec(protocol.KIND_PAGE, upper, level=0))
+    # ... but that does not make them a level-1 page: asked as one, it is lacking.
+    answer = rx.have("src", sid, sha(upper), 1)
+    assert answer == b"\1"
+    assert rx.have("src", sid, sha(upper), 0) == b"\0"
+
+
+def test_a_real_base_page_lets_the_target_check_only_the_changes(rx: Receiver) -> None:
+    data, changed, leaf, leaf2, sid = incremental(rx, "s1", "s2", 2)
+    forged = sha(b"never sent") + leaf[32:]
+    with pytest.raises(ProtocolError, match="pages must follow their children"):
+        send(rx, sid, rec(protocol.KIND_PAGE, forged, base=sha(leaf)))
+    send(rx, sid, rec(protocol.KIND_BLOCK, changed), rec(protocol.KIND_PAGE, leaf2, sha(leaf)),
+         rec(protocol.KIND_ROOT, root_of(leaf2)))
+    rx.commit("src", sid)
+    assert snapshots.read(rx.store, "src/vm1@s2", BS, BS) == data[1]
+
+
+def test_gc_while_a_session_is_open_deletes_nothing_the_session_relies_on(rx: Receiver) -> None:
+    """The session's new leaf names, through its base, blocks that only the older replica
+    named; that replica is deleted and gc runs before the session commits."""
+    data, changed, leaf, leaf2, sid = incremental(rx, "a", "b", 4)
+    send(rx, sid, rec(protocol.KIND_BLOCK, changed), rec(protocol.KIND_PAGE, leaf2, sha(leaf)))
+    snapshots.delete(rx.store, "src/vm1@a")
+    report = gc.gc(rx.store)
+    assert report.sessions_open == 1 and report.blobs_deleted == 0
+    send(rx, sid, rec(protocol.KIND_ROOT, root_of(leaf2)))
+    rx.commit("src", sid)
+    assert snapshots.read(rx.store, "src/vm1@b", 0, 2 * BS) == changed + data[1]
+    # With the session over, gc collects what nothing names any more.
+    assert gc.gc(rx.store).blobs_deleted == 3  # vm1@a's root, its leaf, its first block
