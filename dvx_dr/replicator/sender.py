@@ -2,14 +2,14 @@
 
 1. Open a session naming the snapshot and its root id, asking at once whether the target holds
    the root and the roots of the last few earlier snapshots (candidate *bases*). If the target
-   already holds the replica, stop. If it holds the root blob, everything under it is there
-   too (pages are only ever stored after their children), so only the commit is left.
+   already holds the replica, stop. If it holds the root as a complete tree node (see
+   ``site.treeblobs``), everything under it is there too, so only the commit is left.
 2. Walk the tree top-down, level by level, beside the newest base the target holds, asking
-   the target which page ids it lacks (``have``) and descending only into those; an id equal
-   to the base's at the same place is known to be there and is not asked about. Leaves are
-   handled many at a time: their changed block ids are asked for, the missing blocks sent,
-   then the leaf pages themselves, each naming its base page so that the target checks only
-   the entries that changed.
+   the target which pages of that level it lacks (``have``) and descending only into those;
+   an id equal to the base's at the same place is known to be there and is not asked about.
+   Leaves are handled many at a time: their changed block ids are asked for, the missing
+   blocks sent, then the leaf pages themselves, each naming its base page so that the target
+   checks only the entries that changed.
 3. Send the missing upper pages bottom-up, then the root, then commit.
 
 Store reads (decrypting with this site's key, checking each blob's id) run in the store thread

@@ -2,8 +2,9 @@
 
 1. *Mark* every blob row that a live volume, a volume's cached tree or a retained snapshot
    names (``refs``). An unreadable snapshot tree stops gc before anything is deleted.
-2. *Sweep* the index rows nobody names; skipped while a replication session is open at this
-   site (``Store.pin``).
+2. *Sweep* the index rows nobody names, and keep "complete tree node" marks (``treeblobs``)
+   only on rows under a snapshot; skipped while a replication session is open at this site
+   (``Store.pin``).
 3. *Compact*: segments whose live bytes fall under ``COMPACT_BELOW`` of their size have their
    live extents copied into the open segment (new addresses, so new XTS tweaks, under the
    current key and encryption setting); the old segment file is deleted only after the index
