@@ -27,12 +27,12 @@ from dvx_dr.replicator import protocol
 from dvx_dr.replicator.retention import prune_groups
 from dvx_dr.site import groups, snapshots, tree, treeblobs
 from dvx_dr.site.blobs import Payload, blob_id, decompress
-from dvx_dr.site.store import Store
+from dvx_dr.site.store import PIN_IDLE, Store
 from dvx_dr.site.tree import HOLE, GroupRoot, Root
 
 log = logging.getLogger("dvx_dr.receiver")
 MAX_SESSIONS = 64
-SESSION_IDLE = 3600.0
+SESSION_IDLE = PIN_IDLE  # a session idle this long is dropped (and gc may sweep again)
 
 
 @dataclass
@@ -113,10 +113,14 @@ class Receiver:
 
     def session(self, source: str, sid: str) -> Session:
         s = self.sessions.get(sid)
+        if s is not None and sid not in self.store.pins:  # expired while gc ran: drop it
+            del self.sessions[sid]
+            s = None
         if s is None or s.source != source:
             raise NotFoundError(f"unknown replication session {sid[:8]}… (the target may have "
                                 "restarted); start the transfer again")
         s.last_used = time.monotonic()
+        self.store.pin(sid)  # still in use
         return s
 
     def have(self, source: str, sid: str, body: bytes, level: int | None = None) -> bytes:
@@ -159,6 +163,14 @@ class Receiver:
             elif r.kind == protocol.KIND_ROOT:
                 assert plain is not None
                 root = Root.unpack(plain)
+                bs = root.block_size
+                if not 4096 <= bs <= 1 << 20 or bs & (bs - 1):
+                    raise ProtocolError(f"snapshot root {r.id.hex()[:16]}… has block size {bs}; "
+                                        "batch rejected")
+                if root.depth != len(tree.level_counts(root.nblocks)):
+                    raise ProtocolError(f"snapshot root {r.id.hex()[:16]}… claims a tree of "
+                                        f"depth {root.depth} over {root.nblocks} blocks; batch "
+                                        "rejected")
                 if root.top != HOLE:
                     pages[root.depth - 1].add(root.top)
             elif r.kind == protocol.KIND_GROUP:

@@ -49,13 +49,15 @@ def _segment_bytes(store: Store) -> dict[int, int]:
     return out
 
 
-def mark(store: Store) -> tuple[set[int], set[int]]:
-    """The live rows, and those of them under a snapshot or group snapshot."""
-    kept: set[int] = {r.row for r in refs.group_refs(store)}
-    seen: set[bytes] = set()
+def mark(store: Store) -> tuple[set[int], set[tuple[int, int]]]:
+    """The live rows, and the (row, level) of every tree page and root under a snapshot or
+    group snapshot: the complete tree nodes whose marks stay."""
+    under: list[refs.Ref] = list(refs.group_refs(store))
+    seen: set[tuple[bytes, int]] = set()
     for snap in snapshots.list_snapshots(store):
-        kept.update(r.row for r in refs.snapshot_refs(store, snap, seen))
-    return kept | {r.row for r in refs.live_refs(store)}, kept
+        under.extend(refs.snapshot_refs(store, snap, seen))
+    nodes = {(r.row, r.level) for r in under if r.level is not None}
+    return {r.row for r in under} | {r.row for r in refs.live_refs(store)}, nodes
 
 
 def gc(store: Store, compact_below: float = COMPACT_BELOW,
@@ -68,17 +70,18 @@ def gc(store: Store, compact_below: float = COMPACT_BELOW,
         report.bytes_before = sum(_segment_bytes(store).values())
         if progress:
             progress("marking")
-        report.sessions_open = len(store.pins)
-        if not store.pins:
-            live, under_snapshots = mark(store)
+        report.sessions_open = store.live_pins()
+        if not report.sessions_open:
+            live, nodes = mark(store)
             if progress:
                 progress("sweeping")
             with store.transaction() as db:
                 dead = [(r,) for (r,) in db.execute("SELECT row FROM blobs") if r not in live]
                 db.executemany("DELETE FROM blobs WHERE row=?", dead)
-                # A volume's cached tree can outlive blocks it named: only what is under a
-                # snapshot stays marked complete.
-                treeblobs.unmark_except(db, under_snapshots)
+                # A volume's cached tree can outlive blocks it named, and a blob kept as a
+                # block may once have been a page: only the tree nodes under a snapshot, at
+                # the level they have there, stay marked complete.
+                treeblobs.unmark_except(db, nodes)
             report.blobs_deleted = len(dead)
         if progress:
             progress("compacting")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dvx_dr.errors import IntegrityError
-from dvx_dr.site import tree
+from dvx_dr.site import tree, treeblobs
 from dvx_dr.site.snapshots import SnapshotInfo
 from dvx_dr.site.store import Store
 from dvx_dr.site.tree import HOLE, Root
@@ -25,6 +25,7 @@ class Ref:
     row: int
     what: str
     offset: int  # byte offset in the volume, or -1 for metadata (tree pages, roots)
+    level: int | None = None  # metadata: the page's tree level, or treeblobs.ROOT / GROUP
 
 
 def live_refs(store: Store) -> Iterator[Ref]:
@@ -44,21 +45,21 @@ def live_refs(store: Store) -> Iterator[Ref]:
         yield Ref(blob, f"volume {names.get(vol, vol)} (tree)", -1)
 
 
-def snapshot_refs(store: Store, snap: SnapshotInfo, seen_pages: set[bytes]) -> Iterator[Ref]:
-    """Refs of one snapshot, skipping subtrees under pages in ``seen_pages`` (then adding).
-
-    Raises IntegrityError when the root or a tree page cannot be read.
+def snapshot_refs(store: Store, snap: SnapshotInfo, seen_pages: set[tuple[bytes, int]]
+                  ) -> Iterator[Ref]:
+    """Refs of one snapshot, skipping subtrees under pages in ``seen_pages`` (id, level;
+    then adding). Raises IntegrityError when the root or a tree page cannot be read.
     """
     what = f"snapshot {snap.spec}"
-    yield Ref(snap.root_row, what, -1)
+    yield Ref(snap.root_row, what, -1, treeblobs.ROOT)
     root = Root.unpack(store.blobs.get_row(snap.root_row))
-    new_pages: list[bytes] = []
+    new_pages: list[tuple[bytes, int]] = []
 
-    def prune(page_id: bytes) -> bool:
-        if page_id in seen_pages:
+    def prune(page_id: bytes, level: int) -> bool:
+        if (page_id, level) in seen_pages:
             return True
-        seen_pages.add(page_id)
-        new_pages.append(page_id)
+        seen_pages.add((page_id, level))
+        new_pages.append((page_id, level))
         return False
 
     bs = root.block_size
@@ -74,8 +75,9 @@ def snapshot_refs(store: Store, snap: SnapshotInfo, seen_pages: set[bytes]) -> I
                                      "the store lacks")
             yield Ref(row, what, (first + k) * bs)
         if new_pages:
-            for row in store.blobs.lookup(new_pages).values():
-                yield Ref(row, what, -1)
+            rows = store.blobs.lookup(i for i, _ in new_pages)
+            for page_id, level in new_pages:
+                yield Ref(rows[page_id], what, -1, level)
             new_pages.clear()
 
 
@@ -84,4 +86,4 @@ def group_refs(store: Store) -> Iterator[Ref]:
     their group), so marking those snapshots marks everything under a group."""
     for pg, name, root in store.db.execute(
             "SELECT pg, name, root FROM group_snapshots").fetchall():
-        yield Ref(root, f"group snapshot {pg}@{name}", -1)
+        yield Ref(root, f"group snapshot {pg}@{name}", -1, treeblobs.GROUP)

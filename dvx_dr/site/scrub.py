@@ -30,7 +30,7 @@ def scrub(store: Store, progress: Callable[[int], None] | None = None) -> ScrubR
     with store.mutex:
         _check(store, refs.live_refs(store), state, report, progress)
         _check(store, refs.group_refs(store), state, report, progress)
-        seen: set[bytes] = set()
+        seen: set[tuple[bytes, int]] = set()
         for snap in snapshots.list_snapshots(store):
             try:
                 _check(store, refs.snapshot_refs(store, snap, seen), state, report, progress)

@@ -19,6 +19,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,8 @@ KEYSTORE_NAME = "keystore.json"
 MIN_BLOCK = 4096
 MAX_BLOCK = 1024 * 1024
 DEFAULT_BLOCK = 64 * 1024
+#: A replication session's pin lapses after this long unused (see ``Store.pin``).
+PIN_IDLE = 600.0
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 PasswordSource = Callable[[], str]
@@ -71,8 +74,8 @@ class Store:
         self.keys = keys
         self.mutex = threading.RLock()
         self.served = False  # owned by a running site (``site serve``)
-        #: Open replication sessions (see ``pin``).
-        self.pins: set[str] = set()
+        #: Open replication sessions, and when each was last used (see ``pin``).
+        self.pins: dict[str, float] = {}
         self.store_id = dbmod.get_meta(db, "store_id") or ""
         self.site = dbmod.get_meta(db, "site") or ""
         self.block_size = int(dbmod.get_meta(db, "block_size") or DEFAULT_BLOCK)
@@ -189,14 +192,23 @@ class Store:
         return store
 
     def pin(self, key: str) -> None:
-        """Hold off gc's sweep until ``unpin(key)``: while a replication session is open, the
-        blobs it made durable are named by no snapshot yet, and the pages it stored rely on
-        older blobs (a base page's subtree, blocks shared with other volumes) that deleting a
-        snapshot could leave unnamed meanwhile. gc deletes nothing while any pin is held."""
-        self.pins.add(key)
+        """Hold off gc's sweep until ``unpin(key)``, or until the pin has not been renewed
+        (by calling this again) for ``PIN_IDLE`` seconds: while a replication session is
+        open, the blobs it made durable are named by no snapshot yet, and the pages it stored
+        rely on older blobs (a base page's subtree, blocks shared with other volumes) that
+        deleting a snapshot could leave unnamed meanwhile. gc deletes nothing while any pin
+        is held; a session whose pin lapsed is over (the source starts again)."""
+        self.pins[key] = time.monotonic()
 
     def unpin(self, key: str) -> None:
-        self.pins.discard(key)
+        self.pins.pop(key, None)
+
+    def live_pins(self) -> int:
+        """Drop the pins idle for ``PIN_IDLE`` seconds; how many remain."""
+        now = time.monotonic()
+        for key in [k for k, used in self.pins.items() if now - used > PIN_IDLE]:
+            del self.pins[key]
+        return len(self.pins)
 
     def announce(self, admin_socket: str) -> None:
         """Record in the lock file where the owning site's admin socket is, for the CLI."""

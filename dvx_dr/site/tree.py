@@ -147,24 +147,25 @@ def child_count(root: Root, level: int, index: int) -> int:
 
 
 def iter_leaves(
-    root: Root, get: GetBlob, prune: Callable[[bytes], bool] | None = None
+    root: Root, get: GetBlob, prune: Callable[[bytes, int], bool] | None = None
 ) -> Iterator[tuple[int, list[bytes]]]:
     """Yield ``(first block number, block ids)`` for every leaf range, holes included.
 
-    ``prune(page_id)`` returning True skips that page and everything under it (used by gc and
-    scrub to visit a subtree shared by many snapshots once).
+    ``prune(page_id, level)`` returning True skips that page and everything under it (used by
+    gc and scrub to visit a subtree shared by many snapshots once). The level matters: the
+    same bytes could be a leaf page in one tree and an upper page in another.
     """
     yield from _iter_pages(root, root.depth - 1, 0, root.top, get, prune)
 
 
 def _iter_pages(
     root: Root, level: int, index: int, page_id: bytes, get: GetBlob,
-    prune: Callable[[bytes], bool] | None,
+    prune: Callable[[bytes, int], bool] | None,
 ) -> Iterator[tuple[int, list[bytes]]]:
     n = child_count(root, level, index)
     if n == 0:
         return
-    if prune is not None and not is_hole(page_id) and prune(page_id):
+    if prune is not None and not is_hole(page_id) and prune(page_id, level):
         return
     ids = [HOLE] * n if is_hole(page_id) else split_ids(get(page_id))
     if len(ids) != n:

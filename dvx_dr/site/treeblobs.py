@@ -49,8 +49,8 @@ def marked(db: sqlite3.Connection, rows: Iterable[int], level: int) -> set[int]:
     return out
 
 
-def unmark_except(db: sqlite3.Connection, keep: set[int]) -> int:
-    """Drop the marks of every row not in ``keep``; returns how many rows lost them."""
-    stale = [(r,) for (r,) in db.execute("SELECT DISTINCT row FROM tree_blobs") if r not in keep]
-    db.executemany("DELETE FROM tree_blobs WHERE row=?", stale)
+def unmark_except(db: sqlite3.Connection, keep: set[tuple[int, int]]) -> int:
+    """Drop every mark but the (row, level) pairs in ``keep``; returns how many went."""
+    stale = [m for m in db.execute("SELECT row, level FROM tree_blobs") if m not in keep]
+    db.executemany("DELETE FROM tree_blobs WHERE row=? AND level=?", stale)
     return len(stale)

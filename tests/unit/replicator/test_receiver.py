@@ -12,10 +12,11 @@ from collections.abc import Callable
 
 import pytest
 
-from dvx_dr.errors import ProtocolError
+from dvx_dr.errors import NotFoundError, ProtocolError
 from dvx_dr.replicator import protocol
 from dvx_dr.replicator.receiver import Receiver
 from dvx_dr.site import gc, snapshots
+from dvx_dr.site import store as storemod
 from dvx_dr.site.store import Store
 from dvx_dr.site.tree import Root
 
@@ -146,3 +147,59 @@ def test_gc_while_a_session_is_open_deletes_nothing_the_session_relies_on(rx: Re
     assert snapshots.read(rx.store, "src/vm1@b", 0, 2 * BS) == changed + data[1]
     # With the session over, gc collects what nothing names any more.
     assert gc.gc(rx.store).blobs_deleted == 3  # vm1@a's root, its leaf, its first block
+
+
+def test_gc_keeps_a_page_mark_only_where_the_blob_is_still_that_page(rx: Receiver) -> None:
+    """vm1's one leaf page is 4 KiB, the size of a block; vm2 holds a block with exactly its
+    bytes. Once vm1's replica is gone, gc keeps the blob (vm2 names it as a block) but not
+    its mark as a complete leaf page: its blocks are gone."""
+    data = blocks(128, 6)
+    leaf = b"".join(sha(b) for b in data)
+    assert len(leaf) == BS
+    root = Root(1, BS, BS * 128, 128, sha(leaf)).pack()
+    sid, _ = open_session(rx, "s1", sha(root))
+    send(rx, sid, *[rec(protocol.KIND_BLOCK, b) for b in data], rec(protocol.KIND_PAGE, leaf),
+         rec(protocol.KIND_ROOT, root))
+    rx.commit("src", sid)
+    leaf2 = sha(leaf)  # vm2: one block whose bytes are vm1's leaf page
+    root2 = Root(1, BS, BS, 1, sha(leaf2)).pack()
+    opened = rx.open("src", {"version": protocol.VERSION, "volume": "vm2", "snapshot": "s1",
+                             "root": sha(root2).hex()})
+    send(rx, opened["session"], rec(protocol.KIND_BLOCK, leaf), rec(protocol.KIND_PAGE, leaf2),
+         rec(protocol.KIND_ROOT, root2))
+    rx.commit("src", opened["session"])
+    snapshots.delete(rx.store, "src/vm1@s1")
+    gc.gc(rx.store)
+    sid, lacking = open_session(rx, "s2", sha(root), ask=[sha(root)])
+    assert lacking == [sha(root).hex()]
+    assert rx.have("src", sid, sha(leaf), 0) == b"\1"  # not held as a leaf page any more
+    with pytest.raises(ProtocolError, match="pages must follow their children"):
+        send(rx, sid, rec(protocol.KIND_ROOT, root))
+
+
+@pytest.mark.parametrize("depth, size, block_size, phrase", [
+    (0, BS, BS, "depth 0"),
+    (1, BS * 10**6, BS, "depth 1 over 1000000 blocks"),
+    (1, 0, 0, "block size 0"),
+])
+def test_a_root_claiming_an_impossible_tree_is_refused(rx: Receiver, depth: int, size: int,
+                                                       block_size: int, phrase: str) -> None:
+    data = blocks(1, 7)
+    leaf = sha(data[0])
+    root = Root(depth, block_size, size, 1, sha(leaf)).pack()
+    sid, _ = open_session(rx, "s1", sha(root))
+    with pytest.raises(ProtocolError, match=phrase):
+        send(rx, sid, rec(protocol.KIND_BLOCK, data[0]), rec(protocol.KIND_PAGE, leaf),
+             rec(protocol.KIND_ROOT, root))
+
+
+def test_an_idle_session_stops_holding_off_gc_and_is_over(
+        rx: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, changed, leaf, leaf2, sid = incremental(rx, "a", "b", 8)
+    send(rx, sid, rec(protocol.KIND_BLOCK, changed))
+    assert gc.gc(rx.store).sessions_open == 1
+    monkeypatch.setattr(storemod, "PIN_IDLE", -1.0)  # every pin has lapsed
+    report = gc.gc(rx.store)
+    assert report.sessions_open == 0 and report.blobs_deleted == 1  # the unnamed new block
+    with pytest.raises(NotFoundError, match="start the transfer again"):
+        send(rx, sid, rec(protocol.KIND_PAGE, leaf2, sha(leaf)))
