@@ -248,6 +248,7 @@ class Receiver:
         for volume, root in members:
             if root.top != HOLE and not self._complete([root.top], root.depth - 1):
                 raise ProtocolError(f"commit before {volume}'s top page was sent")
+            self._check_shape(volume, root)
         prefix = f"{s.source}/"
         with self.store.transaction():
             if self._existing(s) is None:
@@ -262,6 +263,28 @@ class Receiver:
         log.info("replica %s@%s committed (%d blobs, %d bytes received)", s.replica_volume,
                  s.snapshot, s.blobs, s.bytes)
         return {"replica": f"{s.replica_volume}@{s.snapshot}"}
+
+    def _check_shape(self, volume: str, root: Root) -> None:
+        """Every page of the tree has the number of entries its place calls for (a page does
+        not say where it sits, so this is checked once the whole tree is here). Leaf pages
+        are checked by their length in the index; only the upper pages are read."""
+        blobs = self.store.blobs
+        frontier = [(0, root.top)]
+        for level in range(root.depth - 1, -1, -1):
+            pages = [(index, page) for index, page in frontier if page != HOLE]
+            rows = blobs.lookup(p for _, p in pages)
+            lengths = blobs.plain_lengths(rows.values())
+            frontier = []
+            for index, page in pages:
+                want = tree.child_count(root, level, index)
+                row = rows.get(page)
+                if row is None or lengths.get(row) != want * tree.ID:
+                    raise ProtocolError(f"{volume}: the tree page at level {level}, index "
+                                        f"{index} does not have the {want} entries its place "
+                                        "calls for; replica not committed")
+                if level:
+                    children = tree.split_ids(blobs.get_row(row, page))
+                    frontier.extend((index * tree.FANOUT + k, c) for k, c in enumerate(children))
 
     def retention(self, source: str, request: dict[str, Any]) -> dict[str, Any]:
         """Prune this site's replicas of one of ``source``'s groups by the target retention."""

@@ -145,6 +145,17 @@ class BlobStore:
                 found[names[name]] = row
         return found
 
+    def plain_lengths(self, rows: Iterable[int]) -> dict[int, int]:
+        """The plaintext length of each of ``rows`` that the index holds."""
+        wanted = list(dict.fromkeys(rows))
+        out: dict[int, int] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start:start + 500]
+            marks = ",".join("?" * len(part))
+            out.update(self.db.execute(
+                f"SELECT row, plain_len FROM blobs WHERE row IN ({marks})", part))
+        return out
+
     def id_of(self, row: int) -> bytes:
         r = self.db.execute("SELECT name, sealed_id FROM blobs WHERE row=?", (row,)).fetchone()
         if r is None:

@@ -203,3 +203,20 @@ def test_an_idle_session_stops_holding_off_gc_and_is_over(
     assert report.sessions_open == 0 and report.blobs_deleted == 1  # the unnamed new block
     with pytest.raises(NotFoundError, match="start the transfer again"):
         send(rx, sid, rec(protocol.KIND_PAGE, leaf2, sha(leaf)))
+
+
+def test_a_tree_whose_pages_do_not_fit_their_places_is_not_committed(rx: Receiver) -> None:
+    """600 blocks make two leaves (512 and 88 entries) under one upper page; a first leaf of
+    100 entries has every entry stored, but reading the replica would fail."""
+    data = blocks(600, 9)
+    ids = [sha(b) for b in data]
+    short, last = b"".join(ids[:100]), b"".join(ids[512:])
+    upper = sha(short) + sha(last)
+    root = Root(2, BS, BS * 600, 600, sha(upper)).pack()
+    sid, _ = open_session(rx, "s1", sha(root))
+    send(rx, sid, *[rec(protocol.KIND_BLOCK, b) for b in data[:100] + data[512:]],
+         rec(protocol.KIND_PAGE, short), rec(protocol.KIND_PAGE, last),
+         rec(protocol.KIND_PAGE, upper, level=1), rec(protocol.KIND_ROOT, root))
+    with pytest.raises(ProtocolError, match="level 0, index 0 does not have the 512 entries"):
+        rx.commit("src", sid)
+    assert snapshots.list_snapshots(rx.store) == []
