@@ -269,6 +269,9 @@ class Receiver:
         not say where it sits, so this is checked once the whole tree is here). Leaf pages
         are checked by their length in the index; only the upper pages are read."""
         blobs = self.store.blobs
+        if root.depth != len(tree.level_counts(root.nblocks)):
+            raise ProtocolError(f"{volume}: the snapshot root claims a tree of depth "
+                                f"{root.depth} over {root.nblocks} blocks; replica not committed")
         frontier = [(0, root.top)]
         for level in range(root.depth - 1, -1, -1):
             pages = [(index, page) for index, page in frontier if page != HOLE]

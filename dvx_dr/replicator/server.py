@@ -227,23 +227,27 @@ async def have(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body = await request.read()
     level = protocol.decode_level(request.query.get("level"))
-    answer = await service.store.run(service.receiver.have, request["peer"],
-                                     request.match_info["sid"], body, level)
+    sid = request.match_info["sid"]
+    with service.store.store.pin_busy(sid):
+        answer = await service.store.run(service.receiver.have, request["peer"], sid, body,
+                                         level)
     return web.Response(body=answer, content_type="application/octet-stream")
 
 
 async def blobs(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     body = await request.read()
-    result = await service.store.run(service.receiver.receive, request["peer"],
-                                     request.match_info["sid"], body)
+    sid = request.match_info["sid"]
+    with service.store.store.pin_busy(sid):
+        result = await service.store.run(service.receiver.receive, request["peer"], sid, body)
     return web.json_response(result)
 
 
 async def commit(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    result = await service.store.run(service.receiver.commit, request["peer"],
-                                     request.match_info["sid"])
+    sid = request.match_info["sid"]
+    with service.store.store.pin_busy(sid):
+        result = await service.store.run(service.receiver.commit, request["peer"], sid)
     return web.json_response(result)
 
 

@@ -16,7 +16,7 @@ Runs under the store mutex: nothing else writes while it runs.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from dvx_dr.site import refs, snapshots, treeblobs
@@ -52,12 +52,21 @@ def _segment_bytes(store: Store) -> dict[int, int]:
 def mark(store: Store) -> tuple[set[int], set[tuple[int, int]]]:
     """The live rows, and the (row, level) of every tree page and root under a snapshot or
     group snapshot: the complete tree nodes whose marks stay."""
-    under: list[refs.Ref] = list(refs.group_refs(store))
+    live: set[int] = set()
+    nodes: set[tuple[int, int]] = set()
+
+    def take(found: Iterable[refs.Ref]) -> None:
+        for r in found:
+            live.add(r.row)
+            if r.level is not None:
+                nodes.add((r.row, r.level))
+
+    take(refs.group_refs(store))
     seen: set[tuple[bytes, int]] = set()
     for snap in snapshots.list_snapshots(store):
-        under.extend(refs.snapshot_refs(store, snap, seen))
-    nodes = {(r.row, r.level) for r in under if r.level is not None}
-    return {r.row for r in under} | {r.row for r in refs.live_refs(store)}, nodes
+        take(refs.snapshot_refs(store, snap, seen))
+    live.update(r.row for r in refs.live_refs(store))
+    return live, nodes
 
 
 def gc(store: Store, compact_below: float = COMPACT_BELOW,

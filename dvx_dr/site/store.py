@@ -74,8 +74,11 @@ class Store:
         self.keys = keys
         self.mutex = threading.RLock()
         self.served = False  # owned by a running site (``site serve``)
-        #: Open replication sessions, and when each was last used (see ``pin``).
+        #: Open replication sessions, and when each was last used (see ``pin``); guarded by
+        #: ``_pin_lock`` (requests mark a session busy from the event loop's thread).
         self.pins: dict[str, float] = {}
+        self._pins_busy: dict[str, int] = {}
+        self._pin_lock = threading.Lock()
         self.store_id = dbmod.get_meta(db, "store_id") or ""
         self.site = dbmod.get_meta(db, "site") or ""
         self.block_size = int(dbmod.get_meta(db, "block_size") or DEFAULT_BLOCK)
@@ -198,17 +201,39 @@ class Store:
         rely on older blobs (a base page's subtree, blocks shared with other volumes) that
         deleting a snapshot could leave unnamed meanwhile. gc deletes nothing while any pin
         is held; a session whose pin lapsed is over (the source starts again)."""
-        self.pins[key] = time.monotonic()
+        with self._pin_lock:
+            self.pins[key] = time.monotonic()
 
     def unpin(self, key: str) -> None:
-        self.pins.pop(key, None)
+        with self._pin_lock:
+            self.pins.pop(key, None)
+
+    @contextmanager
+    def pin_busy(self, key: str) -> Iterator[None]:
+        """A request of session ``key`` is waiting for, or running in, the store thread: its
+        pin cannot lapse meanwhile (a long scrub or gc ahead of it in the queue is not the
+        source's idleness), and it counts as used when the request ends."""
+        with self._pin_lock:
+            self._pins_busy[key] = self._pins_busy.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._pin_lock:
+                self._pins_busy[key] -= 1
+                if not self._pins_busy[key]:
+                    del self._pins_busy[key]
+                if key in self.pins:
+                    self.pins[key] = time.monotonic()
 
     def live_pins(self) -> int:
-        """Drop the pins idle for ``PIN_IDLE`` seconds; how many remain."""
+        """Drop the pins idle for ``PIN_IDLE`` seconds with no request in progress; how many
+        remain."""
         now = time.monotonic()
-        for key in [k for k, used in self.pins.items() if now - used > PIN_IDLE]:
-            del self.pins[key]
-        return len(self.pins)
+        with self._pin_lock:
+            for key in [k for k, used in self.pins.items()
+                        if now - used > PIN_IDLE and k not in self._pins_busy]:
+                del self.pins[key]
+            return len(self.pins)
 
     def announce(self, admin_socket: str) -> None:
         """Record in the lock file where the owning site's admin socket is, for the CLI."""

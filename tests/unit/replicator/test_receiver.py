@@ -220,3 +220,15 @@ def test_a_tree_whose_pages_do_not_fit_their_places_is_not_committed(rx: Receive
     with pytest.raises(ProtocolError, match="level 0, index 0 does not have the 512 entries"):
         rx.commit("src", sid)
     assert snapshots.list_snapshots(rx.store) == []
+
+
+def test_a_session_waiting_behind_a_long_operation_does_not_lapse(
+        rx: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request of the session is queued at the store thread (behind a scrub, say): its pin
+    holds however long that takes, and the request then finds its session."""
+    data, changed, leaf, leaf2, sid = incremental(rx, "a", "b", 10)
+    monkeypatch.setattr(storemod, "PIN_IDLE", -1.0)  # idle for longer than allowed ...
+    with rx.store.pin_busy(sid):  # ... but a request is in progress
+        assert gc.gc(rx.store).sessions_open == 1
+        send(rx, sid, rec(protocol.KIND_BLOCK, changed))
+    assert gc.gc(rx.store).sessions_open == 0  # idle again, and no request: it lapses
