@@ -187,14 +187,16 @@ class Receiver:
         if lacking:
             raise ProtocolError(f"batch sends a tree page or root before {len(lacking)} of the "
                                 "blobs it names; pages must follow their children")
+        node_level = {protocol.KIND_ROOT: treeblobs.ROOT, protocol.KIND_GROUP: treeblobs.GROUP}
         with self.store.transaction() as db:
             rows = self.store.blobs.put_payloads(payloads, verified=True)
+            nodes: dict[int, list[int]] = defaultdict(list)  # level -> rows now complete
             for r in records:
-                if r.kind == protocol.KIND_PAGE:
-                    treeblobs.mark(db, [rows[r.id]], r.level)
-                elif r.kind in (protocol.KIND_ROOT, protocol.KIND_GROUP):
-                    treeblobs.mark(db, [rows[r.id]], treeblobs.ROOT if r.kind == protocol.KIND_ROOT
-                                   else treeblobs.GROUP)
+                if r.kind != protocol.KIND_BLOCK:
+                    nodes[r.level if r.kind == protocol.KIND_PAGE
+                          else node_level[r.kind]].append(rows[r.id])
+            for level, marked in nodes.items():
+                treeblobs.mark(db, marked, level)
         size = len(body)
         s.blobs += len(records)
         s.bytes += size

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import zstandard
 
 from dvx_dr.errors import IntegrityError
+from dvx_dr.site import db as dbmod
 from dvx_dr.site import extent
 from dvx_dr.site.crypto import ExtentCipher, IndexKeys, PlainIndex
 from dvx_dr.site.segments import SegmentReader, SegmentWriter
@@ -134,27 +135,13 @@ class BlobStore:
         names = {self.index.name(i): i for i in ids}
         if names_out is not None:
             names_out.update((i, n) for n, i in names.items())
-        found: dict[bytes, int] = {}
-        keys = list(names)
-        for start in range(0, len(keys), 500):
-            part = keys[start:start + 500]
-            marks = ",".join("?" * len(part))
-            for row, name in self.db.execute(
-                f"SELECT row, name FROM blobs WHERE name IN ({marks})", part
-            ):
-                found[names[name]] = row
-        return found
+        return {names[name]: row for row, name in dbmod.select_in(
+            self.db, "SELECT row, name FROM blobs WHERE name IN (?*)", names)}
 
     def plain_lengths(self, rows: Iterable[int]) -> dict[int, int]:
         """The plaintext length of each of ``rows`` that the index holds."""
-        wanted = list(dict.fromkeys(rows))
-        out: dict[int, int] = {}
-        for start in range(0, len(wanted), 500):
-            part = wanted[start:start + 500]
-            marks = ",".join("?" * len(part))
-            out.update(self.db.execute(
-                f"SELECT row, plain_len FROM blobs WHERE row IN ({marks})", part))
-        return out
+        return dict(dbmod.select_in(self.db, "SELECT row, plain_len FROM blobs WHERE row IN (?*)",
+                                    dict.fromkeys(rows)))
 
     def id_of(self, row: int) -> bytes:
         r = self.db.execute("SELECT name, sealed_id FROM blobs WHERE row=?", (row,)).fetchone()
@@ -163,16 +150,10 @@ class BlobStore:
         return self.index.unseal(r[0], r[1])
 
     def ids_of(self, rows: Iterable[int]) -> dict[int, bytes]:
-        wanted = list(set(rows))
-        out: dict[int, bytes] = {}
-        for start in range(0, len(wanted), 500):
-            part = wanted[start:start + 500]
-            marks = ",".join("?" * len(part))
-            for row, name, sealed in self.db.execute(
-                f"SELECT row, name, sealed_id FROM blobs WHERE row IN ({marks})", part
-            ):
-                out[row] = self.index.unseal(name, sealed)
-        missing = set(wanted) - set(out)
+        wanted = set(rows)
+        out = {row: self.index.unseal(name, sealed) for row, name, sealed in dbmod.select_in(
+            self.db, "SELECT row, name, sealed_id FROM blobs WHERE row IN (?*)", wanted)}
+        missing = wanted - set(out)
         if missing:
             raise IntegrityError(f"blob rows {sorted(missing)[:5]} are referenced but missing "
                                  "from the index")
@@ -398,15 +379,9 @@ class BlobStore:
         if not rows:
             return []
         unique = list(dict.fromkeys(rows))
-        infos: dict[int, tuple[BlobRow, bytes]] = {}
-        for start in range(0, len(unique), 500):
-            part = unique[start:start + 500]
-            marks = ",".join("?" * len(part))
-            for r in self.db.execute(
-                "SELECT row, seg, off, length, plain_len, key_version, name, sealed_id "
-                f"FROM blobs WHERE row IN ({marks})", part
-            ):
-                infos[r[0]] = (BlobRow(*r[:6]), self.index.unseal(r[6], r[7]))
+        infos = {r[0]: (BlobRow(*r[:6]), self.index.unseal(r[6], r[7])) for r in dbmod.select_in(
+            self.db, "SELECT row, seg, off, length, plain_len, key_version, name, sealed_id "
+            "FROM blobs WHERE row IN (?*)", unique)}
         missing = [r for r in unique if r not in infos]
         if missing:
             raise IntegrityError(f"blob row {missing[0]} is referenced but missing from the index")
@@ -471,16 +446,9 @@ class BlobStore:
         return [p for part in self.pool.map(open_some, parts) for p in part]
 
     def _row_infos(self, rows: Iterable[int]) -> dict[int, BlobRow]:
-        wanted = list(rows)
-        out: dict[int, BlobRow] = {}
-        for start in range(0, len(wanted), 500):
-            part = wanted[start:start + 500]
-            marks = ",".join("?" * len(part))
-            for r in self.db.execute(
-                    "SELECT row, seg, off, length, plain_len, key_version FROM blobs "
-                    f"WHERE row IN ({marks})", part):
-                out[r[0]] = BlobRow(*r)
-        return out
+        return {r[0]: BlobRow(*r) for r in dbmod.select_in(
+            self.db, "SELECT row, seg, off, length, plain_len, key_version FROM blobs "
+            "WHERE row IN (?*)", rows)}
 
 def _extent_len(p: Payload, kv: int) -> int:
     return extent.HEADER_SIZE + extent.stored_length(len(p.data), bool(kv))

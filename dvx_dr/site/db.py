@@ -17,8 +17,9 @@ Volume, snapshot and group names are not secret.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from dvx_dr.errors import FormatError
 
@@ -218,6 +219,23 @@ def open_db(path: Path) -> sqlite3.Connection:
         db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
         db.execute("COMMIT")
     return db
+
+
+#: Values bound per ``IN (...)`` list (SQLite allows 32766 variables; smaller keeps each
+#: statement cheap to prepare).
+IN_CHUNK = 500
+
+
+def select_in(db: sqlite3.Connection, query: str, values: Iterable[Any],
+              params: Sequence[Any] = ()) -> Iterator[Any]:
+    """Rows of ``query`` for every value in ``values``: ``query`` holds ``IN (?*)``, which
+    becomes a list of placeholders, run once per ``IN_CHUNK`` values; ``params`` are bound
+    before each chunk's values."""
+    wanted = list(values)
+    for start in range(0, len(wanted), IN_CHUNK):
+        part = wanted[start:start + IN_CHUNK]
+        yield from db.execute(query.replace("(?*)", "(" + ",".join("?" * len(part)) + ")"),
+                              (*params, *part))
 
 
 def get_meta(db: sqlite3.Connection, key: str) -> str | None:

@@ -18,6 +18,7 @@ from typing import BinaryIO
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
 from dvx_dr.site import tree, treeblobs, volumes
 from dvx_dr.site.blobs import blob_id
+from dvx_dr.site.db import select_in
 from dvx_dr.site.store import Store, now_iso
 from dvx_dr.site.tree import FANOUT, HOLE, ID, Root
 
@@ -159,11 +160,8 @@ def _build_pages(store: Store, vol: int, level: int, below: int, idxs: list[int]
 def _cached_pages(store: Store, vol: int, level: int, below: int, idxs: list[int]
                   ) -> dict[int, bytearray]:
     """The cached pages among ``idxs`` whose length fits ``below`` children (else rebuilt)."""
-    if not idxs:
-        return {}
-    marks = ",".join("?" * len(idxs))
-    rows = store.db.execute(f"SELECT idx, blob FROM tree_pages WHERE vol=? AND level=? "
-                            f"AND idx IN ({marks})", (vol, level, *idxs)).fetchall()
+    rows = list(select_in(store.db, "SELECT idx, blob FROM tree_pages WHERE vol=? AND level=? "
+                          "AND idx IN (?*)", idxs, (vol, level)))
     plains = store.blobs.get_rows([r for _, r in rows])
     return {idx: bytearray(p) for (idx, _), p in zip(rows, plains, strict=True)
             if len(p) == ID * min(FANOUT, below - idx * FANOUT)}

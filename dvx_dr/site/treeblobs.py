@@ -18,6 +18,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 
+from dvx_dr.site.db import select_in
+
 ROOT = -1
 GROUP = -2
 #: Tree levels a page can have (2^50-byte volumes of 4 KiB blocks need 5).
@@ -39,14 +41,8 @@ def mark_cached_tree(db: sqlite3.Connection, vol: int) -> None:
 
 def marked(db: sqlite3.Connection, rows: Iterable[int], level: int) -> set[int]:
     """Those of ``rows`` that are complete at ``level``."""
-    wanted = list(dict.fromkeys(rows))
-    out: set[int] = set()
-    for start in range(0, len(wanted), 500):
-        part = wanted[start:start + 500]
-        marks = ",".join("?" * len(part))
-        out.update(r for (r,) in db.execute(
-            f"SELECT row FROM tree_blobs WHERE level=? AND row IN ({marks})", (level, *part)))
-    return out
+    return {r for (r,) in select_in(db, "SELECT row FROM tree_blobs WHERE level=? AND row IN (?*)",
+                                    dict.fromkeys(rows), (level,))}
 
 
 def unmark_except(db: sqlite3.Connection, keep: set[tuple[int, int]]) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
+from dvx_dr.site import db as dbmod
 from dvx_dr.site.store import Store, now_iso
 from dvx_dr.site.tree import FANOUT
 
@@ -157,13 +158,8 @@ def _put_blocks(store: Store, vol: int, blocks: dict[int, bytes], whole_leaves: 
 
 def _block_rows(db: sqlite3.Connection, vol: int, numbers: list[int]) -> dict[int, int]:
     """The blob row of each of ``numbers`` that is mapped (holes are absent)."""
-    out: dict[int, int] = {}
-    for start in range(0, len(numbers), 500):
-        part = numbers[start:start + 500]
-        marks = ",".join("?" * len(part))
-        out.update(db.execute(f"SELECT blk, blob FROM blocks WHERE vol=? AND blk IN ({marks})",
-                              [vol, *part]))
-    return out
+    return dict(dbmod.select_in(db, "SELECT blk, blob FROM blocks WHERE vol=? AND blk IN (?*)",
+                                numbers, (vol,)))
 
 
 def _write_in_txn(store: Store, vol: int, size: int, offset: int, data: bytes,
