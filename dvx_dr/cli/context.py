@@ -104,12 +104,19 @@ def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
     admin socket, or else with the store opened here. ``local`` replaces the in-process
     implementation when it can do more here (stream to a file, draw a progress bar).
     ``locked_ok`` opens an encrypted store without asking for its password."""
+    path = store_path(args)
+    derivation = None
+    if not locked_ok and args.password_file is not None:
+        from dvx_dr.site.kdf import KekDerivation
+
+        # The password's KDF runs while the store's code loads, instead of after it.
+        derivation = KekDerivation.start(path, read_password_file(args.password_file))
     from dvx_dr.site import ops  # the store's code, only for a command that opens a store
     from dvx_dr.site.store import Store
 
     try:
-        store = Store.open(store_path(args), None if locked_ok else password_source(args),
-                           allow_locked=locked_ok)
+        store = Store.open(path, None if locked_ok else password_source(args),
+                           allow_locked=locked_ok, derivation=derivation)
     except StoreBusyError as exc:
         if exc.admin_socket:
             materialise = getattr(params, "materialise", None)

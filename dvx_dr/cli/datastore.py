@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dvx_dr.cli import encryption
 from dvx_dr.cli.context import StoreCommands, print_json, progress_bar, run_op
-from dvx_dr.site import scrub
-from dvx_dr.site.store import Store
 from dvx_dr.units import format_size
+
+if TYPE_CHECKING:
+    from dvx_dr.site.store import Store
 
 
 def register(groups: Any) -> None:
@@ -66,6 +67,8 @@ def cmd_scrub(args: argparse.Namespace) -> int:
 
 
 def _local_scrub(store: Store) -> dict[str, Any]:
+    from dvx_dr.site import scrub
+
     with progress_bar(None, "scrub") as bar:
         report = scrub.scrub(store, bar)
     return {"checked_blobs": report.checked_blobs, "checked_bytes": report.checked_bytes,

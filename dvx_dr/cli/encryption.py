@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dvx_dr.cli.context import (
     StoreCommands,
@@ -19,9 +19,10 @@ from dvx_dr.cli.context import (
     run_op,
 )
 from dvx_dr.errors import UserError
-from dvx_dr.site import keys
-from dvx_dr.site.store import Store
 from dvx_dr.units import format_size
+
+if TYPE_CHECKING:
+    from dvx_dr.site.store import Store
 
 WARNING = ("WARNING: the password cannot be recovered. Losing it loses every encrypted block "
            "in this store. Keep it, and a copy of keystore.json, somewhere safe.")
@@ -156,6 +157,8 @@ def cmd_rotate_key(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     def local(store: Store) -> Any:
+        from dvx_dr.site import keys
+
         with progress_bar(None, f"convert to {args.to}") as bar:
             return keys.convert(store, args.to, bar)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dvx_dr.cli.context import (
     StoreCommands,
@@ -15,9 +15,10 @@ from dvx_dr.cli.context import (
     run_op,
 )
 from dvx_dr.cli.volume import copy_out
-from dvx_dr.site import snapshots
-from dvx_dr.site.store import Store
 from dvx_dr.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from dvx_dr.site.store import Store
 
 
 def register(groups: Any) -> None:
@@ -91,6 +92,8 @@ def cmd_read(args: argparse.Namespace) -> int:
     length = parse_size(args.length, "--length")
 
     def local(store: Store) -> Any:
+        from dvx_dr.site import snapshots
+
         copy_out(snapshots.iter_range(store, args.snapshot, offset, length), args.output)
         return None
 
@@ -103,6 +106,8 @@ def cmd_read(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     def local(store: Store) -> Any:
+        from dvx_dr.site import snapshots
+
         size = snapshots.get(store, args.snapshot).size
         with progress_bar(size, f"export {args.snapshot}") as bar:
             def counted() -> Any:

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dvx_dr.cli.context import (
     StoreCommands,
@@ -18,9 +18,14 @@ from dvx_dr.cli.context import (
     run_op,
 )
 from dvx_dr.errors import UserError
-from dvx_dr.site import ops, volumes
-from dvx_dr.site.store import Store
 from dvx_dr.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from dvx_dr.site.store import Store
+    from dvx_dr.site.volumes import VolumeInfo
+
+#: The largest write sent inline through a running site's admin socket (``MAX_INLINE``).
+MAX_INLINE = 256 * 1024 * 1024
 
 
 def register(groups: Any) -> None:
@@ -81,6 +86,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise UserError(f"cannot read image {args.file}: {exc.strerror}") from None
 
     def local(store: Store) -> Any:
+        from dvx_dr.site import ops, volumes
+
         with progress_bar(size, f"import {args.name}") as bar:
             volumes.import_file(store, args.name, path, bar)
         return ops.volume_get(store, args.name)
@@ -113,6 +120,8 @@ def copy_out(chunks: Iterable[bytes], target: str) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     def local(store: Store) -> Any:
+        from dvx_dr.site import volumes
+
         info = volumes.get(store, args.name)
         with progress_bar(info.size, f"export {args.name}") as bar:
             copy_out(volumes.iter_range(store, info.id, info.size, 0, info.size)
@@ -132,7 +141,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _counted(store: Store, info: volumes.VolumeInfo, bar: Any) -> Iterable[bytes]:
+def _counted(store: Store, info: VolumeInfo, bar: Any) -> Iterable[bytes]:
+    from dvx_dr.site import volumes
+
     for chunk in volumes.iter_range(store, info.id, info.size, 0, info.size):
         bar(len(chunk))
         yield chunk
@@ -149,6 +160,8 @@ def cmd_write(args: argparse.Namespace) -> int:
             raise UserError(f"cannot read {args.file}: {exc.strerror}") from None
 
     def local(store: Store) -> Any:
+        from dvx_dr.site import volumes
+
         if args.file != "-":
             end = offset + os.fstat(source.fileno()).st_size
             size = volumes.get(store, args.name).size
@@ -161,10 +174,12 @@ def cmd_write(args: argparse.Namespace) -> int:
     def remote_params() -> dict[str, Any]:
         if args.file != "-":
             return {"name": args.name, "offset": offset, "path": str(Path(args.file).resolve())}
-        data = source.read(ops.MAX_INLINE + 1)
-        if len(data) > ops.MAX_INLINE:
+        from dvx_dr.site.ops import MAX_INLINE
+
+        data = source.read(MAX_INLINE + 1)
+        if len(data) > MAX_INLINE:
             raise UserError("a write through a running site is limited to "
-                            f"{ops.MAX_INLINE} bytes")
+                            f"{MAX_INLINE} bytes")
         return {"name": args.name, "offset": offset, "data": base64.b64encode(data).decode()}
 
     try:
@@ -192,6 +207,8 @@ def cmd_read(args: argparse.Namespace) -> int:
     length = parse_size(args.length, "--length")
 
     def local(store: Store) -> Any:
+        from dvx_dr.site import volumes
+
         info = volumes.get(store, args.name)
         if offset + length > info.size:
             raise UserError(f"range {offset}+{length} is outside volume {args.name!r} of "

@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Executor
+from collections import deque
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import zstandard
 
@@ -36,6 +38,7 @@ ZSTD_LEVEL = 3
 #: The largest plaintext a blob may have (a 1 MiB block; pages and roots are smaller).
 MAX_PLAIN = 4 * 1024 * 1024
 _CHUNK = 16
+T = TypeVar("T")
 
 _local = threading.local()
 
@@ -105,6 +108,24 @@ class BlobRow:
     key_version: int
 
 
+@dataclass(slots=True)
+class _Planned(Generic[T]):
+    """A batch looked up, its new blobs being compressed in the pool."""
+
+    tag: T
+    ids: list[bytes]
+    known: dict[bytes, int]  # id -> row of the blobs the index already held
+    names: dict[bytes, bytes]  # id -> index name
+    parts: list[list[tuple[bytes, bytes]]]  # the new (id, plaintext), chunk by chunk
+    futures: list[Future[list[tuple[bool, bytes]]]]  # each chunk's compression
+
+    def payload_groups(self) -> Iterator[list[Payload]]:
+        """Each chunk's payloads, in order, as soon as the pool has compressed it."""
+        for part, future in zip(self.parts, self.futures, strict=True):
+            yield [Payload(i, c, data, len(plain))
+                   for (i, plain), (c, data) in zip(part, future.result(), strict=True)]
+
+
 class BlobStore:
     """The blob index plus the segment files, with the cipher and compression in between."""
 
@@ -168,32 +189,83 @@ class BlobStore:
         """
         if not plaintexts:
             return [], []
-        ids = [i for part in self.pool.map(_hash_chunk, _chunks(plaintexts)) for i in part]
-        names: dict[bytes, bytes] = {}
-        known = self.lookup(ids, names)
-        new: dict[bytes, bytes] = {}
-        for i, plain in zip(ids, plaintexts, strict=True):
-            if i not in known and i not in new:
-                new[i] = plain
-        if new:
-            known.update(self._write_new(self._compressed_groups(new), names))
-        return ids, [known[i] for i in ids]
+        [(_, ids, rows)] = self.put_stream([(None, plaintexts)])
+        return ids, rows
 
-    def _compressed_groups(self, new: dict[bytes, bytes]) -> Iterator[list[Payload]]:
-        """Compress ``new`` (id -> plaintext) in the worker pool, yielding each chunk's
-        payloads in order as soon as it is done: the caller seals and writes one chunk while
-        the pool compresses the next (zstd runs without the GIL; sealing holds it)."""
+    def put_stream(self, batches: Iterable[tuple[T, Sequence[bytes]]]
+                   ) -> Generator[tuple[T, list[bytes], list[int]], None, None]:
+        """Store a stream of ``(tag, plaintexts)`` batches, yielding ``(tag, ids, rows)`` for
+        each, in order, once its blobs are appended and indexed.
+
+        The stages overlap across batches: while this thread seals and writes batch k, the
+        pool compresses batch k + 1 and hashes batch k + 2, so neither waits for the other
+        at batch boundaries. A batch's rows are inserted in the transaction the caller has
+        open when it asks for that batch, and the caller commits (as for ``put_many``). A
+        blob new in one batch and repeated in the next is written once: the ids of a batch
+        planned but not yet written are kept in flight, and the next batch takes their rows
+        from there.
+        """
+        source = iter(batches)
+        hashing: deque[tuple[T, Sequence[bytes], list[Future[list[bytes]]]]] = deque()
+        planned: deque[_Planned[T]] = deque()
+        in_flight: dict[bytes, int] = {}  # id -> row (-1 until written) of planned new blobs
+        last_new: list[bytes] = []
+
+        def read_next() -> bool:
+            item = next(source, None)
+            if item is None:
+                return False
+            tag, plains = item
+            hashing.append((tag, plains, [self.pool.submit(_hash_chunk, c)
+                                          for c in _chunks(plains)]))
+            return True
+
+        more = read_next()
+        try:
+            while hashing or planned:
+                if hashing:
+                    tag, plains, futures = hashing.popleft()
+                    more = more and read_next()
+                    ids = [i for f in futures for i in f.result()]
+                    planned.append(self._plan(tag, plains, ids, in_flight))
+                if len(planned) > 1 or (planned and not hashing):
+                    batch = planned.popleft()
+                    written = self._write_new(batch.payload_groups(), batch.names)
+                    in_flight.update(written)
+                    known = batch.known
+                    rows = [known[i] if i in known else in_flight[i] for i in batch.ids]
+                    # The previous batch's rows were known when every later batch was
+                    # planned; this one was the last to name them before they were written.
+                    for i in last_new:
+                        del in_flight[i]
+                    last_new = list(written)
+                    yield batch.tag, batch.ids, rows
+        finally:
+            for _, _, hashes in hashing:
+                for h in hashes:
+                    h.cancel()
+            for batch in planned:
+                for c in batch.futures:
+                    c.cancel()
+
+    def _plan(self, tag: T, plains: Sequence[bytes], ids: list[bytes],
+              in_flight: dict[bytes, int]) -> _Planned[T]:
+        """Look up a hashed batch and start compressing its new blobs in the pool."""
+        names: dict[bytes, bytes] = {}
+        known = self.lookup((i for i in ids if i not in in_flight), names)
+        # Blobs of earlier batches: written (their rows are known now), or still being
+        # compressed (-1: the previous batch's, resolved when this one is written).
+        known.update((i, in_flight[i]) for i in ids if in_flight.get(i, -1) != -1)
+        new: dict[bytes, bytes] = {}
+        for i, plain in zip(ids, plains, strict=True):
+            if i not in known and i not in in_flight and i not in new:
+                new[i] = plain
+        in_flight.update(dict.fromkeys(new, -1))
         items = list(new.items())
         parts = [items[k:k + _CHUNK] for k in range(0, len(items), _CHUNK)]
         futures = [self.pool.submit(_compress_chunk, [plain for _, plain in part])
                    for part in parts]
-        try:
-            for part, future in zip(parts, futures, strict=True):
-                yield [Payload(i, c, data, len(plain))
-                       for (i, plain), (c, data) in zip(part, future.result(), strict=True)]
-        finally:
-            for future in futures:
-                future.cancel()
+        return _Planned(tag, ids, known, names, parts, futures)
 
     def put_payloads(self, payloads: Sequence[Payload], verified: bool = False,
                      fresh: bool = False) -> dict[bytes, int]:

@@ -35,21 +35,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from dvx_dr.errors import FormatError, UserError, WrongPasswordError
 from dvx_dr.site.crypto import IndexKeys
+from dvx_dr.site.kdf import KekDerivation, derive_kek, kdf_params
 
 FORMAT = "dvx-dr-keystore"
 VERSION = 1
 MIN_PASSWORD = 8
-KEK_BYTES = 32
-#: Test suites set DVX_DR_KDF_COST=test to make keystores cheap to create; the cost chosen is
-#: recorded in the keystore itself, so this never weakens an existing store.
-KDF_COST_ENV = "DVX_DR_KDF_COST"
 
 
 def _b64(data: bytes) -> str:
@@ -58,27 +52,6 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
-
-
-def kdf_params(fips: bool = False) -> dict[str, Any]:
-    """Fresh KDF parameters (new salt) at the configured cost."""
-    weak = os.environ.get(KDF_COST_ENV) == "test"
-    salt = _b64(os.urandom(16))
-    if fips:
-        return {"name": "pbkdf2-sha256", "salt": salt, "iterations": 1000 if weak else 600_000}
-    return {"name": "scrypt", "salt": salt, "n": 2**10 if weak else 2**15, "r": 8, "p": 1}
-
-
-def derive_kek(password: str, params: dict[str, Any]) -> bytes:
-    secret = password.encode("utf-8")
-    salt = _unb64(params["salt"])
-    if params["name"] == "scrypt":
-        return Scrypt(salt=salt, length=KEK_BYTES, n=params["n"], r=params["r"],
-                      p=params["p"]).derive(secret)
-    if params["name"] == "pbkdf2-sha256":
-        return PBKDF2HMAC(algorithm=hashes.SHA256(), length=KEK_BYTES, salt=salt,
-                          iterations=params["iterations"]).derive(secret)
-    raise FormatError(f"unknown key derivation function {params['name']!r}")
 
 
 def check_password_strength(password: str) -> None:
@@ -181,9 +154,12 @@ class Keystore:
         self._check_mac(keys)
         return keys
 
-    def unlock(self, password: str) -> KeyMaterial:
+    def unlock(self, password: str, derivation: KekDerivation | None = None) -> KeyMaterial:
+        """Unwrap the keys with ``password`` (and its KEK from ``derivation``, when that
+        derived it for this keystore)."""
         try:
-            kek = derive_kek(password, self.doc["kdf"])
+            kek = derivation.kek(password, self.doc["kdf"]) if derivation else None
+            kek = kek or derive_kek(password, self.doc["kdf"])
         except (FormatError, KeyError, TypeError, ValueError) as exc:
             detail = str(exc) if isinstance(exc, FormatError) else "malformed parameters"
             raise FormatError(f"keystore {self.path} is corrupt (key derivation: {detail}); "

@@ -37,12 +37,17 @@ from dvx_dr.site import db as dbmod
 from dvx_dr.site import lockfile
 from dvx_dr.site.blobs import BlobStore
 from dvx_dr.site.crypto import ExtentCipher, IndexKeys, PlainIndex, new_index_key, new_tek
-from dvx_dr.site.keystore import KeyMaterial, Keystore, check_password_strength
+from dvx_dr.site.kdf import NAME as KEYSTORE_NAME
+from dvx_dr.site.keystore import (
+    KekDerivation,
+    KeyMaterial,
+    Keystore,
+    check_password_strength,
+)
 from dvx_dr.site.segments import SegmentNumbers, SegmentReader, SegmentWriter
 
 DB_NAME = "store.db"
 STARTUP_KEY_BYTES = 32
-KEYSTORE_NAME = "keystore.json"
 MIN_BLOCK = 4096
 MAX_BLOCK = 1024 * 1024
 DEFAULT_BLOCK = 64 * 1024
@@ -159,12 +164,14 @@ class Store:
 
     @classmethod
     def open(cls, path: Path, password: PasswordSource | None = None, *,
-             startup_key: Path | None = None, allow_locked: bool = False) -> Store:
+             startup_key: Path | None = None, allow_locked: bool = False,
+             derivation: KekDerivation | None = None) -> Store:
         """Open a store this process will own.
 
         The keys of an encrypted store are unwrapped with the startup key file when it is
         given and valid (unlocked startup mode), else with ``password``, asked only then. With
-        ``allow_locked`` and neither, the store opens locked (see ``locked``).
+        ``allow_locked`` and neither, the store opens locked (see ``locked``). ``derivation``
+        may hold the password's KEK, derived while the caller loaded this code.
         """
         path = Path(path)
         if not (path / DB_NAME).exists():
@@ -186,7 +193,8 @@ class Store:
                 recorded = dbmod.get_meta(db, "startup_key")
                 if startup_key is None and recorded:
                     startup_key = Path(recorded)
-                keys = _unwrap(keystore, password, startup_key, allow_locked, path)
+                keys = _unwrap(keystore, password, startup_key, allow_locked, path,
+                               derivation)
             store = cls(path, db, lock_fd, keys, keystore)
         except BaseException:
             os.close(lock_fd)
@@ -317,7 +325,8 @@ def read_startup_key(path: Path) -> bytes | None:
 
 
 def _unwrap(keystore: Keystore, password: PasswordSource | None, startup_key: Path | None,
-            allow_locked: bool, path: Path) -> KeyMaterial | None:
+            allow_locked: bool, path: Path, derivation: KekDerivation | None = None
+            ) -> KeyMaterial | None:
     if startup_key is not None and keystore.has_startup_slot:
         key = read_startup_key(startup_key)
         if key is not None:
@@ -330,4 +339,4 @@ def _unwrap(keystore: Keystore, password: PasswordSource | None, startup_key: Pa
             return None
         raise StoreLockedError(f"store {path} is encrypted: give its password "
                                "(--password-file FILE, or type it at the prompt)")
-    return keystore.unlock(password())
+    return keystore.unlock(password(), derivation)

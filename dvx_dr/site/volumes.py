@@ -13,6 +13,7 @@ whole image is in; an interrupted import is dropped when the store next opens.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sqlite3
@@ -127,7 +128,20 @@ def resize(store: Store, name: str, size: int) -> None:
 
 def _put_blocks(store: Store, vol: int, blocks: dict[int, bytes], whole_leaves: bool = False
                 ) -> None:
-    """Store whole blocks (inside a transaction): holes for zeros, blobs for the rest.
+    """Store whole blocks (inside a transaction): holes for zeros, blobs for the rest."""
+    data = _nonzero(store, blocks)
+    _, rows = store.blobs.put_many(list(data.values()))
+    _record_blocks(store, vol, list(blocks), dict(zip(data, rows, strict=True)), whole_leaves)
+
+
+def _nonzero(store: Store, blocks: dict[int, bytes]) -> dict[int, bytes]:
+    zero = bytes(store.block_size)
+    return {b: d for b, d in blocks.items() if d != zero}
+
+
+def _record_blocks(store: Store, vol: int, numbers: list[int], rows: dict[int, int],
+                   whole_leaves: bool) -> None:
+    """Map blocks ``numbers`` to their blob ``rows`` (a block absent from ``rows`` is a hole).
 
     The blocks whose content changed are marked dirty for the next snapshot (rewriting a
     block with what it already holds changes nothing, so writing back a whole image with a
@@ -135,14 +149,8 @@ def _put_blocks(store: Store, vol: int, blocks: dict[int, bytes], whole_leaves: 
     no tree yet) their leaf pages are, to be built in full.
     """
     db = store.db
-    zero = bytes(store.block_size)
-    data = {b: d for b, d in blocks.items() if d != zero}
-    new: dict[int, int | None] = {b: None for b in blocks}  # block -> blob row; None = hole
-    if data:
-        numbers = list(data)
-        _, rows = store.blobs.put_many([data[b] for b in numbers])
-        new.update(zip(numbers, rows, strict=True))
-    old = {} if whole_leaves else _block_rows(db, vol, list(blocks))
+    new = {b: rows.get(b) for b in numbers}  # block -> blob row; None = hole
+    old = {} if whole_leaves else _block_rows(db, vol, numbers)
     changed = [b for b, r in new.items() if whole_leaves or old.get(b) != r]
     db.executemany("INSERT OR REPLACE INTO blocks (vol, blk, blob) VALUES (?, ?, ?)",
                    [(vol, b, new[b]) for b in changed if new[b] is not None])
@@ -150,7 +158,7 @@ def _put_blocks(store: Store, vol: int, blocks: dict[int, bytes], whole_leaves: 
                    [(vol, b) for b in changed if new[b] is None])
     if whole_leaves:
         db.executemany("INSERT OR IGNORE INTO dirty_leaves (vol, leaf) VALUES (?, ?)",
-                       [(vol, leaf) for leaf in {b // FANOUT for b in blocks}])
+                       [(vol, leaf) for leaf in {b // FANOUT for b in numbers}])
     else:
         db.executemany("INSERT OR IGNORE INTO dirty_blocks (vol, blk) VALUES (?, ?)",
                        [(vol, b) for b in changed])
@@ -225,6 +233,23 @@ def _read_full(source: BinaryIO, n: int) -> bytes:
     return b"".join(parts)
 
 
+def _image_batches(store: Store, source: BinaryIO, size: int
+                   ) -> Iterator[tuple[tuple[list[int], list[int], int], list[bytes]]]:
+    """The image's batches of ``BATCH_BLOCKS`` blocks, as the blob stream takes them: only
+    the non-zero blocks are stored, and the tag carries every block number of the batch,
+    the numbers of the stored ones (the others become holes) and its bytes of the image."""
+    bs = store.block_size
+    blk = 0
+    while chunk := _read_full(source, BATCH_BLOCKS * bs):
+        if len(chunk) % bs:
+            chunk += bytes(bs - len(chunk) % bs)
+        n = len(chunk) // bs
+        data = _nonzero(store, {blk + i: chunk[i * bs:(i + 1) * bs] for i in range(n)})
+        yield ((list(range(blk, blk + n)), list(data), min(n * bs, size - blk * bs)),
+               list(data.values()))
+        blk += n
+
+
 def import_file(store: Store, name: str, path: Path, progress: Progress | None = None) -> int:
     """Create volume ``name`` from a raw disk image, streaming in bounded memory."""
     check_name(name)
@@ -240,26 +265,25 @@ def import_file(store: Store, name: str, path: Path, progress: Progress | None =
                 raise AlreadyExistsError(f"volume {name!r} already exists; delete it first or "
                                          "import under another name")
             vol = insert(db, name, size, state="importing")
-        bs = store.block_size
-        blk = 0
-        done = False
-        while not done:
-            # One transaction (one fsync of segment and log) per IMPORT_COMMIT bytes: an
-            # interrupted import is dropped whole anyway, so smaller steps buy nothing.
-            with store.transaction():
-                for _ in range(max(1, IMPORT_COMMIT // (BATCH_BLOCKS * bs))):
-                    chunk = _read_full(source, BATCH_BLOCKS * bs)
-                    if not chunk:
-                        done = True
-                        break
-                    if len(chunk) % bs:
-                        chunk += bytes(bs - len(chunk) % bs)
-                    n = len(chunk) // bs
-                    _put_blocks(store, vol, {blk + i: chunk[i * bs:(i + 1) * bs]
-                                             for i in range(n)}, whole_leaves=True)
-                    if progress:
-                        progress(min(len(chunk), size - blk * bs))
-                    blk += n
+        # One transaction (one fsync of segment and log) per IMPORT_COMMIT bytes: an
+        # interrupted import is dropped whole anyway, so smaller steps buy nothing.
+        per_commit = max(1, IMPORT_COMMIT // (BATCH_BLOCKS * store.block_size))
+        stream = store.blobs.put_stream(_image_batches(store, source, size))
+        try:
+            more = True
+            while more:
+                with store.transaction():
+                    count = 0
+                    for (numbers, stored, nbytes), _, rows in itertools.islice(stream,
+                                                                              per_commit):
+                        _record_blocks(store, vol, numbers, dict(zip(stored, rows, strict=True)),
+                                       whole_leaves=True)
+                        if progress:
+                            progress(nbytes)
+                        count += 1
+                    more = count == per_commit
+        finally:
+            stream.close()
         with store.transaction() as db:
             db.execute("UPDATE volumes SET state='ready' WHERE vol=?", (vol,))
     return size

@@ -4,6 +4,7 @@ root."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -17,7 +18,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from dvx_dr.errors import FormatError, IntegrityError, UserError, WrongPasswordError
 from dvx_dr.site import extent
+from dvx_dr.site import keystore as keystore_module
 from dvx_dr.site.crypto import ExtentCipher, IndexKeys, PlainIndex, new_tek
+from dvx_dr.site.kdf import KekDerivation
 from dvx_dr.site.keystore import KeyMaterial, Keystore
 from dvx_dr.site.tree import Root
 
@@ -271,6 +274,31 @@ def test_keystore_wrong_password(keystore_path: Path) -> None:
     with pytest.raises(WrongPasswordError, match="wrong password") as err:
         Keystore.load(keystore_path, STORE_ID).unlock("not the password")
     assert str(keystore_path) in str(err.value)
+
+
+def test_kek_derived_ahead_is_used_for_the_same_password_and_parameters(
+        keystore_path: Path, keys: KeyMaterial, monkeypatch: pytest.MonkeyPatch) -> None:
+    early = KekDerivation.start(keystore_path.parent, PASSWORD)
+    other = KekDerivation.start(keystore_path.parent, "another password")
+    assert early is not None and other is not None
+
+    def no_kdf(password: str, params: dict) -> bytes:
+        raise AssertionError("derived again")
+
+    monkeypatch.setattr(keystore_module, "derive_kek", no_kdf)
+    assert Keystore.load(keystore_path, STORE_ID).unlock(PASSWORD, early) == keys
+    # A derivation for another password (or other parameters) is not used.
+    with pytest.raises(AssertionError, match="derived again"):
+        Keystore.load(keystore_path, STORE_ID).unlock(PASSWORD, other)
+    _rewrite(keystore_path, lambda d: d["kdf"].update(salt=base64.b64encode(bytes(16)).decode()))
+    with pytest.raises(AssertionError, match="derived again"):
+        Keystore.load(keystore_path, STORE_ID).unlock(PASSWORD, early)
+
+
+def test_kek_derivation_needs_a_readable_keystore(tmp_path: Path) -> None:
+    assert KekDerivation.start(tmp_path, PASSWORD) is None  # a plain store has none
+    (tmp_path / "keystore.json").write_text("{not json")
+    assert KekDerivation.start(tmp_path, PASSWORD) is None
 
 
 def test_keystore_tampered_mac(keystore_path: Path) -> None:
