@@ -75,7 +75,8 @@ def run_measured(
     cwd: Path | None = None,
     check: bool = True,
 ) -> Measured:
-    """Run ``cmd`` (``env`` is added to this process's environment) and measure it.
+    """Run ``cmd`` (``env`` is added to this process's environment) and measure it, after a
+    ``sync``.
 
     Wall time runs from just before the process is started until it has been reaped. The peak
     resident set is the ``ru_maxrss`` that ``os.wait4`` reports for this child alone (it covers
@@ -86,6 +87,8 @@ def run_measured(
     args = [os.fspath(c) for c in cmd]
     out: list[bytes] = []
     err: list[bytes] = []
+    # The previous command's dirty pages are written back now, not inside this measurement.
+    os.sync()
     start = time.perf_counter()
     try:
         proc = subprocess.Popen(
