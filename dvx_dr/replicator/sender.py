@@ -34,7 +34,14 @@ from dvx_dr.site.blobs import Payload, blob_id, decompress
 from dvx_dr.site.tree import HOLE, Root
 
 LEAVES_PER_ROUND = 64
+#: Payload bytes per ``blobs`` request: the first is small and each next one twice the last,
+#: up to the most, so the target starts on a small transfer's first blocks while the rest are
+#: read, and a large transfer still moves in large requests.
+FIRST_BATCH = 512 * 1024
 BATCH_PAYLOAD = 8 * 1024 * 1024
+#: Blocks read from the store at once, growing the same way.
+FIRST_READ = 16
+MAX_READ = 256
 QUEUE_DEPTH = 2
 
 
@@ -72,12 +79,10 @@ class _Batcher:
         self.stats = stats
         self.records: list[protocol.Record] = []
         self.size = 0
+        self.limit = FIRST_BATCH
 
     async def add(self, kind: int, p: Payload, base: bytes | None = None, level: int = 0
                   ) -> None:
-        if self.records and (len(self.records) >= protocol.MAX_RECORDS
-                             or self.size + len(p.data) > BATCH_PAYLOAD):
-            await self.flush()
         self.records.append(protocol.Record(kind, p.compressed, p.plain_len, p.id, p.data,
                                             base if base and base != HOLE else None, level))
         self.size += len(p.data)
@@ -86,11 +91,15 @@ class _Batcher:
         else:
             self.stats.pages_sent += 1
         self.stats.payload_bytes += len(p.data)
+        # At most BATCH_PAYLOAD plus one payload (MAX_PLAIN): well inside MAX_BATCH.
+        if self.size >= self.limit or len(self.records) >= protocol.MAX_RECORDS:
+            await self.flush()
 
     async def flush(self) -> None:
         if self.records:
             await self.queue.put(protocol.encode_batch(self.records))
             self.records, self.size = [], 0
+            self.limit = min(2 * self.limit, BATCH_PAYLOAD)
 
 
 async def send_snapshot(
@@ -328,14 +337,16 @@ async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
         level -= 1
     leaves = await _missing_pairs(frontier, have, 0) if frontier else []
     sent: set[bytes] = set()
+    step = FIRST_READ
     for start in range(0, len(leaves), LEAVES_PER_ROUND):
         chunk = leaves[start:start + LEAVES_PER_ROUND]
         leaf_pages = await store.run(blobs.get_payloads, [page for page, _ in chunk])
         pairs = await store.run(_child_pairs, store, leaf_pages, [b for _, b in chunk])
         wanted = list(dict.fromkeys(c for c, b in pairs if c != b and c not in sent))
         lacking: list[bytes] = await have(wanted) if wanted else []
-        for s in range(0, len(lacking), 256):
-            part = lacking[s:s + 256]
+        while lacking:
+            part, lacking = lacking[:step], lacking[step:]
+            step = min(2 * step, MAX_READ)
             for p in await store.run(blobs.get_payloads, part):
                 await batcher.add(protocol.KIND_BLOCK, p)
             sent.update(part)
