@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -109,8 +110,11 @@ def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
     if not locked_ok and args.password_file is not None:
         from dvx_dr.site.kdf import KekDerivation
 
-        # The password's KDF runs while the store's code loads, instead of after it.
-        derivation = KekDerivation.start(path, read_password_file(args.password_file))
+        # The password's KDF runs while the store's code loads, instead of after it. A store
+        # that turns out not to need the password (plain, startup key, served by a site)
+        # wastes it; an unreadable file is reported only if the password is needed.
+        with contextlib.suppress(UserError):
+            derivation = KekDerivation.start(path, read_password_file(args.password_file))
     from dvx_dr.site import ops  # the store's code, only for a command that opens a store
     from dvx_dr.site.store import Store
 

@@ -24,9 +24,6 @@ if TYPE_CHECKING:
     from dvx_dr.site.store import Store
     from dvx_dr.site.volumes import VolumeInfo
 
-#: The largest write sent inline through a running site's admin socket (``MAX_INLINE``).
-MAX_INLINE = 256 * 1024 * 1024
-
 
 def register(groups: Any) -> None:
     commands = StoreCommands(groups, "volume", "manage volumes")

@@ -210,6 +210,11 @@ class BlobStore:
         blob new in one batch and repeated in the next is written once: the ids of a batch
         planned but not yet written are kept in flight, and the next batch takes their rows
         from there.
+
+        The stream carries rows from one of the caller's transactions into the next, so: drop
+        the stream when a transaction fails (its rows were rolled back); let no other writer
+        (``put_many``, gc) touch the blob index between its batches; and hold about three
+        batches of memory (one being hashed, one compressed, one written).
         """
         source = iter(batches)
         hashing: deque[tuple[T, Sequence[bytes], list[Future[list[bytes]]]]] = deque()
@@ -230,13 +235,15 @@ class BlobStore:
         try:
             while hashing or planned:
                 if hashing:
-                    tag, plains, futures = hashing.popleft()
+                    tag, plains, futures = hashing[0]
                     more = more and read_next()
                     ids = [i for f in futures for i in f.result()]
+                    hashing.popleft()
                     planned.append(self._plan(tag, plains, ids, in_flight))
                 if len(planned) > AHEAD or (planned and not hashing):
-                    batch = planned.popleft()
+                    batch = planned[0]
                     written = self._write_new(batch.payload_groups(), batch.names)
+                    planned.popleft()
                     in_flight.update(written)
                     known = batch.known
                     rows = [known[i] if i in known else in_flight[i] for i in batch.ids]

@@ -62,11 +62,12 @@ class KekDerivation:
     """
 
     def __init__(self, password: str, params: dict[str, Any]) -> None:
-        self._password = password
+        self._password: str | None = password
         self._params = params
         self._kek: bytes | None = None
         self._done = threading.Event()
-        threading.Thread(target=self._derive, name="kek-derivation", daemon=True).start()
+        threading.Thread(target=self._derive, args=(password,), name="kek-derivation",
+                         daemon=True).start()
 
     @classmethod
     def start(cls, store_dir: Path, password: str) -> KekDerivation | None:
@@ -78,17 +79,18 @@ class KekDerivation:
             return None
         return cls(password, params) if isinstance(params, dict) else None
 
-    def _derive(self) -> None:
+    def _derive(self, password: str) -> None:
         try:
-            self._kek = derive_kek(self._password, self._params)
-        except (FormatError, KeyError, TypeError, ValueError):
+            self._kek = derive_kek(password, self._params)
+        except (FormatError, KeyError, TypeError, ValueError, MemoryError, OverflowError):
             self._kek = None  # unlock derives again and reports the error
         finally:
             self._done.set()
 
     def kek(self, password: str, params: dict[str, Any]) -> bytes | None:
         """The KEK for ``password`` and ``params``, when that is what was derived."""
-        if password != self._password or params != self._params:
+        if self._password is None or password != self._password or params != self._params:
             return None
         self._done.wait()
-        return self._kek
+        kek, self._kek, self._password = self._kek, None, None  # used once, then forgotten
+        return kek

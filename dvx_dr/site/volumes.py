@@ -29,6 +29,9 @@ from dvx_dr.site.tree import FANOUT
 
 #: Blocks handed to the pipeline at once (4 MiB at the default block size).
 BATCH_BLOCKS = 64
+#: An import's batches are 4 MiB whatever the block size, since about three are in memory at
+#: once (see ``BlobStore.put_stream``); and it commits every 64 MiB.
+IMPORT_BATCH = 4 * 1024 * 1024
 IMPORT_COMMIT = 64 * 1024 * 1024
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_VOLUME = 1 << 50
@@ -235,12 +238,12 @@ def _read_full(source: BinaryIO, n: int) -> bytes:
 
 def _image_batches(store: Store, source: BinaryIO, size: int
                    ) -> Iterator[tuple[tuple[list[int], list[int], int], list[bytes]]]:
-    """The image's batches of ``BATCH_BLOCKS`` blocks, as the blob stream takes them: only
+    """The image's batches of ``IMPORT_BATCH`` bytes, as the blob stream takes them: only
     the non-zero blocks are stored, and the tag carries every block number of the batch,
     the numbers of the stored ones (the others become holes) and its bytes of the image."""
     bs = store.block_size
     blk = 0
-    while chunk := _read_full(source, BATCH_BLOCKS * bs):
+    while chunk := _read_full(source, max(1, IMPORT_BATCH // bs) * bs):
         if len(chunk) % bs:
             chunk += bytes(bs - len(chunk) % bs)
         n = len(chunk) // bs
@@ -267,7 +270,7 @@ def import_file(store: Store, name: str, path: Path, progress: Progress | None =
             vol = insert(db, name, size, state="importing")
         # One transaction (one fsync of segment and log) per IMPORT_COMMIT bytes: an
         # interrupted import is dropped whole anyway, so smaller steps buy nothing.
-        per_commit = max(1, IMPORT_COMMIT // (BATCH_BLOCKS * store.block_size))
+        per_commit = max(1, IMPORT_COMMIT // IMPORT_BATCH)
         stream = store.blobs.put_stream(_image_batches(store, source, size))
         try:
             more = True

@@ -414,6 +414,21 @@ UNKNOWN_NAME_COMMANDS = [
 ]
 
 
+def test_password_file_is_read_only_when_a_password_is_needed(
+        cli: Cli, store_dir: Path, password_file: Path, tmp_path: Path) -> None:
+    """A plain store needs no password: a --password-file that cannot be read is not an
+    error there (the key derivation started early skips it), but it is on an encrypted one."""
+    init_site(cli, store_dir, password_file, "--no-encryption")
+    missing = tmp_path / "no-such-password-file"
+    cli("volume", "create", "v", "--size", "1MiB", "--store", store_dir,
+        "--password-file", missing)
+    assert b"v" in cli("volume", "list", "--store", store_dir, "--password-file", missing).stdout
+    encrypted = init_site(cli, tmp_path / "encrypted", password_file)
+    proc = cli("volume", "list", "--store", encrypted.path, "--password-file", missing,
+               check=False)
+    assert "cannot read password file" in assert_one_line_error(proc)
+
+
 def test_unknown_volume_or_snapshot(site_with_volume: tuple[Site, bytes]) -> None:
     site, content = site_with_volume
     before = file_bytes(site.path)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
+from dvx_dr.site import blobs, volumes
 from dvx_dr.site.store import Store
 
 
@@ -16,17 +18,20 @@ def block(name: str) -> bytes:
     return hashlib.sha256(name.encode()).digest() * 2048  # 64 KiB, compressible
 
 
+@pytest.mark.parametrize("ahead", [0, 1, 2, 3])
 @pytest.mark.parametrize("encrypted", [True, False])
 def test_repeated_blobs_are_stored_once_across_batches(
-        new_store: Callable[..., Store], encrypted: bool) -> None:
+        new_store: Callable[..., Store], monkeypatch: pytest.MonkeyPatch, encrypted: bool,
+        ahead: int) -> None:
+    monkeypatch.setattr(blobs, "AHEAD", ahead)
     store = new_store(encrypted=encrypted)
     batches = [
         ["a", "b", "a"],
-        ["b", "c"],         # b: new in the batch before, still in flight when this is planned
-        ["a", "c", "d"],    # a: indexed two batches back; c: in flight
+        ["b", "c"],         # b: new in the batch before (in flight, or written, by depth)
+        ["a", "c", "d"],    # a: two batches back; c: one
         ["d", "e"],
         ["f"], ["g"], ["h"],
-        ["a", "e", "h"],    # long after: from the index
+        ["a", "e", "h"],    # long after: a and e from the index
     ]
     with store.transaction():
         out = list(store.blobs.put_stream((k, [block(n) for n in names])
@@ -72,3 +77,21 @@ def test_closing_the_stream_early_leaves_the_index_consistent(
     assert store.blobs.get_row(row) == block("x0")
     count = store.db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0]
     assert count == 1
+
+
+def test_import_repeats_blocks_across_batches_and_commits(
+        new_store: Callable[..., Store], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """An image whose blocks repeat across batch and commit boundaries reads back exactly,
+    and each distinct block is stored once."""
+    monkeypatch.setattr(volumes, "IMPORT_BATCH", 3 * 4096)
+    monkeypatch.setattr(volumes, "IMPORT_COMMIT", 2 * 3 * 4096)
+    store = new_store(block_size=4096)
+    names = ["a", "b", "c", "a", "d", "b", "zero", "c", "e", "a", "zero", "f", "e", "g"]
+    data = b"".join(bytes(4096) if n == "zero" else block(n)[:4096] for n in names)
+    image = tmp_path / "image.raw"
+    image.write_bytes(data)
+    volumes.import_file(store, "vm1", image)
+    assert volumes.read(store, "vm1", 0, len(data)) == data
+    count = store.db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0]
+    assert count == len(set(names) - {"zero"})

@@ -276,23 +276,34 @@ def test_keystore_wrong_password(keystore_path: Path) -> None:
     assert str(keystore_path) in str(err.value)
 
 
-def test_kek_derived_ahead_is_used_for_the_same_password_and_parameters(
+def test_kek_derived_ahead_is_used_once_for_the_same_password_and_parameters(
         keystore_path: Path, keys: KeyMaterial, monkeypatch: pytest.MonkeyPatch) -> None:
     early = KekDerivation.start(keystore_path.parent, PASSWORD)
     other = KekDerivation.start(keystore_path.parent, "another password")
-    assert early is not None and other is not None
+    before_edit = KekDerivation.start(keystore_path.parent, PASSWORD)
+    assert early is not None and other is not None and before_edit is not None
 
     def no_kdf(password: str, params: dict) -> bytes:
         raise AssertionError("derived again")
 
     monkeypatch.setattr(keystore_module, "derive_kek", no_kdf)
     assert Keystore.load(keystore_path, STORE_ID).unlock(PASSWORD, early) == keys
-    # A derivation for another password (or other parameters) is not used.
-    with pytest.raises(AssertionError, match="derived again"):
-        Keystore.load(keystore_path, STORE_ID).unlock(PASSWORD, other)
-    _rewrite(keystore_path, lambda d: d["kdf"].update(salt=base64.b64encode(bytes(16)).decode()))
+    # Used once: the derivation forgets the password and the KEK.
     with pytest.raises(AssertionError, match="derived again"):
         Keystore.load(keystore_path, STORE_ID).unlock(PASSWORD, early)
+    # A derivation for another password is not used.
+    with pytest.raises(AssertionError, match="derived again"):
+        Keystore.load(keystore_path, STORE_ID).unlock(PASSWORD, other)
+    # Nor one for other parameters (the keystore was rewritten since).
+    _rewrite(keystore_path, lambda d: d["kdf"].update(salt=base64.b64encode(bytes(16)).decode()))
+    with pytest.raises(AssertionError, match="derived again"):
+        Keystore.load(keystore_path, STORE_ID).unlock(PASSWORD, before_edit)
+
+
+def test_kek_derived_for_a_wrong_password_is_a_wrong_password(keystore_path: Path) -> None:
+    wrong = KekDerivation.start(keystore_path.parent, "not the password")
+    with pytest.raises(WrongPasswordError, match="wrong password"):
+        Keystore.load(keystore_path, STORE_ID).unlock("not the password", wrong)
 
 
 def test_kek_derivation_needs_a_readable_keystore(tmp_path: Path) -> None:
