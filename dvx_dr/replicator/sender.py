@@ -344,8 +344,10 @@ async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
         pairs = await store.run(_child_pairs, store, leaf_pages, [b for _, b in chunk])
         wanted = list(dict.fromkeys(c for c, b in pairs if c != b and c not in sent))
         lacking: list[bytes] = await have(wanted) if wanted else []
-        while lacking:
-            part, lacking = lacking[:step], lacking[step:]
+        at = 0
+        while at < len(lacking):
+            part = lacking[at:at + step]
+            at += step
             step = min(2 * step, MAX_READ)
             for p in await store.run(blobs.get_payloads, part):
                 await batcher.add(protocol.KIND_BLOCK, p)
