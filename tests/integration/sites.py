@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import shutil
 import signal
 import socket
@@ -71,10 +72,31 @@ def dvx_parallel(*commands: Sequence[str | Path]) -> None:
             future.result()
 
 
+#: Ports handed out by ``free_port`` in this test run, never handed out twice.
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on HOST now, below the kernel's ephemeral range. A port the kernel picks
+    (bind to port 0) comes from that range, and the kernel may give it to an outgoing
+    connection (a site dialling its peer) before the site that is to listen on it starts."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(10000, max(low, 10001))
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port on {HOST} between 10000 and {low}")
 
 
 def _listening(port: int) -> bool:
