@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,7 +112,7 @@ def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
         # The password's KDF runs while the store's code loads, instead of after it. A store
         # that turns out not to need the password (plain, startup key, served by a site)
         # wastes it; an unreadable file is reported only if the password is needed.
-        with contextlib.suppress(UserError):
+        with suppress(UserError):
             derivation = KekDerivation.start(path, read_password_file(args.password_file))
     from dvx_dr.site import ops  # the store's code, only for a command that opens a store
     from dvx_dr.site.store import Store

@@ -14,7 +14,7 @@ from dvx_dr.cli.context import (
     progress_bar,
     run_op,
 )
-from dvx_dr.cli.volume import copy_out
+from dvx_dr.cli.volume import copy_out, counted
 from dvx_dr.units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -110,12 +110,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         size = snapshots.get(store, args.snapshot).size
         with progress_bar(size, f"export {args.snapshot}") as bar:
-            def counted() -> Any:
-                for chunk in snapshots.iter_range(store, args.snapshot, 0, size):
-                    if bar:
-                        bar(len(chunk))
-                    yield chunk
-            copy_out(counted(), args.file)
+            copy_out(counted(snapshots.iter_range(store, args.snapshot, 0, size), bar), args.file)
         return {"size": size, "exported": True}
 
     if args.file == "-":

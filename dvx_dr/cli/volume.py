@@ -6,7 +6,7 @@ import argparse
 import base64
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -22,7 +22,6 @@ from dvx_dr.units import format_size, parse_size
 
 if TYPE_CHECKING:
     from dvx_dr.site.store import Store
-    from dvx_dr.site.volumes import VolumeInfo
 
 
 def register(groups: Any) -> None:
@@ -121,8 +120,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         info = volumes.get(store, args.name)
         with progress_bar(info.size, f"export {args.name}") as bar:
-            copy_out(volumes.iter_range(store, info.id, info.size, 0, info.size)
-                     if bar is None else _counted(store, info, bar), args.file)
+            copy_out(counted(volumes.iter_range(store, info.id, info.size, 0, info.size), bar),
+                     args.file)
         return {"size": info.size, "exported": True}
 
     if args.file == "-":
@@ -138,11 +137,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _counted(store: Store, info: VolumeInfo, bar: Any) -> Iterable[bytes]:
-    from dvx_dr.site import volumes
-
-    for chunk in volumes.iter_range(store, info.id, info.size, 0, info.size):
-        bar(len(chunk))
+def counted(chunks: Iterable[bytes], bar: Callable[[int], None] | None) -> Iterable[bytes]:
+    """``chunks``, advancing the progress ``bar`` (when there is one) by each one's length."""
+    for chunk in chunks:
+        if bar:
+            bar(len(chunk))
         yield chunk
 
 

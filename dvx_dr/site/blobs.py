@@ -45,6 +45,7 @@ _CHUNK = 16
 #: measured no faster on two cores, within this VM's run-to-run noise.
 AHEAD = 1
 T = TypeVar("T")
+C = TypeVar("C")
 
 _local = threading.local()
 
@@ -90,7 +91,8 @@ def decompress(payload: bytes, plain_len: int) -> bytes:
         raise IntegrityError(f"compressed payload does not decompress ({exc})") from None
 
 
-def _chunks(items: Sequence[bytes]) -> list[Sequence[bytes]]:
+def _chunks(items: Sequence[C]) -> list[Sequence[C]]:
+    """``items`` in pieces of ``_CHUNK``, the unit of work handed to the pool."""
     return [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
 
 
@@ -122,7 +124,7 @@ class _Planned(Generic[T]):
     ids: list[bytes]
     known: dict[bytes, int]  # id -> row of the blobs the index already held
     names: dict[bytes, bytes]  # id -> index name
-    parts: list[list[tuple[bytes, bytes]]]  # the new (id, plaintext), chunk by chunk
+    parts: list[Sequence[tuple[bytes, bytes]]]  # the new (id, plaintext), chunk by chunk
     futures: list[Future[list[tuple[bool, bytes]]]]  # each chunk's compression
 
     def payload_groups(self) -> Iterator[list[Payload]]:
@@ -276,8 +278,7 @@ class BlobStore:
             if i not in known and i not in in_flight and i not in new:
                 new[i] = plain
         in_flight.update(dict.fromkeys(new, -1))
-        items = list(new.items())
-        parts = [items[k:k + _CHUNK] for k in range(0, len(items), _CHUNK)]
+        parts = _chunks(list(new.items()))
         futures = [self.pool.submit(_compress_chunk, [plain for _, plain in part])
                    for part in parts]
         return _Planned(tag, ids, known, names, parts, futures)

@@ -22,6 +22,8 @@ random 256-bit key kept in a startup key file outside the store (unlocked startu
 every other field, so any edit to the file is detected once the keys are unwrapped. A wrong
 password fails the key unwrap's integrity check. The file is replaced atomically (write a
 temporary file, fsync, rename, fsync the directory), so a crash leaves the old or the new file.
+The KDF and its parameters live in ``kdf``, which reads only the ``kdf`` field of this file
+to start deriving before the rest of the store's code is loaded.
 """
 
 from __future__ import annotations
