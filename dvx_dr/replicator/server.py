@@ -368,6 +368,25 @@ def create_admin_app(service: SiteService) -> web.Application:
 # -- the process ----------------------------------------------------------------------------
 
 
+def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The event loop's handler: everything goes to asyncio's default (an ERROR in the log),
+    except one known asyncio bug (CPython gh-156512, fixed upstream in 2026, not in the
+    Pythons this runs on). When a TLS connection breaks while a request body is streamed,
+    the socket transport calls its ``_call_connection_lost`` twice; the second call finds
+    the transport already torn down and raises AttributeError. The connection is closed
+    either way and the transfer retries, so this is logged as a warning."""
+    handle = context.get("handle")
+    callback = getattr(handle, "_callback", None)
+    transport = getattr(callback, "__self__", None)
+    if (isinstance(context.get("exception"), AttributeError)
+            and getattr(callback, "__name__", None) == "_call_connection_lost"
+            and transport is not None and getattr(transport, "_sock", True) is None):
+        log.warning("a broken connection was closed twice by asyncio (CPython gh-156512); "
+                    "harmless, the transfer retries")
+        return
+    loop.default_exception_handler(context)
+
+
 async def serve(config: SiteConfig, config_path: Path | None,
                 password: PasswordSource | None) -> None:
     tls = config.tls
@@ -386,6 +405,7 @@ async def serve(config: SiteConfig, config_path: Path | None,
     metrics_runner: web.AppRunner | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(loop_exception_handler)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload_in_background, service)
