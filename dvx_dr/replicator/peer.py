@@ -15,7 +15,7 @@ import asyncio
 import io
 import json
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -39,14 +39,16 @@ class PeerClient:
         self.site = site
         self.url = url.rstrip("/")
 
-    async def request(self, path: str, data: bytes | None = None,
-                      json_body: Any = None) -> bytes:
+    async def request(self, path: str, data: bytes | AsyncIterable[bytes | memoryview] | None
+                      = None, json_body: Any = None) -> bytes:
+        """POST ``data`` (bytes, or a stream of pieces sent with chunked encoding) or
+        ``json_body``; the answer's body."""
         # A large body goes to the TLS layer in 64 KiB pieces (aiohttp reads a BytesIO that
         # way, with the Content-Length known): asyncio encrypts one big write into a
         # growing memory buffer, which measured 7x slower (14 ms against 2 ms per 5 MB).
-        body_io = io.BytesIO(data) if data is not None else None
+        sent = io.BytesIO(data) if isinstance(data, bytes) else data
         try:
-            async with self.http.post(self.url + PREFIX + path, data=body_io, json=json_body,
+            async with self.http.post(self.url + PREFIX + path, data=sent, json=json_body,
                                       server_hostname=self.site) as resp:
                 body = await resp.read()
                 status = resp.status

@@ -1,9 +1,9 @@
-"""The replication wire format between sites, version 2.
+"""The replication wire format between sites, version 3.
 
 A transfer runs over HTTPS (mutual TLS) as a short series of requests from the source site to
 the target site, all under ``/v1/replication``:
 
-``POST /sessions``  JSON ``{"version": 2, "volume": "vm1", "snapshot": "daily-1",
+``POST /sessions``  JSON ``{"version": 3, "volume": "vm1", "snapshot": "daily-1",
     "root": "<hex id>", "created": "<ISO time>", "ask": ["<hex id>", ...]}`` for one volume's
     snapshot, or with ``"group": "pg1"`` instead of ``"volume"`` for a protection-group
     snapshot (root = the group root); answers ``{"session": "<id>", "complete": bool,
@@ -19,9 +19,14 @@ the target site, all under ``/v1/replication``:
     holds them as *complete* tree nodes of that level (``site.treeblobs``). The source walks
     the snapshot's Merkle tree top-down and descends only into pages the target lacks.
 
-``POST /sessions/<id>/blobs``  body: one *batch*, a framed stream of records (below). The
-    target verifies every record, re-encrypts the payloads with its own key and makes them
-    durable, or rejects the whole batch; answers ``{"stored": n, "bytes": n}``.
+``POST /sessions/<id>/blobs``  body: a *blob stream*, batches one after another, each
+    prefixed by its length (u32 LE), ended by a zero length; a batch is a framed series of
+    records (below). The target verifies each batch's records, re-encrypts the payloads with
+    its own key and makes the batch durable, or rejects it whole; it reads the next batch off
+    the connection while it stores the last. Answers ``{"stored": n, "bytes": n}`` once the
+    end mark is read and every batch is durable. A bad batch ends the stream with an error;
+    the batches before it stay durable. The source bounds one stream (``STREAM_BYTES``,
+    ``STREAM_SECONDS``) and opens the next, so no request outlives a read timeout.
 
 ``POST /sessions/<id>/commit``  the target checks that the root and everything it names
     directly are present and makes the replica visible as ``<source site>/<volume>@<snapshot>``
@@ -59,11 +64,14 @@ the same place in an earlier snapshot whose root the target holds). Holding it m
 everything under it, so the target checks only the entries that differ from the base page's,
 and the cost of checking a page is in proportion to what changed, not to its 512 entries.
 
-Version 2 added page levels, the base page, ``have?level`` and ``ask``; a version-1 peer is
+Version 2 added page levels, the base page, ``have?level`` and ``ask``. Version 3 made
+``blobs`` a stream of batches (version 2 sent one batch per request, and the target idled
+while each response went back and the next request came in). A peer of another version is
 refused with a message naming both versions.
 
 Hard limits: a payload and a plaintext at most ``MAX_PLAIN`` bytes; at most
-``MAX_RECORDS`` records and ``MAX_BATCH`` bytes per batch. Records come bottom-up: a tree page
+``MAX_RECORDS`` records and ``MAX_BATCH`` bytes per batch (a larger length prefix ends the
+stream before the batch is read). Records come bottom-up: a tree page
 only after every child it names that the target lacked, the root last, so whatever part of an
 interrupted transfer is durable at the target is complete below each stored page, and a rerun
 sends only what is still missing.
@@ -71,13 +79,15 @@ sends only what is still missing.
 
 from __future__ import annotations
 
+import asyncio
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from dvx_dr.errors import ProtocolError
 
-VERSION = 2
+VERSION = 3
 BATCH_MAGIC = b"DXRB"
 _BATCH_HEADER = struct.Struct("<4sB3x")
 _RECORD = struct.Struct("<BBHII32s")
@@ -91,6 +101,10 @@ FLAG_BASE = 0x02
 MAX_PLAIN = 4 * 1024 * 1024
 MAX_RECORDS = 4096
 MAX_BATCH = 64 * 1024 * 1024
+STREAM_LENGTH = struct.Struct("<I")
+STREAM_END = STREAM_LENGTH.pack(0)
+STREAM_BYTES = 256 * 1024 * 1024
+STREAM_SECONDS = 30.0
 MAX_HAVE_IDS = 16384
 MAX_ASK = 256
 MAX_LEVEL = 15
@@ -134,6 +148,42 @@ def decode_batch(data: bytes) -> list[Record]:
         raise ProtocolError(f"batch uses protocol version {version}; this site speaks version "
                             f"{VERSION}: upgrade the older site")
     return list(_records(data, _BATCH_HEADER.size))
+
+
+class ByteStream(Protocol):
+    """What ``read_stream`` reads from: an asyncio-style stream (aiohttp's request body)."""
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+async def read_stream(stream: ByteStream) -> AsyncIterator[bytes]:
+    """The batches of a blob stream, each still to be parsed with ``decode_batch``; raises
+    ``ProtocolError`` on a length above the limit, a stream that ends early (without its end
+    mark) or bytes after the end mark. A connection that breaks raises what the stream
+    raises."""
+    count = 0
+    while True:
+        try:
+            (length,) = STREAM_LENGTH.unpack(await stream.readexactly(STREAM_LENGTH.size))
+        except asyncio.IncompleteReadError:
+            raise ProtocolError(f"blob stream ended after {count} batches without its end "
+                                "mark") from None
+        if length == 0:
+            if await stream.read(1):
+                raise ProtocolError("bytes follow the end mark of the blob stream")
+            return
+        if length > MAX_BATCH:
+            raise ProtocolError(f"batch {count} of the blob stream claims {length} bytes, above "
+                                f"the limit of {MAX_BATCH}")
+        try:
+            batch = await stream.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            raise ProtocolError(f"blob stream is truncated inside batch {count} "
+                                f"({len(exc.partial)} of {length} bytes)") from None
+        count += 1
+        yield batch
 
 
 def _records(data: bytes, pos: int) -> Iterator[Record]:

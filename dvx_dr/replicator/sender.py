@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,6 +43,8 @@ BATCH_PAYLOAD = 8 * 1024 * 1024
 FIRST_READ = 16
 MAX_READ = 256
 QUEUE_DEPTH = 2
+#: A batch goes to the TLS layer in pieces of this size (see ``PeerClient.request``).
+WRITE_PIECE = 64 * 1024
 
 
 @dataclass
@@ -217,20 +219,46 @@ async def _transfer(
             if task is None or not task.cancelling():
                 await queue.put(None)
 
-    async def consume() -> None:
-        window_start = time.monotonic()
-        window_bytes = 0
-        while (body := await queue.get()) is not None:
-            await peer.request(f"/sessions/{sid}/blobs", data=body)
-            stats.bytes_on_wire += len(body)
+    window_start = time.monotonic()
+    window_bytes = 0
+    more = True  # batches are left for another stream
+
+    async def stream(first: bytes) -> AsyncIterator[bytes | memoryview]:
+        """One blob stream: ``first`` and the batches after it, until the producer is done
+        or the stream's bounds are reached. Sets ``more`` when batches are left."""
+        nonlocal window_bytes, more
+        opened = time.monotonic()
+        sent = 0
+        batch: bytes | None = first
+        while batch is not None:
+            yield protocol.STREAM_LENGTH.pack(len(batch))
+            view = memoryview(batch)
+            for k in range(0, len(batch), WRITE_PIECE):
+                yield view[k:k + WRITE_PIECE]
+            size = protocol.STREAM_LENGTH.size + len(batch)
+            sent += size
+            stats.bytes_on_wire += size
             if bandwidth_limit:
-                window_bytes += len(body)
+                window_bytes += size
                 ahead = window_bytes / bandwidth_limit - (time.monotonic() - window_start)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
             if progress:
                 stats.seconds = time.monotonic() - started
                 progress(stats)
+            if sent >= protocol.STREAM_BYTES or \
+                    time.monotonic() - opened >= protocol.STREAM_SECONDS:
+                more = True
+                break
+            batch = await queue.get()
+        yield protocol.STREAM_END
+        stats.bytes_on_wire += len(protocol.STREAM_END)
+
+    async def consume() -> None:
+        nonlocal more
+        while more and (first := await queue.get()) is not None:
+            more = False
+            await peer.request(f"/sessions/{sid}/blobs", data=stream(first))
 
     producer = asyncio.create_task(produce())
     try:

@@ -235,12 +235,36 @@ async def have(request: web.Request) -> web.Response:
 
 
 async def blobs(request: web.Request) -> web.Response:
+    """A blob stream (``protocol``): each batch is stored in the store thread while the next
+    one is read off the connection, so at most two batches are in memory."""
     service = request.app[SERVICE]
-    body = await request.read()
     sid = request.match_info["sid"]
+    totals = {"stored": 0, "bytes": 0}
+    storing: asyncio.Future[dict[str, int]] | None = None
+
+    async def stored() -> None:
+        assert storing is not None
+        for key, value in (await storing).items():
+            totals[key] += value
+
     with service.store.store.pin_busy(sid):
-        result = await service.store.run(service.receiver.receive, request["peer"], sid, body)
-    return web.json_response(result)
+        try:
+            async for batch in protocol.read_stream(request.content):
+                if storing is not None:
+                    await stored()
+                storing = asyncio.ensure_future(service.store.run(
+                    service.receiver.receive, request["peer"], sid, batch))
+            if storing is not None:
+                await stored()
+        finally:
+            # A batch the store thread has taken is finished there whatever happens here;
+            # wait for it, so that the session stays pinned until it is. When the stream
+            # broke first, that error is the one reported.
+            if storing is not None:
+                await asyncio.wait([storing])
+                if not storing.cancelled():
+                    storing.exception()
+    return web.json_response(totals)
 
 
 async def commit(request: web.Request) -> web.Response:
@@ -263,7 +287,7 @@ async def retention(request: web.Request) -> web.Response:
 
 def create_app(service: SiteService) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, peer_middleware],
-                          client_max_size=protocol.MAX_BATCH + 1024 * 1024)
+                          client_max_size=1024 * 1024)  # the blob stream is read as a stream
     app[SERVICE] = service
     p = "/v1/replication"
     app.router.add_routes([

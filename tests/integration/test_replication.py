@@ -511,6 +511,12 @@ def batch(*records: bytes, version: int = protocol.VERSION) -> bytes:
     return _BATCH.pack(protocol.BATCH_MAGIC, version) + b"".join(records) + _END
 
 
+def stream(*batches: bytes, end: bool = True) -> bytes:
+    """A blob stream of ``batches``, with its end mark unless ``end`` is false."""
+    framed = b"".join(protocol.STREAM_LENGTH.pack(len(b)) + b for b in batches)
+    return framed + (protocol.STREAM_END if end else b"")
+
+
 def record(data: bytes, kind: int = protocol.KIND_BLOCK, blob: bytes | None = None,
            length: int | None = None) -> bytes:
     blob = hashlib.sha256(data).digest() if blob is None else blob
@@ -532,22 +538,31 @@ def test_malformed_batches_are_refused_and_change_nothing(
     sid = opened["session"]
     good = record(block)
     cases = [
-        ("truncated frame", batch(good)[:_BATCH.size + _RECORD.size + 1000], 400,
+        ("truncated frame", stream(batch(good)[:_BATCH.size + _RECORD.size + 1000]), 400,
          "truncated"),
-        ("oversize length", batch(record(block, length=protocol.MAX_PLAIN + 1)), 400,
+        ("a stream cut inside a batch", stream(batch(good))[:1000], 400,
+         "truncated inside batch 0"),
+        ("a stream without its end mark", stream(end=False), 400, "without its end mark"),
+        ("a batch length above the limit",
+         protocol.STREAM_LENGTH.pack(protocol.MAX_BATCH + 1) + batch(good), 400,
          "above the limit"),
-        ("wrong id for the data", batch(good, record(other, blob=hashlib.sha256(b"x").digest())),
+        ("bytes after the end mark", stream() + b"\0", 400, "follow the end mark"),
+        ("oversize length", stream(batch(record(block, length=protocol.MAX_PLAIN + 1))), 400,
+         "above the limit"),
+        ("wrong id for the data",
+         stream(batch(good, record(other, blob=hashlib.sha256(b"x").digest()))),
          422, "does not match its id"),
-        ("unknown protocol version", batch(good, version=protocol.VERSION + 1), 400,
+        ("unknown protocol version", stream(batch(good, version=protocol.VERSION + 1)), 400,
          f"protocol version {protocol.VERSION + 1}"),
-        ("a base page on a data block", batch(_RECORD.pack(
+        ("a base page on a data block", stream(batch(_RECORD.pack(
             protocol.KIND_BLOCK, protocol.FLAG_BASE, 0, BS, BS, hashlib.sha256(block).digest())
-            + bytes(32) + block), 400, "not a tree page"),
-        ("garbage", random.Random(53).randbytes(4096), 400, "magic"),
-        ("a page before its children", batch(good, record(hashlib.sha256(b"c").digest() * 4,
-                                                          kind=protocol.KIND_PAGE)),
+            + bytes(32) + block)), 400, "not a tree page"),
+        ("garbage", stream(random.Random(53).randbytes(4096)), 400, "magic"),
+        ("a page before its children", stream(batch(good, record(
+            hashlib.sha256(b"c").digest() * 4, kind=protocol.KIND_PAGE))),
          400, "pages must follow their children"),
-        ("trailing bytes", batch(good) + b"\0" * 7, 400, "follow the end-of-batch record"),
+        ("trailing bytes", stream(batch(good) + b"\0" * 7), 400,
+         "follow the end-of-batch record"),
     ]
     since = len(b.log())
     for what, body, want_status, phrase in cases:
@@ -559,7 +574,7 @@ def test_malformed_batches_are_refused_and_change_nothing(
     assert status == 400 and "multiple of 32" in answer["error"], answer
     status, answer = post(b.port, client, f"/sessions/{sid}/commit", json_body={})
     assert status == 400 and "root" in answer["error"], answer
-    status, answer = post(b.port, client, "/sessions/0123abcd/blobs", data=batch(good))
+    status, answer = post(b.port, client, "/sessions/0123abcd/blobs", data=stream(batch(good)))
     assert status == 404, answer
 
     log = new_log(b, since)
@@ -568,6 +583,16 @@ def test_malformed_batches_are_refused_and_change_nothing(
     for field in ("unique_bytes", "extent_bytes", "stored_bytes", "by_key_version",
                   "snapshots", "volumes"):
         assert after[field] == before[field], f"{field}: {before[field]} -> {after[field]}"
+    assert b.snapshots() == []
+
+    # A bad batch ends the stream, but the good batches before it are durable (as when the
+    # connection is cut), so that a rerun does not send them again.
+    status, answer = post(b.port, client, f"/sessions/{sid}/blobs", data=stream(
+        batch(good), batch(record(other, blob=hashlib.sha256(b"x").digest()))))
+    assert status == 422 and "does not match its id" in answer["error"], answer
+    status, answer = post(b.port, client, f"/sessions/{sid}/have",
+                          data=hashlib.sha256(block).digest() + hashlib.sha256(other).digest())
+    assert status == 200 and answer == {"raw": "\0\1"}, answer  # held, lacking
     assert b.snapshots() == []
 
     # site-b still takes a normal transfer.
@@ -618,23 +643,23 @@ def test_page_naming_a_base_is_checked_where_it_differs(two_sites: Sites,
     forged = list(ids)
     forged[3] = unknown
     status, answer = post(b.port, client, f"/sessions/{sid}/blobs",
-                          data=batch(page_record(b"".join(forged), base)))
+                          data=stream(batch(page_record(b"".join(forged), base))))
     assert status == 400 and "pages must follow their children" in answer["error"], answer
 
     revised = list(ids)
     revised[3], revised[4] = held[-1], bytes(32)  # a block the target holds, and a hole
     status, answer = post(b.port, client, f"/sessions/{sid}/blobs",
-                          data=batch(page_record(b"".join(revised), base)))
+                          data=stream(batch(page_record(b"".join(revised), base))))
     assert status == 200 and answer["stored"] == 1, answer
 
     # A base the target does not hold is no help: every entry is checked.
     revised[5] = held[-2]
     status, answer = post(b.port, client, f"/sessions/{sid}/blobs",
-                          data=batch(page_record(b"".join(revised), unknown)))
+                          data=stream(batch(page_record(b"".join(revised), unknown))))
     assert status == 200 and answer["stored"] == 1, answer
     forged[5] = held[-2]
     status, answer = post(b.port, client, f"/sessions/{sid}/blobs",
-                          data=batch(page_record(b"".join(forged), unknown)))
+                          data=stream(batch(page_record(b"".join(forged), unknown))))
     assert status == 400 and "pages must follow their children" in answer["error"], answer
 
 
