@@ -104,6 +104,62 @@ class _Batcher:
             self.limit = min(2 * self.limit, BATCH_PAYLOAD)
 
 
+class _Streamer:
+    """The producer's batches as blob streams (``protocol``), one per request: a stream ends
+    at the producer's end mark, or after ``STREAM_BYTES`` or ``STREAM_SECONDS``, and the next
+    one carries on. Applies the bandwidth limit and reports progress per batch sent."""
+
+    def __init__(self, queue: asyncio.Queue[bytes | None], stats: TransferStats,
+                 started: float, progress: Progress | None,
+                 bandwidth_limit: float | None) -> None:
+        self.queue = queue
+        self.stats = stats
+        self.started = started
+        self.progress = progress
+        self.bandwidth_limit = bandwidth_limit
+        self.window_start = time.monotonic()
+        self.window_bytes = 0
+        self.done = False
+
+    async def next_stream(self) -> AsyncIterator[bytes | memoryview] | None:
+        """The next stream's body, once there is a batch for it; None when the producer is
+        done and every batch was sent."""
+        first = None if self.done else await self.queue.get()
+        return None if first is None else self._stream(first)
+
+    async def _stream(self, first: bytes) -> AsyncIterator[bytes | memoryview]:
+        opened = time.monotonic()
+        sent = 0
+        batch: bytes | None = first
+        while batch is not None:
+            yield protocol.STREAM_LENGTH.pack(len(batch))
+            view = memoryview(batch)
+            for k in range(0, len(batch), WRITE_PIECE):
+                yield view[k:k + WRITE_PIECE]
+            size = protocol.STREAM_LENGTH.size + len(batch)
+            sent += size
+            await self._sent(size)
+            if sent >= protocol.STREAM_BYTES or \
+                    time.monotonic() - opened >= protocol.STREAM_SECONDS:
+                break
+            batch = await self.queue.get()
+        self.done = batch is None
+        yield protocol.STREAM_END
+        self.stats.bytes_on_wire += len(protocol.STREAM_END)
+
+    async def _sent(self, size: int) -> None:
+        self.stats.bytes_on_wire += size
+        if self.bandwidth_limit:
+            self.window_bytes += size
+            ahead = (self.window_bytes / self.bandwidth_limit
+                     - (time.monotonic() - self.window_start))
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        if self.progress:
+            self.stats.seconds = time.monotonic() - self.started
+            self.progress(self.stats)
+
+
 async def send_snapshot(
     store: StoreThread,
     peer: PeerClient,
@@ -219,46 +275,11 @@ async def _transfer(
             if task is None or not task.cancelling():
                 await queue.put(None)
 
-    window_start = time.monotonic()
-    window_bytes = 0
-    more = True  # batches are left for another stream
-
-    async def stream(first: bytes) -> AsyncIterator[bytes | memoryview]:
-        """One blob stream: ``first`` and the batches after it, until the producer is done
-        or the stream's bounds are reached. Sets ``more`` when batches are left."""
-        nonlocal window_bytes, more
-        opened = time.monotonic()
-        sent = 0
-        batch: bytes | None = first
-        while batch is not None:
-            yield protocol.STREAM_LENGTH.pack(len(batch))
-            view = memoryview(batch)
-            for k in range(0, len(batch), WRITE_PIECE):
-                yield view[k:k + WRITE_PIECE]
-            size = protocol.STREAM_LENGTH.size + len(batch)
-            sent += size
-            stats.bytes_on_wire += size
-            if bandwidth_limit:
-                window_bytes += size
-                ahead = window_bytes / bandwidth_limit - (time.monotonic() - window_start)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-            if progress:
-                stats.seconds = time.monotonic() - started
-                progress(stats)
-            if sent >= protocol.STREAM_BYTES or \
-                    time.monotonic() - opened >= protocol.STREAM_SECONDS:
-                more = True
-                break
-            batch = await queue.get()
-        yield protocol.STREAM_END
-        stats.bytes_on_wire += len(protocol.STREAM_END)
+    streamer = _Streamer(queue, stats, started, progress, bandwidth_limit)
 
     async def consume() -> None:
-        nonlocal more
-        while more and (first := await queue.get()) is not None:
-            more = False
-            await peer.request(f"/sessions/{sid}/blobs", data=stream(first))
+        while (body := await streamer.next_stream()) is not None:
+            await peer.request(f"/sessions/{sid}/blobs", data=body)
 
     producer = asyncio.create_task(produce())
     try:

@@ -1,13 +1,23 @@
-"""The sender's batching: a transfer's first request is small and each next one twice the
-last, up to ``BATCH_PAYLOAD``, and every record reaches the queue once, in order."""
+"""The sender's batching and streams: a transfer's first batch is small and each next one
+twice the last, up to ``BATCH_PAYLOAD``; every record reaches the queue once, in order; the
+batches go out as bounded blob streams that carry each batch once, in order."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
+
+import pytest
 
 from dvx_dr.replicator import protocol
-from dvx_dr.replicator.sender import BATCH_PAYLOAD, FIRST_BATCH, TransferStats, _Batcher
+from dvx_dr.replicator.sender import (
+    BATCH_PAYLOAD,
+    FIRST_BATCH,
+    TransferStats,
+    _Batcher,
+    _Streamer,
+)
 from dvx_dr.site.blobs import Payload
 
 PAYLOAD = 64 * 1024
@@ -38,3 +48,47 @@ def test_batches_start_small_and_double_up_to_the_most() -> None:
     assert sizes[0] == FIRST_BATCH and max(sizes) == BATCH_PAYLOAD
     sent = [r.payload for batch in batches for r in batch]
     assert sent == blocks
+
+
+def streams_of(batches: list[bytes]) -> tuple[list[bytes], TransferStats]:
+    """The request bodies a streamer makes of ``batches`` queued by a producer that is done."""
+    stats = TransferStats("vm1@s", "site-b")
+
+    async def run() -> list[bytes]:
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        for b in [*batches, None]:
+            queue.put_nowait(b)
+        streamer = _Streamer(queue, stats, time.monotonic(), None, None)
+        bodies = []
+        while (body := await streamer.next_stream()) is not None:
+            bodies.append(b"".join([bytes(piece) async for piece in body]))
+        return bodies
+
+    return asyncio.run(run()), stats
+
+
+def read(body: bytes) -> list[bytes]:
+    async def run() -> list[bytes]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(body)
+        reader.feed_eof()
+        return [b async for b in protocol.read_stream(reader)]
+
+    return asyncio.run(run())
+
+
+def test_streams_end_at_their_bound_and_carry_every_batch_once_in_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    batches = [protocol.encode_batch([protocol.Record(
+        protocol.KIND_BLOCK, False, PAYLOAD, hashlib.sha256(block).digest(), block)])
+        for block in (bytes([i]) * PAYLOAD for i in range(10))]
+    monkeypatch.setattr(protocol, "STREAM_BYTES", 3 * len(batches[0]))
+    bodies, stats = streams_of(batches)
+    streams = [read(body) for body in bodies]
+    assert [len(s) for s in streams] == [3, 3, 3, 1]
+    assert [b for s in streams for b in s] == batches
+    assert stats.bytes_on_wire == sum(len(body) for body in bodies)
+
+
+def test_no_stream_when_there_is_nothing_to_send() -> None:
+    assert streams_of([]) == ([], TransferStats("vm1@s", "site-b"))
