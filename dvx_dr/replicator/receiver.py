@@ -152,13 +152,8 @@ class Receiver:
         for r, plain in zip(records, plains, strict=True):
             if r.kind == protocol.KIND_PAGE:
                 assert plain is not None
-                children = tree.split_ids(plain)
-                known = bases.get((r.base, r.level)) if r.base else None
-                if known is not None and len(known) == len(children):
-                    changed = [c for c, k in zip(children, known, strict=True)
-                               if c != k and c != HOLE]
-                else:
-                    changed = [c for c in children if c != HOLE]
+                base = bases.get((r.base, r.level)) if r.base else None
+                changed = (c for c, _ in tree.changed_entries(plain, base))
                 (blocks if r.level == 0 else pages[r.level - 1]).update(changed)
             elif r.kind == protocol.KIND_ROOT:
                 assert plain is not None
@@ -202,16 +197,16 @@ class Receiver:
         s.bytes += size
         return {"stored": len(records), "bytes": size}
 
-    def _base_pages(self, wanted: set[tuple[bytes, int]]) -> dict[tuple[bytes, int], list[bytes]]:
-        """The entries of each named base page (id, level) that this store holds complete at
-        that level, read and verified. Any other base is left out, and its page is then
-        checked entry by entry."""
+    def _base_pages(self, wanted: set[tuple[bytes, int]]) -> dict[tuple[bytes, int], bytes]:
+        """Each named base page (id, level) that this store holds complete at that level,
+        read and verified. Any other base is left out, and its page is then checked entry by
+        entry."""
         found: list[tuple[tuple[bytes, int], int]] = []
         for level in {lv for _, lv in wanted}:
             held = self._complete({i for i, lv in wanted if lv == level}, level)
             found.extend(((i, level), row) for i, row in held.items())
         plains = self.store.blobs.get_rows([row for _, row in found])
-        return {key: tree.split_ids(plain) for (key, _), plain in zip(found, plains, strict=True)}
+        return {key: plain for (key, _), plain in zip(found, plains, strict=True)}
 
     def _verify(self, records: list[protocol.Record]) -> list[bytes | None]:
         """Check every payload against its id (in the worker pool); plaintext of pages/roots."""

@@ -391,7 +391,7 @@ async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
         chunk = leaves[start:start + LEAVES_PER_ROUND]
         leaf_pages = await store.run(blobs.get_payloads, [page for page, _ in chunk])
         pairs = await store.run(_child_pairs, store, leaf_pages, [b for _, b in chunk])
-        wanted = list(dict.fromkeys(c for c, b in pairs if c != b and c not in sent))
+        wanted = list(dict.fromkeys(c for c, _ in pairs if c not in sent))
         lacking: list[bytes] = await have(wanted) if wanted else []
         at = 0
         while at < len(lacking):
@@ -418,9 +418,10 @@ async def _missing_pairs(pairs: list[Pair], have: Any, level: int) -> list[Pair]
 
 def _child_pairs(store: StoreThread, pages: list[Payload], bases: list[bytes | None]
                  ) -> list[Pair]:
-    """Each page's non-hole children, with the base page's child at the same place. The
-    pages come as the payloads about to be sent (already read and verified), not read again.
-    """
+    """Each page's non-hole children that differ from the base page's child at the same
+    place, paired with it (``tree.changed_entries``); the others are at the target with the
+    base. The pages come as the payloads about to be sent (already read and verified), not
+    read again."""
     blobs = store.store.blobs
     wanted = list(dict.fromkeys(b for b in bases if b is not None and b != HOLE))
     rows = blobs.lookup(wanted)
@@ -428,16 +429,9 @@ def _child_pairs(store: StoreThread, pages: list[Payload], bases: list[bytes | N
     if missing:
         raise IntegrityError(f"tree page {missing[0].hex()[:16]}… of an earlier snapshot is "
                              "referenced but not in the store; run 'dvx-dr datastore scrub'")
-    plains = blobs.get_rows([rows[b] for b in wanted])
-    known = {b: tree.split_ids(p) for b, p in zip(wanted, plains, strict=True)}
+    known = dict(zip(wanted, blobs.get_rows([rows[b] for b in wanted]), strict=True))
     out: list[Pair] = []
     for page, base in zip(pages, bases, strict=True):
         plain = decompress(page.data, page.plain_len) if page.compressed else page.data
-        children = tree.split_ids(plain)
-        base_children = known.get(base) if base is not None else None
-        if base_children is None or len(base_children) != len(children):
-            out.extend((c, None) for c in children if c != HOLE)
-        else:
-            out.extend((c, b) for c, b in zip(children, base_children, strict=True)
-                       if c != HOLE)
+        out.extend(tree.changed_entries(plain, known.get(base) if base is not None else None))
     return out

@@ -131,9 +131,39 @@ def level_counts(nblocks: int) -> list[int]:
 
 
 def split_ids(page: bytes) -> list[bytes]:
+    _check_page_length(page)
+    return [page[i:i + ID] for i in range(0, len(page), ID)]
+
+
+def _check_page_length(page: bytes) -> None:
     if len(page) % ID or not page or len(page) > FANOUT * ID:
         raise IntegrityError("snapshot tree page has a malformed length")
-    return [page[i:i + ID] for i in range(0, len(page), ID)]
+
+
+#: ``changed_entries`` compares pages this many bytes (8 entries) at a time first (the fastest
+#: of 4, 8, 16 and 32 entries, measured on 512-entry pages with 6 changes).
+_SPAN = 8 * ID
+
+
+def changed_entries(page: bytes, base: bytes | None) -> list[tuple[bytes, bytes | None]]:
+    """``(child, base child)`` for each entry of ``page`` that is not a hole and differs from
+    the entry at the same place in ``base`` (a page of the same level); every non-hole entry,
+    paired with None, when there is no base or it has another length. Spans of entries equal
+    in both are skipped whole, so a page that changed in a few places costs a few compares."""
+    if base is None or len(base) != len(page):
+        return [(c, None) for c in split_ids(page) if c != HOLE]
+    _check_page_length(page)
+    out: list[tuple[bytes, bytes | None]] = []
+    for start in range(0, len(page), _SPAN):
+        end = start + _SPAN
+        if page[start:end] == base[start:end]:
+            continue
+        for k in range(start, min(end, len(page)), ID):
+            child = page[k:k + ID]
+            was = base[k:k + ID]
+            if child != was and child != HOLE:
+                out.append((child, was))
+    return out
 
 
 def is_hole(blob_id: bytes) -> bool:
