@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check dvx_dr tests bench
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
 test: lint

@@ -75,7 +75,8 @@ def run_cli(*args: str | Path, input: bytes | None = None, check: bool = True,
 def cli_env() -> dict[str, str]:
     """The environment of a child ``dvx-dr``: this one, with the project on PYTHONPATH."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"),
+                                                      env.get("PYTHONPATH")]))
     return env
 
 
