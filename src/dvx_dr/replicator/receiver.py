@@ -192,6 +192,9 @@ class Receiver:
                           else node_level[r.kind]].append(rows[r.id])
             for level, marked in nodes.items():
                 treeblobs.mark(db, marked, level)
+        for r, plain in zip(records, plains, strict=True):
+            if r.kind == protocol.KIND_PAGE and plain is not None:
+                self.store.blobs.pages.put(r.id, plain)  # the next replica's base pages
         size = len(body)
         s.blobs += len(records)
         s.bytes += size
@@ -205,7 +208,7 @@ class Receiver:
         for level in {lv for _, lv in wanted}:
             held = self._complete({i for i, lv in wanted if lv == level}, level)
             found.extend(((i, level), row) for i, row in held.items())
-        plains = self.store.blobs.get_rows([row for _, row in found])
+        plains = self.store.blobs.get_pages([(i, row) for (i, _), row in found])
         return {key: plain for (key, _), plain in zip(found, plains, strict=True)}
 
     def _verify(self, records: list[protocol.Record]) -> list[bytes | None]:

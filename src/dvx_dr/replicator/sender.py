@@ -429,7 +429,7 @@ def _child_pairs(store: StoreThread, pages: list[Payload], bases: list[bytes | N
     if missing:
         raise IntegrityError(f"tree page {missing[0].hex()[:16]}… of an earlier snapshot is "
                              "referenced but not in the store; run 'dvx-dr datastore scrub'")
-    known = dict(zip(wanted, blobs.get_rows([rows[b] for b in wanted]), strict=True))
+    known = dict(zip(wanted, blobs.get_pages([(b, rows[b]) for b in wanted]), strict=True))
     out: list[Pair] = []
     for page, base in zip(pages, bases, strict=True):
         plain = decompress(page.data, page.plain_len) if page.compressed else page.data

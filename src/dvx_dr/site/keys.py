@@ -252,6 +252,7 @@ def crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,
         store.keys = None
         store.keystore = None
         store.blobs.cipher = None
+        store.blobs.pages.clear()  # what was encrypted is not to be read from memory either
         deleted = 0
         if delete_plain:
             deleted = _delete_all_data(store)

@@ -148,8 +148,11 @@ def _build_pages(store: Store, vol: int, level: int, below: int, idxs: list[int]
         pages[child // FANOUT][k:k + ID] = ids[r]
     built = {idx: HOLE for idx in idxs}
     keep = [idx for idx in idxs if pages[idx].count(0) != len(pages[idx])]  # holes: no page
-    new_ids, rows = blobs.put_many([bytes(pages[idx]) for idx in keep])
+    plains = [bytes(pages[idx]) for idx in keep]
+    new_ids, rows = blobs.put_many(plains)
     built.update(zip(keep, new_ids, strict=True))
+    for page_id, plain in zip(new_ids, plains, strict=True):
+        blobs.pages.put(page_id, plain)
     db.executemany("INSERT OR REPLACE INTO tree_pages (vol, level, idx, blob) VALUES (?, ?, ?, ?)",
                    [(vol, level, idx, row) for idx, row in zip(keep, rows, strict=True)])
     db.executemany("DELETE FROM tree_pages WHERE vol=? AND level=? AND idx=?",
@@ -162,7 +165,8 @@ def _cached_pages(store: Store, vol: int, level: int, below: int, idxs: list[int
     """The cached pages among ``idxs`` whose length fits ``below`` children (else rebuilt)."""
     rows = list(select_in(store.db, "SELECT idx, blob FROM tree_pages WHERE vol=? AND level=? "
                           "AND idx IN (?*)", idxs, (vol, level)))
-    plains = store.blobs.get_rows([r for _, r in rows])
+    ids = store.blobs.ids_of(r for _, r in rows)
+    plains = store.blobs.get_pages([(ids[r], r) for _, r in rows])
     return {idx: bytearray(p) for (idx, _), p in zip(rows, plains, strict=True)
             if len(p) == ID * min(FANOUT, below - idx * FANOUT)}
 

@@ -207,10 +207,20 @@ def test_small_change_patches_cached_pages(new_store: Callable[..., Store],
     write_blocks(store, "v", changed, lambda b: bytes(BS) if b == 1100 else _content("rnd", b))
     spy = Spy(store, monkeypatch)
     snapshots.create(store, "v", "small")
-    assert spy.ids_rows == 3  # the three changed blocks that are not holes, not 3 x 512
-    assert spy.pages_read == 3 + 1  # the cached leaves and their parent
+    # The three changed blocks that are not holes (not 3 x 512), and the cached pages to
+    # patch: the three leaves and their parent.
+    assert spy.ids_rows == 3 + 3 + 1
+    assert spy.pages_read == 0  # those pages were made by the last snapshot: in the page cache
     assert spy.puts == [3, 1, 1]  # one put per level (three leaves, the top), then the root
     check_snapshot(store, "v", "small")
+
+    write_blocks(store, "v", changed, lambda b: _content("rnd", b + 10_000))
+    store.blobs.pages.clear()  # e.g. the site restarted
+    spy = Spy(store, monkeypatch)
+    snapshots.create(store, "v", "after-restart")
+    assert spy.pages_read == 3 + 1  # the cached leaves and their parent, read from disk
+    assert spy.puts == [3, 1, 1]
+    check_snapshot(store, "v", "after-restart")
 
 
 def test_full_build_of_dirty_leaves_still_reads_whole_leaves(
@@ -223,7 +233,9 @@ def test_full_build_of_dirty_leaves_still_reads_whole_leaves(
     volumes.resize(store, "v", 2 * LEAF - BS)
     spy = Spy(store, monkeypatch)
     snapshots.create(store, "v", "b")
-    assert spy.ids_rows == FANOUT - 1  # the leaf at the new end, rebuilt from the map
+    # The leaf at the new end, rebuilt from the map, and the top page, patched (its id is
+    # looked up to find it in the page cache).
+    assert spy.ids_rows == FANOUT - 1 + 1
     check_snapshot(store, "v", "b")
 
 
@@ -245,7 +257,7 @@ def test_rewriting_a_whole_image_marks_only_the_blocks_that_changed(
     assert dirty == [3, 7, 600]
     spy = Spy(store, monkeypatch)
     snapshots.create(store, "v", "b")
-    assert spy.ids_rows == 2
+    assert spy.ids_rows == 2 + 2 + 1  # two blocks with data, the two leaves and the top
     check_snapshot(store, "v", "b")
 
 
