@@ -26,7 +26,8 @@ the target site, all under ``/v1/replication``:
     the connection while it stores the last. Answers ``{"stored": n, "bytes": n}`` once the
     end mark is read and every batch is durable. A bad batch ends the stream with an error;
     the batches before it stay durable. The source bounds one stream (``STREAM_BYTES``,
-    ``STREAM_SECONDS``) and opens the next, so no request outlives a read timeout.
+    ``STREAM_SECONDS``) and opens the next, so that the target confirms a long transfer piece
+    by piece.
 
 ``POST /sessions/<id>/commit``  the target checks that the root and everything it names
     directly are present and makes the replica visible as ``<source site>/<volume>@<snapshot>``
