@@ -40,6 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dvx_dr.errors import AlreadyExistsError, UserError
 from dvx_dr.site.config import check_site_name, site_name_error
+from dvx_dr.site.segments import fsync_dir
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -84,12 +85,7 @@ def init_ca(directory: Path, name: str = "dvx-dr CA", days: int = 3650) -> Path:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_new(key_path, _key_pem(key), 0o600)
-    try:
-        _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    except BaseException:
-        key_path.unlink(missing_ok=True)
-        raise
+    _write_key_and_cert(key_path, key, cert_path, cert)
     return cert_path
 
 
@@ -162,12 +158,7 @@ def issue_site(directory: Path, site: str, hosts: list[str], days: int = 825) ->
         )
         .sign(ca_key, hashes.SHA256())
     )
-    _write_new(key_path, _key_pem(key), 0o600)
-    try:
-        _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    except BaseException:
-        key_path.unlink(missing_ok=True)
-        raise
+    _write_key_and_cert(key_path, key, cert_path, cert)
     return cert_path, key_path
 
 
@@ -278,6 +269,17 @@ def _make_directory(directory: Path) -> None:
         raise UserError(f"{directory}: cannot create directory: {exc.strerror or exc}") from None
 
 
+def _write_key_and_cert(key_path: Path, key: ec.EllipticCurvePrivateKey, cert_path: Path,
+                        cert: x509.Certificate) -> None:
+    """Write a new key (0600) and its certificate; no key is left without its certificate."""
+    _write_new(key_path, _key_pem(key), 0o600)
+    try:
+        _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    except BaseException:
+        key_path.unlink(missing_ok=True)
+        raise
+
+
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Write ``path`` with ``mode``, durably and all-or-nothing; never replace an existing file.
 
@@ -297,18 +299,10 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         finally:
             os.close(fd)
         os.link(tmp, path)
-        _fsync_directory(path.parent)
+        fsync_dir(path.parent)
     except FileExistsError:
         raise AlreadyExistsError(f"{path} already exists; not replacing it") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot write: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

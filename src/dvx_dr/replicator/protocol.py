@@ -87,6 +87,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from dvx_dr.errors import ProtocolError
+from dvx_dr.site import treeblobs
 
 VERSION = 3
 BATCH_MAGIC = b"DXRB"
@@ -108,7 +109,7 @@ STREAM_BYTES = 256 * 1024 * 1024
 STREAM_SECONDS = 30.0
 MAX_HAVE_IDS = 16384
 MAX_ASK = 256
-MAX_LEVEL = 15
+MAX_LEVEL = treeblobs.MAX_LEVEL
 ID = 32
 
 
@@ -255,15 +256,17 @@ def decode_ask(value: object) -> list[bytes]:
 
 
 def decode_level(value: str | None) -> int | None:
-    """The ``level`` of a have request: None for blocks, -1 (roots) to ``MAX_LEVEL``."""
+    """The ``level`` of a have request: None for blocks, -1 (roots, ``treeblobs.ROOT``) to
+    ``MAX_LEVEL``."""
     if value is None:
         return None
     try:
         level = int(value)
     except ValueError:
-        level = -2
-    if not -1 <= level <= MAX_LEVEL:
-        raise ProtocolError(f"have: level must be -1 (roots) to {MAX_LEVEL}, got {value!r}")
+        level = treeblobs.ROOT - 1
+    if not treeblobs.ROOT <= level <= MAX_LEVEL:
+        raise ProtocolError(f"have: level must be {treeblobs.ROOT} (roots) to {MAX_LEVEL}, "
+                            f"got {value!r}")
     return level
 
 

@@ -91,7 +91,7 @@ class Receiver:
         self.sessions[session.id] = session
         self.store.pin(session.id)
         log.info("session %s from %s: %s@%s", session.id[:8], source, volume, name)
-        held = self._complete(ask, treeblobs.ROOT) | self._complete(ask, treeblobs.GROUP)
+        held = self._complete(ask, treeblobs.ROOT, treeblobs.GROUP)
         return {"session": session.id, "complete": False,
                 "lacking": [i.hex() for i in ask if i not in held]}
 
@@ -131,10 +131,13 @@ class Receiver:
         known = self.store.blobs.lookup(ids) if level is None else self._complete(ids, level)
         return bytes(0 if i in known else 1 for i in ids)
 
-    def _complete(self, ids: Iterable[bytes], level: int) -> dict[bytes, int]:
-        """Those of ``ids`` held here as complete tree nodes of ``level``: id -> row."""
+    def _complete(self, ids: Iterable[bytes], *levels: int) -> dict[bytes, int]:
+        """Those of ``ids`` held here as complete tree nodes of (one of) ``levels``: id ->
+        row."""
         found = self.store.blobs.lookup(ids)
-        good = treeblobs.marked(self.store.db, found.values(), level)
+        good: set[int] = set()
+        for level in levels:
+            good |= treeblobs.marked(self.store.db, found.values(), level)
         return {i: row for i, row in found.items() if row in good}
 
     def receive(self, source: str, sid: str, body: bytes) -> dict[str, int]:
@@ -158,13 +161,8 @@ class Receiver:
             elif r.kind == protocol.KIND_ROOT:
                 assert plain is not None
                 root = Root.unpack(plain)
-                bs = root.block_size
-                if not 4096 <= bs <= 1 << 20 or bs & (bs - 1):
-                    raise ProtocolError(f"snapshot root {r.id.hex()[:16]}… has block size {bs}; "
-                                        "batch rejected")
-                if root.depth != len(tree.level_counts(root.nblocks)):
-                    raise ProtocolError(f"snapshot root {r.id.hex()[:16]}… claims a tree of "
-                                        f"depth {root.depth} over {root.nblocks} blocks; batch "
+                if problem := _root_problem(root):
+                    raise ProtocolError(f"snapshot root {r.id.hex()[:16]}… {problem}; batch "
                                         "rejected")
                 if root.top != HOLE:
                     pages[root.depth - 1].add(root.top)
@@ -269,9 +267,8 @@ class Receiver:
         not say where it sits, so this is checked once the whole tree is here). Leaf pages
         are checked by their length in the index; only the upper pages are read."""
         blobs = self.store.blobs
-        if root.depth != len(tree.level_counts(root.nblocks)):
-            raise ProtocolError(f"{volume}: the snapshot root claims a tree of depth "
-                                f"{root.depth} over {root.nblocks} blocks; replica not committed")
+        if problem := _root_problem(root):
+            raise ProtocolError(f"{volume}: the snapshot root {problem}; replica not committed")
         frontier = [(0, root.top)]
         for level in range(root.depth - 1, -1, -1):
             pages = [(index, page) for index, page in frontier if page != HOLE]
@@ -299,3 +296,13 @@ class Receiver:
             raise ProtocolError(f"retention request is malformed ({exc})") from None
         keep, deleted = prune_groups(self.store, f"{source}/{pg}", rule, protect)
         return {"kept": sorted(keep), "deleted": deleted}
+
+
+def _root_problem(root: Root) -> str | None:
+    """What is wrong with a snapshot root's shape, if anything."""
+    bs = root.block_size
+    if not 4096 <= bs <= 1 << 20 or bs & (bs - 1):
+        return f"has block size {bs}"
+    if root.depth != len(tree.level_counts(root.nblocks)):
+        return f"claims a tree of depth {root.depth} over {root.nblocks} blocks"
+    return None

@@ -211,14 +211,20 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
 # -- peer API -------------------------------------------------------------------------------
 
 
-async def open_session(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
+async def _json_object(request: web.Request, what: str) -> dict[str, Any]:
+    """The request's body, which must be a JSON object (``what`` names the request)."""
     try:
         body = await request.json()
     except ValueError:
-        raise ProtocolError("session request is not JSON") from None
+        raise ProtocolError(f"{what} is not JSON") from None
     if not isinstance(body, dict):
-        raise ProtocolError("session request is not a JSON object")
+        raise ProtocolError(f"{what} is not a JSON object")
+    return body
+
+
+async def open_session(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    body = await _json_object(request, "session request")
     result = await service.store.run(service.receiver.open, request["peer"], body)
     return web.json_response(result)
 
@@ -277,10 +283,7 @@ async def commit(request: web.Request) -> web.Response:
 
 async def retention(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ProtocolError("retention request is not JSON") from None
+    body = await _json_object(request, "retention request")
     result = await service.store.run(service.receiver.retention, request["peer"], body)
     return web.json_response(result)
 

@@ -505,16 +505,12 @@ class BlobStore:
     def get_pages(self, pages: Sequence[tuple[bytes, int]]) -> list[bytes]:
         """Plaintexts of tree pages given as ``(id, row)``: from ``pages`` (the page cache)
         when there, else read and verified like ``get_rows``, and remembered."""
-        found = [self.pages.get(i) for i, _ in pages]
-        misses = [(i, row) for (i, row), plain in zip(pages, found, strict=True) if plain is None]
-        if misses:
-            read = dict(zip((i for i, _ in misses), self.get_rows([r for _, r in misses]),
-                            strict=True))
-            for i, plain in read.items():
-                self.pages.put(i, plain)
-            found = [read[i] if plain is None else plain
-                     for (i, _), plain in zip(pages, found, strict=True)]
-        return [p for p in found if p is not None]
+        found = {i: plain for i, _ in pages if (plain := self.pages.get(i)) is not None}
+        misses = {i: row for i, row in pages if i not in found}
+        for i, plain in zip(misses, self.get_rows(list(misses.values())), strict=True):
+            self.pages.put(i, plain)
+            found[i] = plain
+        return [found[i] for i, _ in pages]
 
     def get_rows(self, rows: Sequence[int]) -> list[bytes]:
         """Verified plaintexts of many rows; decryption and checks run in the worker pool."""
@@ -584,13 +580,13 @@ class BlobStore:
                 out.append(p)
             return out
 
-        parts = [jobs[k:k + _CHUNK] for k in range(0, len(jobs), _CHUNK)]
-        return [p for part in self.pool.map(open_some, parts) for p in part]
+        return [p for part in self.pool.map(open_some, _chunks(jobs)) for p in part]
 
     def _row_infos(self, rows: Iterable[int]) -> dict[int, BlobRow]:
         return {r[0]: BlobRow(*r) for r in dbmod.select_in(
             self.db, "SELECT row, seg, off, length, plain_len, key_version FROM blobs "
             "WHERE row IN (?*)", rows)}
+
 
 def _extent_len(p: Payload, kv: int) -> int:
     return extent.HEADER_SIZE + extent.stored_length(len(p.data), bool(kv))

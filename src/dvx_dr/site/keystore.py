@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 from dvx_dr.errors import FormatError, UserError, WrongPasswordError
 from dvx_dr.site.crypto import IndexKeys
 from dvx_dr.site.kdf import KekDerivation, derive_kek, kdf_params
+from dvx_dr.site.segments import fsync_dir
 
 FORMAT = "dvx-dr-keystore"
 VERSION = 1
@@ -274,7 +275,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     if path.exists():
         os.link(path, old)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     scrub_file(old)
 
 
@@ -291,12 +292,4 @@ def scrub_file(path: Path) -> None:
     finally:
         os.close(fd)
     path.unlink()
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
