@@ -24,10 +24,8 @@ metrics listener) is checked through the real CLI and HTTP.
 from __future__ import annotations
 
 import base64
-import http.client
 import os
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -56,7 +54,7 @@ def op(site: Site, operation: str, **params: Any) -> Any:
 
 
 def status(site: Site) -> dict[str, Any]:
-    """``/admin/v1/status`` of the running site (what ``status --json`` prints)."""
+    """The running site's status (what ``status --json`` prints)."""
     return remote.status(str(site.admin_socket))
 
 
@@ -65,27 +63,9 @@ def group_names(site: Site, pg: str) -> list[str]:
     return [g["name"] for g in op(site, "group.list", pg=pg)]
 
 
-class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("site", timeout=10)
-        self.path = str(path)
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(self.path)
-
-
 def admin_metrics(site: Site) -> str:
-    """``GET /metrics`` on the admin socket."""
-    conn = _UnixHTTP(site.admin_socket)
-    try:
-        conn.request("GET", "/metrics")
-        response = conn.getresponse()
-        assert response.status == 200, response.read()
-        return response.read().decode()
-    finally:
-        conn.close()
+    """The Prometheus text through the admin socket (what ``status --metrics`` prints)."""
+    return str(remote.call(str(site.admin_socket), "metrics"))
 
 
 def http_metrics(port: int) -> str:
@@ -425,6 +405,9 @@ def test_a_target_that_is_down_violates_its_rpo_and_catches_up_incrementally(
         assert metric(text, "replication_rpo_status", pg="app", target="site-b") == 0
         assert metric(text, "replication_errors_total", pg="app", target="site-c") >= 1
         assert metric(text, "replication_rpo_seconds", pg="app", target="site-c") == 4
+        cli_text = a.cli("status", "--metrics").stdout.decode()
+        assert metric(cli_text, "replication_rpo_status", pg="app", target="site-c") == 2
+        assert metric(cli_text, "replication_rpo_seconds", pg="app", target="site-c") == 4
 
         # site-c (its store read by the CLI while it is down) holds that base too.
         held = c.cli("snapshot", "read", f"site-a/app-1@{base_name}", "--offset", "0",

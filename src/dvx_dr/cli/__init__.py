@@ -6,8 +6,9 @@ Every library error (``DvxError``) becomes one line on stderr and the error's ex
 Start-up time matters for commands that scripts run often (``replicate``, ``status``, a
 ``volume write`` sent to a running site), so only the module of the command group being run is
 imported (all of them for ``--help``), and commands import the heavy parts they need (the
-store's code, the server, the pydantic policy and config models, tqdm) when they run, not when
-the parser is built. Those imports are the only function-local imports in the project.
+store's code, the server, the pydantic policy and config models, tqdm, PyYAML) when they run,
+not when the parser is built. Those imports are the only function-local imports in the
+project.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    result = remote.call_path(admin_socket(args), "POST", "/reload")
+    result = remote.call(admin_socket(args), "reload")
     for error in result["errors"]:
         print(f"dvx-dr: error: {error}", file=sys.stderr)
     print(f"loaded {len(result['loaded'])} protection groups: {', '.join(result['loaded'])}")

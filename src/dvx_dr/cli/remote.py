@@ -1,25 +1,21 @@
-"""Reaching a running site through its admin socket: HTTP/1.1 over a Unix socket.
+"""Reaching a running site through its admin socket (``replicator.adminwire``: JSON lines over
+a Unix socket).
 
-The client is the standard library's ``http.client`` with the connection pointed at the socket
-file. A command that talks to a running site therefore starts without importing aiohttp or
-asyncio (about 0.2 s on a small machine), which matters for commands run often from scripts
-(``dvx-dr replicate``, ``dvx-dr status``). The site's side of the socket is aiohttp
-(``replicator.server``); requests and answers are JSON, and ``/replicate`` answers with one
-JSON object per line (NDJSON) while the transfer runs.
+The client needs only ``socket`` and ``json``, so a command that talks to a running site starts
+without importing aiohttp, asyncio or an HTTP client; that start-up is most of the time of a
+command run often from scripts (``dvx-dr replicate``, ``dvx-dr status``, a ``volume write``
+routed to the site).
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket as socketmod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from dvx_dr.errors import DvxError, IntegrityError, TransientError, UserError
-
-PREFIX = "/admin/v1"
+from dvx_dr.replicator import adminwire
 
 
 class RemoteError(DvxError):
@@ -28,26 +24,10 @@ class RemoteError(DvxError):
         self.exit_code = exit_code
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("site")  # the Host header; the socket file is the address
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
-        try:
-            sock.connect(self.socket_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-def _raise(body: Any, status: int) -> None:
-    if not isinstance(body, dict):
-        body = {}
-    message = str(body.get("error") or f"HTTP {status}")
-    code = int(body.get("exit_code", 2 if status < 500 else 1))
+def _raise(answer: dict[str, Any]) -> None:
+    message = str(answer.get("error") or "the site reported an error without a message")
+    code = answer.get("exit_code")
+    code = code if isinstance(code, int) else 1
     if code == 3:
         raise IntegrityError(message)
     if code == 2:
@@ -55,56 +35,56 @@ def _raise(body: Any, status: int) -> None:
     raise RemoteError(message, code)
 
 
-def _decode(raw: bytes, socket: str) -> Any:
+def _decode(raw: bytes, socket: str) -> dict[str, Any]:
     try:
-        return json.loads(raw)
+        answer = json.loads(raw)
     except ValueError:
-        raise TransientError(f"the site at {socket} sent an answer that is not JSON: "
-                             f"{raw[:200]!r}") from None
+        answer = None
+    if isinstance(answer, dict):
+        return answer
+    if raw.startswith(b"HTTP/"):
+        raise TransientError(f"the site at {socket} speaks an older admin protocol (HTTP): "
+                             "restart it with this version of dvx-dr")
+    raise TransientError(f"the site at {socket} sent an answer that is not a JSON object: "
+                         f"{raw[:200]!r}")
 
 
-@contextmanager
-def _request(socket: str, method: str, path: str, body: Any = None
-             ) -> Iterator[http.client.HTTPResponse]:
-    conn = _UnixConnection(socket)
+def call(socket: str, name: str, params: dict[str, Any] | None = None,
+         on_line: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    """Send one request; feed the lines before the final one to ``on_line``; return the
+    final line's result (or raise its error)."""
+    sock = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
     try:
-        payload = None if body is None else json.dumps(body).encode()
-        headers = {} if payload is None else {"Content-Type": "application/json"}
-        conn.request(method, PREFIX + path, body=payload, headers=headers)
-        response = conn.getresponse()
-        if response.status >= 300:
-            _raise(_decode(response.read(), socket), response.status)
-        yield response
-    except (OSError, http.client.HTTPException) as exc:
-        raise TransientError(f"cannot reach the running site at {socket}: {exc}") from None
+        try:
+            sock.connect(socket)
+            sock.sendall(adminwire.request(name, params))
+            answers = sock.makefile("rb")
+            for raw in answers:
+                answer = _decode(raw, socket)
+                if "result" in answer:
+                    return answer["result"]
+                if "error" in answer:
+                    _raise(answer)
+                if on_line is not None:
+                    on_line(answer)
+        except OSError as exc:
+            raise TransientError(f"cannot reach the running site at {socket}: {exc}") from None
     finally:
-        conn.close()
-
-
-def call_path(socket: str, method: str, path: str, body: Any = None) -> Any:
-    with _request(socket, method, path, body) as response:
-        return _decode(response.read(), socket)
+        sock.close()
+    raise TransientError(f"the site at {socket} closed the connection before it answered "
+                         "(it may have stopped; see its log)")
 
 
 def call_op(socket: str, name: str, params: dict[str, Any]) -> Any:
-    return call_path(socket, "POST", f"/ops/{name}", params)["result"]
+    """A named store operation (``site.ops``) run by the site."""
+    return call(socket, "op", {"name": name, "params": params})
 
 
 def status(socket: str) -> dict[str, Any]:
-    return dict(call_path(socket, "GET", "/status"))
+    return dict(call(socket, "status"))
 
 
 def replicate(socket: str, params: dict[str, Any],
               on_line: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Start a transfer at the site; feeds progress lines to ``on_line``; returns the stats."""
-    with _request(socket, "POST", "/replicate", params) as response:
-        for raw in response:
-            if not raw.strip():
-                continue
-            line = _decode(raw, socket)
-            if "error" in line:
-                _raise(line, 500)
-            if "done" in line:
-                return dict(line["done"])
-            on_line(line)
-    raise TransientError("the site closed the connection before the transfer ended")
+    return dict(call(socket, "replicate", params, on_line))

@@ -4,9 +4,9 @@ Two listeners share one ``SiteService``:
 
 - the **peer API** (``/v1/replication/...``, see ``protocol``) on the configured address, HTTPS
   with mutual TLS 1.3; every request's client certificate must name a configured peer site;
-- the **admin API** (``/admin/v1/...``) on a Unix socket (mode 0600) through which ``dvx-dr``
-  commands reach the running site: named store operations (``site.ops``), one-shot
-  replication with progress, and status.
+- the **admin socket** (``admin``, JSON lines, see ``adminwire``; a Unix socket, mode 0600)
+  through which ``dvx-dr`` commands reach the running site: named store operations
+  (``site.ops``), one-shot replication with progress, status, metrics and reload.
 
 The store is opened once and touched only from the store thread (``storethread``). SIGTERM
 stops accepting work, cancels transfers in flight (they resume by rerunning: durable blobs are
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -39,14 +38,13 @@ from dvx_dr.errors import (
     TransientError,
     UserError,
 )
-from dvx_dr.replicator import listener, protocol
+from dvx_dr.replicator import admin, listener, protocol
 from dvx_dr.replicator.peer import PeerClient, with_retries
 from dvx_dr.replicator.receiver import Receiver
 from dvx_dr.replicator.scheduler import Scheduler
 from dvx_dr.replicator.sender import TransferStats, send_group, send_snapshot
 from dvx_dr.replicator.storethread import StoreThread
 from dvx_dr.replicator.tls import PeerRejected, check_peer, client_context, server_context
-from dvx_dr.site import ops
 from dvx_dr.site.config import SiteConfig, load_site_config
 from dvx_dr.site.store import PasswordSource, Store
 
@@ -303,93 +301,10 @@ def create_app(service: SiteService) -> web.Application:
     return app
 
 
-# -- admin API ------------------------------------------------------------------------------
-
-
-#: Key-manager operations that need the startup key path from site.yaml.
-_STARTUP_KEY_OPS = {"encryption.rotate_key", "encryption.startup_mode",
-                    "encryption.crypto_erase"}
-
-
-async def admin_op(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    params = await request.json()
-    name = request.match_info["name"]
-    if name in _STARTUP_KEY_OPS and not params.get("startup_key") \
-            and service.config.startup_key is not None:
-        params["startup_key"] = str(service.config.startup_key)
-    result = await service.store.run(ops.run, service.store.store, name, params)
-    if name == "datastore.unlock":
-        log.info("store unlocked")
-    return web.json_response({"result": result})
-
-
-async def admin_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SERVICE].status())
-
-
-async def admin_reload(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[SERVICE].reload())
-
-
 async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics`` on ``metrics_listen``, for Prometheus."""
     return web.Response(text=request.app[SERVICE].scheduler.metrics(),
                         content_type="text/plain")
-
-
-async def admin_replicate(request: web.Request) -> web.StreamResponse:
-    """Run one transfer; the answer is NDJSON: progress lines, then ``done`` or ``error``."""
-    service = request.app[SERVICE]
-    params = await request.json()
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
-    lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-    async def run() -> None:
-        try:
-            spec = params["snapshot"]
-            if params.get("volume"):
-                snap = await service.store.run(ops.run, service.store.store, "snapshot.create",
-                                               {"volume": params["volume"],
-                                                "name": params.get("name")})
-                spec = snap["snapshot"]
-                await lines.put({"snapshot_created": spec})
-            stats = await service.replicate(
-                spec, params["to"], lambda s: lines.put_nowait({"progress": s.to_json()}),
-                group=bool(params.get("group")))
-            await lines.put({"done": stats.to_json()})
-        except DvxError as exc:
-            await lines.put({"error": str(exc), "exit_code": exc.exit_code})
-        except Exception as exc:
-            log.exception("replication failed")
-            await lines.put({"error": f"internal error: {exc!r}", "exit_code": 1})
-        finally:
-            await lines.put(None)
-
-    task = asyncio.create_task(run())
-    service.tasks.add(task)
-    task.add_done_callback(service.tasks.discard)
-    try:
-        while (line := await lines.get()) is not None:
-            await response.write(json.dumps(line).encode() + b"\n")
-    except (ConnectionResetError, asyncio.CancelledError):
-        task.cancel()
-        raise
-    await response.write_eof()
-    return response
-
-
-def create_admin_app(service: SiteService) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=ops.MAX_INLINE * 2)
-    app[SERVICE] = service
-    app.router.add_routes([
-        web.post("/admin/v1/ops/{name}", admin_op),
-        web.get("/admin/v1/status", admin_status),
-        web.post("/admin/v1/replicate", admin_replicate),
-        web.post("/admin/v1/reload", admin_reload),
-        web.get("/metrics", metrics),
-    ])
-    return app
 
 
 # -- the process ----------------------------------------------------------------------------
@@ -427,8 +342,8 @@ async def serve(config: SiteConfig, config_path: Path | None,
     store.announce(str(config.admin_socket))
     await service.start_http()
     peer_runner = web.AppRunner(create_app(service), access_log=None)
-    admin_runner = web.AppRunner(create_admin_app(service), access_log=None)
     listening: asyncio.Server | None = None
+    admin_server: asyncio.Server | None = None
     metrics_runner: web.AppRunner | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -438,20 +353,11 @@ async def serve(config: SiteConfig, config_path: Path | None,
     loop.add_signal_handler(signal.SIGHUP, _reload_in_background, service)
     try:
         await peer_runner.setup()
-        await admin_runner.setup()
         assert peer_runner.server is not None
         listening = await listener.start(peer_runner.server, config.listen.host,
                                          config.listen.port, peer_ssl)
         sock = config.admin_socket
-        sock.parent.mkdir(parents=True, exist_ok=True)
-        if sock.exists():
-            sock.unlink()
-        old = os.umask(0o177)
-        try:
-            await web.UnixSite(admin_runner, str(sock)).start()
-        finally:
-            os.umask(old)
-        os.chmod(sock, 0o600)
+        admin_server = await admin.start(service, sock)
         if config.metrics_listen is not None:
             metrics_app = web.Application()
             metrics_app[SERVICE] = service
@@ -466,13 +372,15 @@ async def serve(config: SiteConfig, config_path: Path | None,
         print(f"site {config.name} ready on https://{config.listen} (admin socket {sock})",
               flush=True)
         await stop.wait()
-        log.info("stopping: cancelling %d transfers in flight", len(service.tasks))
+        log.info("stopping: cancelling %d tasks in flight (transfers, admin requests)",
+                 len(service.tasks))
     finally:
         await service.scheduler.stop()
         for task in list(service.tasks):
             task.cancel()
         await asyncio.gather(*service.tasks, return_exceptions=True)
-        await admin_runner.cleanup()
+        if admin_server is not None:
+            admin_server.close()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         if listening is not None:

@@ -1,0 +1,179 @@
+"""The site's side of the admin socket (``adminwire``): named store operations, one-shot
+replication with progress, status, metrics and reload, for ``dvx-dr`` commands on this host.
+
+Each connection is one task of the service (cancelled when the site stops). A request that is
+not a JSON object of the expected shape, or larger than ``adminwire.MAX_REQUEST``, gets an
+error line naming what is wrong; the site goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dvx_dr.errors import DvxError, IntegrityError, TransientError, UserError
+from dvx_dr.replicator import adminwire
+from dvx_dr.site import ops
+
+if TYPE_CHECKING:
+    from dvx_dr.replicator.server import SiteService
+
+log = logging.getLogger("dvx_dr.site")
+
+#: Key-manager operations that need the startup key path from site.yaml.
+_STARTUP_KEY_OPS = {"encryption.rotate_key", "encryption.startup_mode",
+                    "encryption.crypto_erase"}
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def start(service: SiteService, path: Path) -> asyncio.Server:
+    """Listen on ``path`` (replacing a stale socket file), mode 0600 from the start."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+
+    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        service.tasks.add(task)
+        try:
+            await _serve_one(service, reader, writer)
+        finally:
+            service.tasks.discard(task)
+
+    old = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(connected, str(path),
+                                                 limit=adminwire.MAX_REQUEST)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return server
+
+
+async def _serve_one(service: SiteService, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+    async def send(message: dict[str, Any]) -> None:
+        writer.write(adminwire.encode(message))
+        await writer.drain()
+
+    try:
+        try:
+            line = await reader.readline()
+        except ValueError:  # asyncio's limit: no line end within MAX_REQUEST bytes
+            await send({"error": "the admin request is larger than "
+                        f"{adminwire.MAX_REQUEST} bytes", "exit_code": UserError.exit_code})
+            return
+        if not line:
+            return  # connected and went away: nothing to answer
+        try:
+            call, params = _parse(line)
+            if call == "replicate":
+                await _replicate(service, params, send)
+            else:
+                await send({"result": await _answer(service, call, params)})
+        except DvxError as exc:
+            if isinstance(exc, IntegrityError):
+                log.warning("admin request failed: %s", exc)
+            await send({"error": str(exc), "exit_code": exc.exit_code})
+        except ConnectionError:
+            raise
+        except Exception as exc:  # a bug: log it whole, answer with exit code 1
+            log.exception("admin request failed")
+            await send({"error": f"internal error: {exc!r}", "exit_code": 1})
+    except ConnectionError:
+        pass  # the command went away (interrupted); nothing more to tell it
+    except asyncio.CancelledError:
+        # The site is stopping. Tell the command, and end this connection's task normally:
+        # Python 3.11's asyncio logs a connection task that ends cancelled as an error.
+        writer.write(adminwire.encode({
+            "error": "the site stopped before it finished this request; a transfer resumes "
+                     "when run again", "exit_code": TransientError.exit_code}))
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def _parse(line: bytes) -> tuple[str, dict[str, Any]]:
+    try:
+        request = json.loads(line)
+    except ValueError:
+        raise UserError("the admin request is not one line of JSON (dvx-dr commands send "
+                        f"{{\"v\": {adminwire.VERSION}, \"call\": ..., \"params\": {{...}}}})"
+                        ) from None
+    if not isinstance(request, dict):
+        raise UserError("the admin request must be a JSON object")
+    if request.get("v") != adminwire.VERSION:
+        raise UserError(f"admin protocol version {request.get('v')!r} is not supported "
+                        f"(this site speaks {adminwire.VERSION}); use the dvx-dr command of "
+                        "the same version as the running site")
+    call, params = request.get("call"), request.get("params", {})
+    if call not in adminwire.CALLS:
+        raise UserError(f"unknown admin call {call!r} (known: {', '.join(adminwire.CALLS)})")
+    if not isinstance(params, dict):
+        raise UserError("the admin request's 'params' must be a JSON object")
+    return call, params
+
+
+async def _answer(service: SiteService, call: str, params: dict[str, Any]) -> Any:
+    if call == "status":
+        return service.status()
+    if call == "metrics":
+        return service.scheduler.metrics()
+    if call == "reload":
+        return await service.reload()
+    name, op_params = params.get("name"), params.get("params", {})
+    if not isinstance(name, str) or not isinstance(op_params, dict):
+        raise UserError("an 'op' call names the operation ('name') and its 'params' object")
+    if name in _STARTUP_KEY_OPS and not op_params.get("startup_key") \
+            and service.config.startup_key is not None:
+        op_params["startup_key"] = str(service.config.startup_key)
+    result = await service.store.run(ops.run, service.store.store, name, op_params)
+    if name == "datastore.unlock":
+        log.info("store unlocked")
+    return result
+
+
+async def _replicate(service: SiteService, params: dict[str, Any], send: Send) -> None:
+    """Snapshot first when asked, then one transfer; progress lines while it runs. The
+    transfer is cancelled when the command goes away (it resumes when run again)."""
+    lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def run() -> Any:
+        spec = params.get("snapshot")
+        if params.get("volume"):
+            snap = await service.store.run(ops.run, service.store.store, "snapshot.create",
+                                           {"volume": params["volume"],
+                                            "name": params.get("name")})
+            spec = snap["snapshot"]
+            lines.put_nowait({"snapshot_created": spec})
+        if not isinstance(spec, str) or not isinstance(params.get("to"), str):
+            raise UserError("a 'replicate' call names a 'snapshot' (or a 'volume') and 'to'")
+        stats = await service.replicate(
+            spec, params["to"], lambda s: lines.put_nowait({"progress": s.to_json()}),
+            group=bool(params.get("group")))
+        return stats.to_json()
+
+    task = asyncio.create_task(run())
+    service.tasks.add(task)
+    task.add_done_callback(service.tasks.discard)
+    try:
+        while not task.done() or not lines.empty():
+            getter = asyncio.ensure_future(lines.get())
+            await asyncio.wait([getter, task], return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                await send(getter.result())
+            else:
+                getter.cancel()
+    except BaseException:
+        task.cancel()
+        raise
+    await send({"result": task.result()})  # or the transfer's error, as the error line
