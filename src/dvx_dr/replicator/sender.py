@@ -45,6 +45,12 @@ MAX_READ = 256
 QUEUE_DEPTH = 2
 #: A batch goes to the TLS layer in pieces of this size (see ``PeerClient.request``).
 WRITE_PIECE = 64 * 1024
+#: The event loop gets a turn after this many pieces. aiohttp writes a piece without yielding
+#: unless the socket's buffer is full, so a whole batch could be written in one go; when the
+#: target dies meanwhile, the loop learns of the lost connection only at its next turn, and
+#: every piece written before then made asyncio log "socket.send() raised exception" (128
+#: lines for one 8 MiB batch). It logs from the fifth such write on.
+YIELD_PIECES = 4
 
 
 @dataclass
@@ -134,8 +140,10 @@ class _Streamer:
         while batch is not None:
             yield protocol.STREAM_LENGTH.pack(len(batch))
             view = memoryview(batch)
-            for k in range(0, len(batch), WRITE_PIECE):
+            for n, k in enumerate(range(0, len(batch), WRITE_PIECE), 1):
                 yield view[k:k + WRITE_PIECE]
+                if n % YIELD_PIECES == 0:
+                    await asyncio.sleep(0)
             size = protocol.STREAM_LENGTH.size + len(batch)
             sent += size
             await self._sent(size)

@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import socket
+import struct
 import time
+from pathlib import Path
 
+import aiohttp
 import pytest
 
+from dvx_dr.errors import TransientError
 from dvx_dr.replicator import protocol
+from dvx_dr.replicator.peer import PeerClient
+from dvx_dr.replicator.pki import init_ca, issue_site
 from dvx_dr.replicator.sender import (
     BATCH_PAYLOAD,
     FIRST_BATCH,
@@ -18,6 +26,7 @@ from dvx_dr.replicator.sender import (
     _Batcher,
     _Streamer,
 )
+from dvx_dr.replicator.tls import client_context, server_context
 from dvx_dr.site.blobs import Payload
 
 PAYLOAD = 64 * 1024
@@ -92,3 +101,50 @@ def test_streams_end_at_their_bound_and_carry_every_batch_once_in_order(
 
 def test_no_stream_when_there_is_nothing_to_send() -> None:
     assert streams_of([]) == ([], TransferStats("vm1@s", "site-b"))
+
+
+def test_a_target_that_dies_mid_batch_is_noticed_before_asyncio_logs_failed_writes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A TLS target reads the start of a stream carrying one 8 MiB batch, then its connection
+    is reset. The streamer gives the event loop a turn every few pieces, so the lost
+    connection ends the request before asyncio's "socket.send() raised exception" warning,
+    which it logs from the fifth write after the loss (a batch is 128 pieces)."""
+    ca = tmp_path / "ca"
+    init_ca(ca)
+    certs = {site: issue_site(ca, site, ["127.0.0.1"]) for site in ("site-a", "site-b")}
+    batch = protocol.encode_batch([protocol.Record(
+        protocol.KIND_BLOCK, False, 1024 * 1024, hashlib.sha256(block).digest(), block)
+        for block in (bytes([i]) * (1024 * 1024) for i in range(8))])
+
+    async def run() -> BaseException | None:
+        async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readexactly(256 * 1024)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # with SO_LINGER 0: a reset, as when a process dies
+
+        server = await asyncio.start_server(
+            target, "127.0.0.1", 0, ssl=server_context(*certs["site-b"], ca / "ca.crt"))
+        port = server.sockets[0].getsockname()[1]
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        for b in (batch, None):
+            queue.put_nowait(b)
+        streamer = _Streamer(queue, TransferStats("vm1@s", "site-b"), time.monotonic(),
+                             None, None)
+        context = client_context(*certs["site-a"], ca / "ca.crt")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as http:
+            peer = PeerClient(http, "site-b", f"https://127.0.0.1:{port}")
+            body = await streamer.next_stream()
+            assert body is not None
+            try:
+                await peer.request("/sessions/s/blobs", data=body)
+            except TransientError as exc:
+                return exc
+            finally:
+                server.close()
+        return None
+
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        failure = asyncio.run(run())
+    assert isinstance(failure, TransientError)
+    assert not [r for r in caplog.records if "socket.send() raised" in r.getMessage()]
