@@ -307,7 +307,9 @@ def test_target_killed_mid_transfer_leaves_no_partial_replica_and_rerun_resumes(
         # Stop the source too, so that its retries do not race the checks below.
         a.stop()
         out, err = transfer.communicate(timeout=60)
-        assert transfer.returncode != 0, f"round {round_}: {out!r}"
+        # The command waiting on site-a is told that the site stopped (a transient error).
+        assert transfer.returncode == 4, f"round {round_}: {out!r} {err!r}"
+        assert b"the site stopped before it finished this request" in err, err.decode()
         assert b"Traceback" not in err, err.decode()
 
         # Restarted, site-b shows no replica, and keeps the blobs it had made durable.

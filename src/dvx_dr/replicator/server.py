@@ -375,12 +375,12 @@ async def serve(config: SiteConfig, config_path: Path | None,
         log.info("stopping: cancelling %d tasks in flight (transfers, admin requests)",
                  len(service.tasks))
     finally:
+        if admin_server is not None:
+            admin_server.close()  # no new admin requests; those in flight are cancelled below
         await service.scheduler.stop()
         for task in list(service.tasks):
             task.cancel()
         await asyncio.gather(*service.tasks, return_exceptions=True)
-        if admin_server is not None:
-            admin_server.close()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         if listening is not None:
