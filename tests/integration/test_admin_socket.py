@@ -7,10 +7,13 @@ exit), and the site goes on serving.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,8 @@ import pytest
 from dvx_dr.cli import remote
 from dvx_dr.errors import TransientError, UserError
 from tests.integration.sites import Site, Sites
+
+MiB = 1024 * 1024
 
 
 @pytest.fixture
@@ -76,6 +81,79 @@ def test_operation_error_reaches_the_command_with_its_exit_code(site: Site) -> N
                     check=False)
     assert proc.returncode == 2
     assert b"no-such-volume" in proc.stderr
+
+
+def test_store_operation_in_flight_when_the_site_stops_answers_with_its_result(
+        site: Site, tmp_path: Path) -> None:
+    """SIGTERM while an import runs in the store thread: the import finishes, and the
+    command gets its result, not an error telling it to run it again."""
+    image = tmp_path / "big.img"
+    with image.open("wb") as f:
+        for _ in range(48):
+            f.write(os.urandom(8 * MiB))  # 384 MiB that neither dedups nor compresses
+    answer: list[object] = []
+    thread = threading.Thread(target=lambda: answer.append(_call_catching(
+        site, "volume.import", {"name": "big", "path": str(image)})))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (site.store / "segments").exists() or not any(
+            p.stat().st_size for p in (site.store / "segments").iterdir()):
+        assert time.monotonic() < deadline, "the import did not start"
+        time.sleep(0.01)
+    assert answer == [], "the import ended before the site was asked to stop"
+    assert site.stop() == 0
+    thread.join(60)
+    assert isinstance(answer[0], dict) and answer[0]["name"] == "big", answer
+    site.start()
+    assert remote.call_op(str(site.admin_socket), "volume.list", {})[0]["size"] == 384 * MiB
+
+
+def _call_catching(site: Site, name: str, params: dict[str, object]) -> object:
+    try:
+        return remote.call_op(str(site.admin_socket), name, params)
+    except Exception as exc:  # the test asserts there was none
+        return exc
+
+
+def test_nothing_after_the_request_line_is_read(site: Site, tmp_path: Path) -> None:
+    """A client that goes on sending after its request line is not read from: its writes
+    block (the site does not buffer them) while the site works on the request, and the
+    request is carried out."""
+    image = tmp_path / "img"
+    with image.open("wb") as f:
+        for _ in range(32):
+            f.write(os.urandom(8 * MiB))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(site.admin_socket))
+        sock.sendall(json.dumps({"v": 1, "call": "op", "params": {
+            "name": "volume.import", "params": {"name": "img", "path": str(image)}}}
+        ).encode() + b"\n")
+        sock.settimeout(0.5)
+        sent = 0
+        # Sending stops when it blocks for 0.5 s, or when the site, done with the import,
+        # closes the connection with the bytes it did not read (a reset).
+        with contextlib.suppress(TimeoutError, BrokenPipeError, ConnectionResetError):
+            while sent < 256 * MiB:
+                sent += sock.send(bytes(MiB))
+        assert sent < 16 * MiB
+    # The store thread runs one operation at a time: this one waits for the import.
+    volumes = remote.call_op(str(site.admin_socket), "volume.list", {})
+    assert [(v["name"], v["size"]) for v in volumes] == [("img", 256 * MiB)]
+
+
+def test_command_that_does_not_take_its_answer_does_not_hold_up_stopping(site: Site) -> None:
+    """A command stopped (or stuck) before reading a large answer: SIGTERM still stops the
+    site within seconds."""
+    remote.call_op(str(site.admin_socket), "volume.create", {"name": "v", "size": 64 * MiB})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(site.admin_socket))
+        sock.sendall(json.dumps({"v": 1, "call": "op", "params": {
+            "name": "volume.read", "params": {"name": "v", "offset": 0, "length": 64 * MiB}}}
+        ).encode() + b"\n")
+        time.sleep(1)  # the answer (about 85 MiB of base64) is now waiting to be taken
+        started = time.monotonic()
+        assert site.stop(timeout=20) == 0
+        assert time.monotonic() - started < 15
 
 
 def _serve_once(path: Path, answer: bytes) -> threading.Thread:

@@ -309,7 +309,8 @@ def test_target_killed_mid_transfer_leaves_no_partial_replica_and_rerun_resumes(
         out, err = transfer.communicate(timeout=60)
         # The command waiting on site-a is told that the site stopped (a transient error).
         assert transfer.returncode == 4, f"round {round_}: {out!r} {err!r}"
-        assert b"the site stopped before it finished this request" in err, err.decode()
+        assert b"the site stopped during the transfer; run the command again" in err, \
+            err.decode()
         assert b"Traceback" not in err, err.decode()
 
         # Restarted, site-b shows no replica, and keeps the blobs it had made durable.

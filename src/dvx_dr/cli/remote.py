@@ -9,6 +9,7 @@ routed to the site).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket as socketmod
 from collections.abc import Callable
@@ -57,9 +58,15 @@ def call(socket: str, name: str, params: dict[str, Any] | None = None,
     try:
         try:
             sock.connect(socket)
-            sock.sendall(adminwire.request(name, params))
+            # The site may answer (an error) before it has taken the whole request: read it.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(adminwire.request(name, params))
             answers = sock.makefile("rb")
             for raw in answers:
+                if not raw.endswith(b"\n"):
+                    raise TransientError(f"the site at {socket} closed the connection in the "
+                                         "middle of its answer (it may have stopped; see its "
+                                         "log)")
                 answer = _decode(raw, socket)
                 if "result" in answer:
                     return answer["result"]

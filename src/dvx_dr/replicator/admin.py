@@ -1,15 +1,21 @@
 """The site's side of the admin socket (``adminwire``): named store operations, one-shot
 replication with progress, status, metrics and reload, for ``dvx-dr`` commands on this host.
 
-Each connection is one task of the service (cancelled when the site stops). A request that is
-not a JSON object of the expected shape, or larger than ``adminwire.MAX_REQUEST``, gets an
-error line naming what is wrong; the site goes on serving.
+A request that is not a JSON object of the expected shape, or larger than
+``adminwire.MAX_REQUEST``, gets an error line naming what is wrong; the site goes on serving.
+Nothing after the request line is read (the connection stops reading), so a client cannot make
+the site buffer more than one request.
+
+When the site stops (SIGTERM), it stops accepting connections; transfers in flight are
+cancelled by the service (their commands are told to run them again), and the requests in
+flight get up to ``DRAIN_SECONDS`` to finish and answer, since a store operation that has
+started runs to its end in the store thread anyway. A request still running then, or a
+command that does not read its answer, is cut off.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -30,39 +36,88 @@ log = logging.getLogger("dvx_dr.site")
 _STARTUP_KEY_OPS = {"encryption.rotate_key", "encryption.startup_mode",
                     "encryption.crypto_erase"}
 
+#: How long a stopping site lets admin requests in flight finish (systemd's unit gives the
+#: whole stop 60 s).
+DRAIN_SECONDS = 30.0
+#: How long a stopping site waits for a command to take (the rest of) its answer.
+CLOSE_SECONDS = 3.0
+
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-async def start(service: SiteService, path: Path) -> asyncio.Server:
-    """Listen on ``path`` (replacing a stale socket file), mode 0600 from the start."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        path.unlink()
+class AdminServer:
+    """The listening socket and its connections."""
 
-    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, service: SiteService) -> None:
+        self.service = service
+        self.server: asyncio.Server | None = None
+        self.connections: set[asyncio.Task[Any]] = set()
+        #: connection -> when it began waiting for its command to take an answer
+        self.sending: dict[asyncio.Task[Any], float] = {}
+
+    async def start(self, path: Path) -> None:
+        """Listen on ``path`` (replacing a stale socket file), mode 0600 from the start."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.unlink()
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._connected, str(path),
+                                                          limit=adminwire.MAX_REQUEST)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+
+    def close(self) -> None:
+        """Accept no more connections."""
+        if self.server is not None:
+            self.server.close()
+
+    async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Let the requests in flight finish for up to ``timeout`` seconds, then cut off the
+        rest. A connection whose command has not taken an answer for ``CLOSE_SECONDS`` (a
+        stopped or stuck command) is cut off at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.connections and (left := deadline - loop.time()) > 0:
+            now = loop.time()
+            for task, since in list(self.sending.items()):
+                if now - since >= CLOSE_SECONDS:
+                    task.cancel()
+            await asyncio.wait(set(self.connections), timeout=min(left, 0.5))
+        for task in list(self.connections):
+            task.cancel()
+        await asyncio.gather(*self.connections, return_exceptions=True)
+
+    async def _connected(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        service.tasks.add(task)
+        self.connections.add(task)
         try:
-            await _serve_one(service, reader, writer)
+            await _serve_one(self.service, reader, writer, self.sending)
+        except asyncio.CancelledError:
+            # Cut off while closing. End normally: Python 3.11's asyncio logs a connection
+            # task that ends cancelled as an error.
+            writer.transport.abort()
         finally:
-            service.tasks.discard(task)
-
-    old = os.umask(0o177)
-    try:
-        server = await asyncio.start_unix_server(connected, str(path),
-                                                 limit=adminwire.MAX_REQUEST)
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    return server
+            self.connections.discard(task)
+            self.sending.pop(task, None)
 
 
 async def _serve_one(service: SiteService, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
+                     writer: asyncio.StreamWriter, sending: dict[asyncio.Task[Any], float]
+                     ) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+
     async def send(message: dict[str, Any]) -> None:
         writer.write(adminwire.encode(message))
-        await writer.drain()
+        sending[task] = asyncio.get_running_loop().time()
+        try:
+            await writer.drain()
+        finally:
+            sending.pop(task, None)
 
     try:
         try:
@@ -73,6 +128,8 @@ async def _serve_one(service: SiteService, reader: asyncio.StreamReader,
             return
         if not line:
             return  # connected and went away: nothing to answer
+        if isinstance(writer.transport, asyncio.ReadTransport):
+            writer.transport.pause_reading()  # one request per connection: nothing more read
         try:
             call, params = _parse(line)
             if call == "replicate":
@@ -91,15 +148,19 @@ async def _serve_one(service: SiteService, reader: asyncio.StreamReader,
     except ConnectionError:
         pass  # the command went away (interrupted); nothing more to tell it
     except asyncio.CancelledError:
-        # The site is stopping. Tell the command, and end this connection's task normally:
-        # Python 3.11's asyncio logs a connection task that ends cancelled as an error.
+        # The site is stopping and did not wait any longer for this request (DRAIN_SECONDS).
+        # Tell the command, and end this connection's task normally: Python 3.11's asyncio
+        # logs a connection task that ends cancelled as an error.
         writer.write(adminwire.encode({
-            "error": "the site stopped before it finished this request; a transfer resumes "
-                     "when run again", "exit_code": TransientError.exit_code}))
+            "error": f"the site stopped before this request finished (it waited "
+                     f"{DRAIN_SECONDS:.0f} s); check what it did before running it again",
+            "exit_code": TransientError.exit_code}))
     finally:
         writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), CLOSE_SECONDS)
+        except (ConnectionError, TimeoutError):
+            writer.transport.abort()  # the command does not take its answer
 
 
 def _parse(line: bytes) -> tuple[str, dict[str, Any]]:
@@ -163,8 +224,9 @@ async def _replicate(service: SiteService, params: dict[str, Any], send: Send) -
         return stats.to_json()
 
     task = asyncio.create_task(run())
-    service.tasks.add(task)
+    service.tasks.add(task)  # cancelled first when the site stops
     task.add_done_callback(service.tasks.discard)
+    getter: asyncio.Future[dict[str, Any]] | None = None
     try:
         while not task.done() or not lines.empty():
             getter = asyncio.ensure_future(lines.get())
@@ -175,5 +237,11 @@ async def _replicate(service: SiteService, params: dict[str, Any], send: Send) -
                 getter.cancel()
     except BaseException:
         task.cancel()
+        if getter is not None:
+            getter.cancel()
         raise
+    if task.cancelled():
+        raise TransientError("the site stopped during the transfer; run the command again "
+                             "once the site is back (what the target already holds is not "
+                             "sent again)")
     await send({"result": task.result()})  # or the transfer's error, as the error line

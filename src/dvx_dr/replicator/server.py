@@ -343,7 +343,7 @@ async def serve(config: SiteConfig, config_path: Path | None,
     await service.start_http()
     peer_runner = web.AppRunner(create_app(service), access_log=None)
     listening: asyncio.Server | None = None
-    admin_server: asyncio.Server | None = None
+    admin_server = admin.AdminServer(service)
     metrics_runner: web.AppRunner | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -357,7 +357,7 @@ async def serve(config: SiteConfig, config_path: Path | None,
         listening = await listener.start(peer_runner.server, config.listen.host,
                                          config.listen.port, peer_ssl)
         sock = config.admin_socket
-        admin_server = await admin.start(service, sock)
+        await admin_server.start(sock)
         if config.metrics_listen is not None:
             metrics_app = web.Application()
             metrics_app[SERVICE] = service
@@ -372,15 +372,15 @@ async def serve(config: SiteConfig, config_path: Path | None,
         print(f"site {config.name} ready on https://{config.listen} (admin socket {sock})",
               flush=True)
         await stop.wait()
-        log.info("stopping: cancelling %d tasks in flight (transfers, admin requests)",
-                 len(service.tasks))
+        log.info("stopping: cancelling %d transfers and reloads, finishing %d admin requests",
+                 len(service.tasks), len(admin_server.connections))
     finally:
-        if admin_server is not None:
-            admin_server.close()  # no new admin requests; those in flight are cancelled below
+        admin_server.close()  # no new admin requests
         await service.scheduler.stop()
         for task in list(service.tasks):
             task.cancel()
         await asyncio.gather(*service.tasks, return_exceptions=True)
+        await admin_server.drain()  # requests in flight answer, transfers' commands are told
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         if listening is not None:
