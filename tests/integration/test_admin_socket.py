@@ -188,3 +188,24 @@ def test_client_reports_a_site_that_closes_before_answering(tmp_path: Path) -> N
     with pytest.raises(TransientError, match="closed the connection before it answered"):
         remote.replicate(str(path), {"volume": "vm1", "to": "site-b"}, lambda line: None)
     thread.join(10)
+
+
+def test_client_reads_an_error_the_site_sent_before_taking_the_whole_request(
+        tmp_path: Path) -> None:
+    """A site refuses a request before reading all of it (as one above MAX_REQUEST): the
+    command's write then fails, and it still reports the site's error line."""
+    path = tmp_path / "early.sock"
+    thread = _serve_once(path, b'{"error": "the admin request is larger than 9 bytes", '
+                               b'"exit_code": 2}\n')
+    with pytest.raises(UserError, match="larger than 9 bytes"):
+        remote.call_op(str(path), "volume.write",
+                       {"name": "v", "offset": 0, "data": "A" * (16 * MiB)})
+    thread.join(10)
+
+
+def test_client_names_an_answer_cut_off_mid_line(tmp_path: Path) -> None:
+    path = tmp_path / "cut.sock"
+    thread = _serve_once(path, b'{"result": {"site": "site-a", "pe')
+    with pytest.raises(TransientError, match="in the middle of its answer"):
+        remote.status(str(path))
+    thread.join(10)
