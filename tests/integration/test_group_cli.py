@@ -54,3 +54,21 @@ def test_group_snapshot_replicates_as_one(two_sites: Sites) -> None:
     assert b.cli("snapshot", "read", "site-a/log@s1", "--length", "3").stdout == b"LLL"
     again = a.json("replicate", "app@s1", "--group", "--to", "site-b")
     assert again["already_replicated"] and again["blocks_sent"] == 0
+
+
+def test_group_replicates_after_a_member_was_replicated_alone(two_sites: Sites) -> None:
+    """The member's replica is already at the target with the same root: the group commit
+    takes it as it is (it used to fail with a database constraint, as a 500, every retry)."""
+    a, b = two_sites.sites["site-a"], two_sites.sites["site-b"]
+    for name, fill in (("db", b"D"), ("log", b"L")):
+        a.cli("volume", "create", name, "--size", "2MiB")
+        a.cli("volume", "write", name, "-", input=fill * 65536)
+    a.cli("pg", "snapshot-create", "app", "db", "log", "--name", "s1")
+    assert a.json("replicate", "db@s1", "--to", "site-b")["replica"] == "site-a/db@s1"
+
+    stats = a.json("replicate", "app@s1", "--group", "--to", "site-b")
+    assert stats["replica"] == "site-a/app@s1"
+    groups = b.json("pg", "snapshots")
+    assert [(g["snapshot"], g["members"]) for g in groups] == [
+        ("site-a/app@s1", ["site-a/db@s1", "site-a/log@s1"])]
+    assert b.cli("snapshot", "read", "site-a/db@s1", "--length", "3").stdout == b"DDD"

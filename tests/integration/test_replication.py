@@ -32,6 +32,7 @@ import zstandard
 
 from dvx_dr.replicator import protocol
 from dvx_dr.replicator.peer import PREFIX
+from dvx_dr.replicator.receiver import MAX_SESSIONS
 from dvx_dr.replicator.tls import client_context
 from dvx_dr.site import tree
 from dvx_dr.site.blobs import BlobRow
@@ -664,6 +665,102 @@ def test_page_naming_a_base_is_checked_where_it_differs(two_sites: Sites,
     status, answer = post(b.port, client, f"/sessions/{sid}/blobs",
                           data=stream(batch(page_record(b"".join(forged), unknown))))
     assert status == 400 and "pages must follow their children" in answer["error"], answer
+
+
+def empty_root(size: int, block_size: int = BS) -> bytes:
+    """A packed snapshot root of a volume of ``size`` bytes that holds no data."""
+    nblocks = -(-size // block_size)
+    return tree.Root(len(tree.level_counts(nblocks)), block_size, size, 0, tree.HOLE).pack()
+
+
+def group_root(*members: tuple[bytes, bytes]) -> bytes:
+    """A packed group root naming ``(name, root id)`` members (names as raw bytes)."""
+    body = b"".join(bytes([len(n)]) + n + r for n, r in members)
+    return struct.pack("<4sB3xI", tree.GROUP_MAGIC, tree.GROUP_VERSION, len(members)) + body
+
+
+def test_hand_made_sessions_that_break_the_rules_are_refused(two_sites: Sites) -> None:
+    """Sessions, roots and commits a site could not have made: each is refused with an error
+    that names it, nothing becomes visible, nothing is logged as an internal error (the
+    fixture checks), and a real transfer still works afterwards."""
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    client = client_context(a.cert, a.key, a.ca)
+
+    def open_session(volume: str, root: bytes, **extra: Any) -> tuple[int, dict[str, Any]]:
+        return post(b.port, client, "/sessions", json_body={
+            "version": protocol.VERSION, "volume": volume, "snapshot": "s1",
+            "root": hashlib.sha256(root).hexdigest()} | extra)
+
+    def send_root(volume: str, root: bytes, kind: int = protocol.KIND_ROOT
+                  ) -> tuple[int, dict[str, Any]]:
+        status, opened = open_session(volume, root)
+        assert status == 200, opened
+        return post(b.port, client, f"/sessions/{opened['session']}/blobs",
+                    data=stream(batch(record(root, kind=kind))))
+
+    # A root for an empty volume far above the size limit (it made gc and scrub walk every
+    # hole of a 4 EiB tree).
+    status, answer = send_root("huge", empty_root(1 << 62))
+    assert status == 400 and "claims a volume of" in answer["error"], answer
+    # A root of another block size than the target store's (it made a corrupt replica).
+    status, answer = send_root("small-blocks", empty_root(40 * KiB, block_size=4 * KiB))
+    assert status == 409 and "4096-byte blocks" in answer["error"], answer
+    # A group root naming a member that is not UTF-8.
+    member = hashlib.sha256(empty_root(BS)).digest()
+    status, answer = send_root("pg", group_root((b"\xff\xfe", member)),
+                               kind=protocol.KIND_GROUP)
+    assert status == 422 and "not UTF-8" in answer["error"], answer
+
+    for extra, phrase in [
+        ({"version": 3.9}, "protocol version 3.9"),
+        ({"version": "3"}, "protocol version '3'"),
+        ({"created": "not a date"}, "ISO 8601"),
+    ]:
+        status, answer = open_session("v", b"r", **extra)
+        assert status == 400 and phrase in answer["error"], (extra, answer)
+    for volume in ("..", "a\nb", "x" * 3000, ""):
+        status, answer = open_session(volume, b"r")
+        assert status == 400 and "invalid snapshot" in answer["error"], (volume, answer)
+    status, answer = post(b.port, client, "/sessions",
+                          data=b"[" * 100000, json_body=None)
+    assert status == 400, answer
+
+    # Two sessions for one replica with different roots: the second commit is refused.
+    first, second = empty_root(BS), empty_root(2 * BS)
+    sids = []
+    for root in (first, second):
+        status, opened = open_session("dup", root)
+        assert status == 200, opened
+        sids.append(opened["session"])
+        status, answer = post(b.port, client, f"/sessions/{sids[-1]}/blobs",
+                              data=stream(batch(record(root, kind=protocol.KIND_ROOT))))
+        assert status == 200, answer
+    assert post(b.port, client, f"/sessions/{sids[0]}/commit", json_body={})[0] == 200
+    status, answer = post(b.port, client, f"/sessions/{sids[1]}/commit", json_body={})
+    assert status == 409 and "with different content" in answer["error"], answer
+
+    assert b.snapshots() == ["site-a/dup@s1"]
+    stats = b.stats()
+    a.cli("volume", "create", "real", "--size", "1MiB")
+    a.cli("volume", "write", "real", "-", input=b"R" * 65536)
+    a.cli("snapshot", "create", "real", "--name", "s1")
+    assert a.replicate("real@s1", to="site-b")["replica"] == "site-a/real@s1"
+    assert b.stats()["logical_bytes"] > stats["logical_bytes"]
+
+
+def test_one_peer_cannot_hold_every_session(two_sites: Sites) -> None:
+    """Unfinished sessions are limited per peer, and the limit is a transient error (503) that
+    the sender retries, not a protocol error."""
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    client = client_context(a.cert, a.key, a.ca)
+    for k in range(MAX_SESSIONS):
+        status, answer = post(b.port, client, "/sessions", json_body={
+            "version": protocol.VERSION, "volume": "v", "snapshot": f"s{k}",
+            "root": "11" * 32})
+        assert status == 200, answer
+    status, answer = post(b.port, client, "/sessions", json_body={
+        "version": protocol.VERSION, "volume": "v", "snapshot": "one-more", "root": "11" * 32})
+    assert status == 503 and "site site-a has 64 replication sessions open" in answer["error"]
 
 
 def test_malformed_ask_in_the_session_opening_is_refused(two_sites: Sites) -> None:

@@ -86,7 +86,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from dvx_dr.errors import ProtocolError
+from dvx_dr.errors import ProtocolError, TransientError
 from dvx_dr.site import treeblobs
 
 VERSION = 3
@@ -107,6 +107,10 @@ STREAM_LENGTH = struct.Struct("<I")
 STREAM_END = STREAM_LENGTH.pack(0)
 STREAM_BYTES = 256 * 1024 * 1024
 STREAM_SECONDS = 30.0
+#: A target drops a blob stream whose peer sends nothing for this long (a stalled or vanished
+#: source would otherwise hold the request, its buffers and its session). It is longer than
+#: any pause a sender makes on purpose (a bandwidth limit waits between batches).
+STREAM_IDLE = 300.0
 MAX_HAVE_IDS = 16384
 MAX_ASK = 256
 MAX_LEVEL = treeblobs.MAX_LEVEL
@@ -160,15 +164,25 @@ class ByteStream(Protocol):
     async def read(self, n: int = -1) -> bytes: ...
 
 
-async def read_stream(stream: ByteStream) -> AsyncIterator[bytes]:
+async def read_stream(stream: ByteStream, idle: float = STREAM_IDLE
+                      ) -> AsyncIterator[bytes]:
     """The batches of a blob stream, each still to be parsed with ``decode_batch``; raises
     ``ProtocolError`` on a length above the limit, a stream that ends early (without its end
-    mark) or bytes after the end mark. A connection that breaks raises what the stream
-    raises."""
+    mark) or bytes after the end mark, and ``TransientError`` when the peer sends nothing for
+    ``idle`` seconds. A connection that breaks raises what the stream raises."""
     count = 0
+
+    async def read(n: int) -> bytes:
+        try:
+            return await asyncio.wait_for(stream.readexactly(n), idle)
+        except TimeoutError:
+            raise TransientError(f"the peer sent nothing for {idle:.0f} s inside a blob "
+                                 f"stream (after {count} batches); the stream was dropped"
+                                 ) from None
+
     while True:
         try:
-            (length,) = STREAM_LENGTH.unpack(await stream.readexactly(STREAM_LENGTH.size))
+            (length,) = STREAM_LENGTH.unpack(await read(STREAM_LENGTH.size))
         except asyncio.IncompleteReadError:
             raise ProtocolError(f"blob stream ended after {count} batches without its end "
                                 "mark") from None
@@ -180,7 +194,7 @@ async def read_stream(stream: ByteStream) -> AsyncIterator[bytes]:
             raise ProtocolError(f"batch {count} of the blob stream claims {length} bytes, above "
                                 f"the limit of {MAX_BATCH}")
         try:
-            batch = await stream.readexactly(length)
+            batch = await read(length)
         except asyncio.IncompleteReadError as exc:
             raise ProtocolError(f"blob stream is truncated inside batch {count} "
                                 f"({len(exc.partial)} of {length} bytes)") from None

@@ -17,20 +17,22 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from dvx_dr.errors import IntegrityError, NotFoundError, ProtocolError, UserError
+from dvx_dr.errors import IntegrityError, NotFoundError, ProtocolError, TransientError, UserError
 from dvx_dr.policies.model import Retention
 from dvx_dr.replicator import protocol
 from dvx_dr.replicator.retention import prune_groups
-from dvx_dr.site import groups, snapshots, tree, treeblobs
+from dvx_dr.site import groups, snapshots, tree, treeblobs, volumes
 from dvx_dr.site.blobs import Payload, blob_id, decompress
 from dvx_dr.site.store import PIN_IDLE, Store
 from dvx_dr.site.tree import HOLE, GroupRoot, Root
 
 log = logging.getLogger("dvx_dr.receiver")
+#: Open sessions per peer: one peer's unfinished sessions never block another's transfers.
 MAX_SESSIONS = 64
 SESSION_IDLE = PIN_IDLE  # a session idle this long is dropped (and gc may sweep again)
 
@@ -62,22 +64,25 @@ class Receiver:
     def open(self, source: str, request: dict[str, Any]) -> dict[str, Any]:
         group = "group" in request
         try:
-            version = int(request["version"])
+            version = request["version"]
             volume = str(request["group"] if group else request["volume"])
             name = str(request["snapshot"])
             root = bytes.fromhex(str(request["root"]))
             created = str(request.get("created") or "")
+            if created:
+                datetime.fromisoformat(created)
             ask = protocol.decode_ask(request.get("ask"))
         except (KeyError, TypeError, ValueError):
             raise ProtocolError("session request is malformed: expected version, volume, "
-                                "snapshot and root") from None
-        if version != protocol.VERSION:
-            raise ProtocolError(f"peer speaks protocol version {version}; this site speaks "
+                                "snapshot, root and (optional) an ISO 8601 'created' time"
+                                ) from None
+        if type(version) is not int or version != protocol.VERSION:
+            raise ProtocolError(f"peer speaks protocol version {version!r}; this site speaks "
                                 f"version {protocol.VERSION}: upgrade the older site")
         if len(root) != protocol.ID:
             raise ProtocolError("session root id is not 32 bytes")
-        if not snapshots.SNAP_NAME.match(name) or "/" in volume or "@" in volume:
-            raise ProtocolError(f"session names an invalid snapshot {volume}@{name}")
+        if not snapshots.SNAP_NAME.match(name) or not _valid_name(volume):
+            raise ProtocolError(f"session names an invalid snapshot {volume!r}@{name!r}")
         self._expire()
         session = Session(secrets.token_hex(16), source, volume, name, root, created, group)
         existing = self._existing(session)
@@ -86,8 +91,10 @@ class Receiver:
                 raise UserError(f"replica {session.replica_volume}@{name} already exists here "
                                 "with different content; delete it first")
             return {"session": None, "complete": True, "lacking": []}
-        if len(self.sessions) >= MAX_SESSIONS:
-            raise ProtocolError("too many open replication sessions; retry later")
+        if sum(s.source == source for s in self.sessions.values()) >= MAX_SESSIONS:
+            raise TransientError(f"site {source} has {MAX_SESSIONS} replication sessions open "
+                                 "here already; retry later (unfinished sessions expire after "
+                                 f"{SESSION_IDLE:.0f} s)")
         self.sessions[session.id] = session
         self.store.pin(session.id)
         log.info("session %s from %s: %s@%s", session.id[:8], source, volume, name)
@@ -164,11 +171,16 @@ class Receiver:
                 if problem := _root_problem(root):
                     raise ProtocolError(f"snapshot root {r.id.hex()[:16]}… {problem}; batch "
                                         "rejected")
+                self._check_block_size(source, root)
                 if root.top != HOLE:
                     pages[root.depth - 1].add(root.top)
             elif r.kind == protocol.KIND_GROUP:
                 assert plain is not None
-                roots.update(root_id for _, root_id in GroupRoot.unpack(plain).members)
+                members = GroupRoot.unpack(plain).members
+                if problem := _group_problem(members):
+                    raise ProtocolError(f"group root {r.id.hex()[:16]}… {problem}; batch "
+                                        "rejected")
+                roots.update(root_id for _, root_id in members)
         lacking = blocks - in_batch
         if lacking:
             lacking -= set(self.store.blobs.lookup(lacking))
@@ -237,8 +249,10 @@ class Receiver:
         group: GroupRoot | None = None
         if s.group:
             group = GroupRoot.unpack(plain)
+            if problem := _group_problem(group.members):
+                raise ProtocolError(f"the group root {problem}; replica not committed")
             for volume, root_id in group.members:
-                if "/" in volume or not self._complete([root_id], treeblobs.ROOT):
+                if not self._complete([root_id], treeblobs.ROOT):
                     raise ProtocolError(f"commit before member {volume}'s root was sent")
                 members.append((volume, Root.unpack(blobs.get(root_id))))
         else:
@@ -246,11 +260,24 @@ class Receiver:
         for volume, root in members:
             if root.top != HOLE and not self._complete([root.top], root.depth - 1):
                 raise ProtocolError(f"commit before {volume}'s top page was sent")
+            self._check_block_size(s.source, root)
             self._check_shape(volume, root)
         prefix = f"{s.source}/"
+        member_ids = (dict(group.members) if group is not None
+                      else {s.volume: s.root})
         with self.store.transaction():
-            if self._existing(s) is None:
+            existing = self._existing(s)
+            if existing is not None and existing != s.root:
+                raise UserError(f"replica {s.replica_volume}@{s.snapshot} was committed here "
+                                "meanwhile with different content; delete it first")
+            if existing is None:
                 for volume, root in members:
+                    held = self._held_root(prefix + volume, s.snapshot)
+                    if held == member_ids[volume]:
+                        continue  # this member was replicated on its own before
+                    if held is not None:
+                        raise UserError(f"replica {prefix}{volume}@{s.snapshot} already exists "
+                                        "here with different content; delete it first")
                     snapshots.record(self.store, prefix + volume, s.snapshot, root,
                                      origin=s.source, created=s.created or None)
                 if group is not None:
@@ -261,6 +288,23 @@ class Receiver:
         log.info("replica %s@%s committed (%d blobs, %d bytes received)", s.replica_volume,
                  s.snapshot, s.blobs, s.bytes)
         return {"replica": f"{s.replica_volume}@{s.snapshot}"}
+
+    def _held_root(self, volume: str, snapshot: str) -> bytes | None:
+        """The root id of replica ``volume@snapshot`` if this site holds it."""
+        try:
+            return self.store.blobs.id_of(snapshots.get(self.store,
+                                                        f"{volume}@{snapshot}").root_row)
+        except NotFoundError:
+            return None
+
+    def _check_block_size(self, source: str, root: Root) -> None:
+        """A replica must have this store's block size: volumes and their snapshots are read
+        in this store's blocks."""
+        if root.block_size != self.store.block_size:
+            raise UserError(f"site {source} sends a volume of {root.block_size}-byte blocks; "
+                            f"this store uses {self.store.block_size}-byte blocks, and a "
+                            "replica must have the target store's block size (create the "
+                            "target store with the same --block-size)")
 
     def _check_shape(self, volume: str, root: Root) -> None:
         """Every page of the tree has the number of entries its place calls for (a page does
@@ -298,11 +342,37 @@ class Receiver:
         return {"kept": sorted(keep), "deleted": deleted}
 
 
+def _valid_name(name: str) -> bool:
+    """A volume or group name a site could have made (``volumes.check_name``)."""
+    try:
+        volumes.check_name(name)
+    except UserError:
+        return False
+    return True
+
+
+def _group_problem(members: Sequence[tuple[str, bytes]]) -> str | None:
+    """What is wrong with a group root's member list, if anything."""
+    if not members:
+        return "has no members"
+    names = [name for name, _ in members]
+    if len(set(names)) != len(names):
+        return "names a member twice"
+    bad = next((name for name in names if not _valid_name(name)), None)
+    if bad is not None:
+        return f"names a member {bad!r} that is not a valid volume name"
+    return None
+
+
 def _root_problem(root: Root) -> str | None:
     """What is wrong with a snapshot root's shape, if anything."""
     bs = root.block_size
     if not 4096 <= bs <= 1 << 20 or bs & (bs - 1):
         return f"has block size {bs}"
+    if not 0 <= root.size <= volumes.MAX_VOLUME:
+        return f"claims a volume of {root.size} bytes (the limit is {volumes.MAX_VOLUME})"
+    if not 0 <= root.mapped_blocks <= root.nblocks:
+        return f"claims {root.mapped_blocks} mapped blocks of {root.nblocks}"
     if root.depth != len(tree.level_counts(root.nblocks)):
         return f"claims a tree of depth {root.depth} over {root.nblocks} blocks"
     return None

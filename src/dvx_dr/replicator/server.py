@@ -213,8 +213,8 @@ async def _json_object(request: web.Request, what: str) -> dict[str, Any]:
     """The request's body, which must be a JSON object (``what`` names the request)."""
     try:
         body = await request.json()
-    except ValueError:
-        raise ProtocolError(f"{what} is not JSON") from None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
+        raise ProtocolError(f"{what} is not JSON (or is nested too deeply)") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"{what} is not a JSON object")
     return body
@@ -251,6 +251,8 @@ async def blobs(request: web.Request) -> web.Response:
         for key, value in (await storing).items():
             totals[key] += value
 
+    # An unknown session is refused before anything of the stream is read.
+    await service.store.run(service.receiver.session, request["peer"], sid)
     with service.store.store.pin_busy(sid):
         try:
             async for batch in protocol.read_stream(request.content):

@@ -63,7 +63,7 @@ def snapshot_refs(store: Store, snap: SnapshotInfo, seen_pages: set[tuple[bytes,
         return False
 
     bs = root.block_size
-    for first, ids in tree.iter_leaves(root, store.blobs.get, prune):
+    for first, ids in tree.iter_leaves(root, store.blobs.get, prune, holes=False):
         known = [i for i in ids if i != HOLE]
         rows = store.blobs.lookup(known)
         for k, blob_id in enumerate(ids):

@@ -237,9 +237,11 @@ def iter_range(store: Store, spec: str, offset: int, length: int) -> Iterator[by
                         f"{root.size} bytes")
     end = offset + length
     zero = bytes(bs)
-    for first, ids in tree.iter_leaves(root, store.blobs.get):
+    for first, ids in tree.iter_leaves(root, store.blobs.get, first=offset // bs):
         lo, hi = first * bs, (first + len(ids)) * bs
-        if hi <= offset or lo >= end:
+        if lo >= end:
+            break  # leaves come in order: the rest is past the range
+        if hi <= offset:
             continue
         for start in range(0, len(ids), volumes.BATCH_BLOCKS):
             part = ids[start:start + volumes.BATCH_BLOCKS]

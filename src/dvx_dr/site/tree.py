@@ -111,7 +111,11 @@ class GroupRoot:
             if pos >= len(data):
                 raise IntegrityError("group snapshot root blob is truncated")
             n = data[pos]
-            name = data[pos + 1:pos + 1 + n].decode(errors="strict")
+            try:
+                name = data[pos + 1:pos + 1 + n].decode(errors="strict")
+            except UnicodeDecodeError:
+                raise IntegrityError("group snapshot root names a member that is not UTF-8"
+                                     ) from None
             root_id = data[pos + 1 + n:pos + 1 + n + ID]
             if n == 0 or len(root_id) != ID:
                 raise IntegrityError("group snapshot root blob is truncated")
@@ -177,23 +181,27 @@ def child_count(root: Root, level: int, index: int) -> int:
 
 
 def iter_leaves(
-    root: Root, get: GetBlob, prune: Callable[[bytes, int], bool] | None = None
+    root: Root, get: GetBlob, prune: Callable[[bytes, int], bool] | None = None,
+    holes: bool = True, first: int = 0,
 ) -> Iterator[tuple[int, list[bytes]]]:
-    """Yield ``(first block number, block ids)`` for every leaf range, holes included.
+    """Yield ``(first block number, block ids)`` for every leaf range, holes included (or,
+    without ``holes``, skipping every subtree that is a hole: a thin volume of many TiB
+    with little data then costs what its data costs), in ascending order, from the leaf
+    holding block ``first`` on (subtrees wholly before it are not visited).
 
     ``prune(page_id, level)`` returning True skips that page and everything under it (used by
     gc and scrub to visit a subtree shared by many snapshots once). The level matters: the
     same bytes could be a leaf page in one tree and an upper page in another.
     """
-    yield from _iter_pages(root, root.depth - 1, 0, root.top, get, prune)
+    yield from _iter_pages(root, root.depth - 1, 0, root.top, get, prune, holes, first)
 
 
 def _iter_pages(
     root: Root, level: int, index: int, page_id: bytes, get: GetBlob,
-    prune: Callable[[bytes, int], bool] | None,
+    prune: Callable[[bytes, int], bool] | None, holes: bool, first: int,
 ) -> Iterator[tuple[int, list[bytes]]]:
     n = child_count(root, level, index)
-    if n == 0:
+    if n == 0 or (not holes and is_hole(page_id)) or (index + 1) * FANOUT ** (level + 1) <= first:
         return
     if prune is not None and not is_hole(page_id) and prune(page_id, level):
         return
@@ -205,7 +213,8 @@ def _iter_pages(
         yield index * FANOUT, ids
         return
     for k, child in enumerate(ids):
-        yield from _iter_pages(root, level - 1, index * FANOUT + k, child, get, prune)
+        yield from _iter_pages(root, level - 1, index * FANOUT + k, child, get, prune, holes,
+                               first)
 
 
 def diff_blocks(a: Root, b: Root, get: GetBlob) -> Iterator[int]:
@@ -219,8 +228,8 @@ def diff_blocks(a: Root, b: Root, get: GetBlob) -> Iterator[int]:
     if a.depth == b.depth and a.nblocks == b.nblocks:
         yield from _diff(a, b, a.depth - 1, 0, a.top, b.top, get)
         return
-    la = dict(iter_leaves(a, get))
-    lb = dict(iter_leaves(b, get))
+    la = dict(iter_leaves(a, get, holes=False))  # a leaf left out is all holes
+    lb = dict(iter_leaves(b, get, holes=False))
     for first in sorted(set(la) | set(lb)):
         ia, ib = la.get(first, []), lb.get(first, [])
         for k in range(max(len(ia), len(ib))):
