@@ -22,6 +22,9 @@ _SIZE_UNITS = {
     "mib": 1024**2,
     "gib": 1024**3,
     "tib": 1024**4,
+    "p": 1000**5,
+    "pb": 1000**5,
+    "pib": 1024**5,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
@@ -33,13 +36,18 @@ def parse_size(text: str | int, what: str = "size") -> int:
     """``"10GiB"`` -> 10737418240. Decimal (GB) and binary (GiB) units are both accepted."""
     if isinstance(text, int):
         return text
-    m = _SIZE_RE.match(str(text))
+    m = _SIZE_RE.fullmatch(str(text))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise UserError(f"{what}: expected a size like 64KiB or 10GiB, got {text!r}")
-    value = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
-    if value != int(value):
+    # Exact integer arithmetic (a float rounds large sizes and overflows on long ones).
+    whole, _, fraction = m.group(1).partition(".")
+    if len(whole) > 30:
+        raise UserError(f"{what}: {text!r} is far too large")
+    scaled = int(whole + fraction) * _SIZE_UNITS[m.group(2).lower()]
+    value, rest = divmod(scaled, 10 ** len(fraction))
+    if rest:
         raise UserError(f"{what}: {text!r} is not a whole number of bytes")
-    return int(value)
+    return value
 
 
 def parse_duration(text: str | int | float, what: str = "duration") -> float:

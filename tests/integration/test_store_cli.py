@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -704,3 +706,136 @@ def test_scrub_and_gc_of_a_thin_petabyte_volume_cost_what_its_data_costs(
         read = run_cli("snapshot", "read", "big@s1", "--offset", str(offset), "--length", "6",
                        "--store", store_dir, timeout=60)
         assert read.stdout == b"hello\n"
+
+
+# -- bad input found by an adversarial review: one line, nothing changed -------------------
+
+
+def test_outputs_inside_the_store_are_refused(site_with_volume: tuple[Site, bytes]) -> None:
+    """Exporting or reading onto the store's own files would destroy it."""
+    site, content = site_with_volume
+    before = file_bytes(site.path, ["keystore.json", "store.db"]) | file_bytes(site.path)
+    site("snapshot", "create", "v", "--name", "s1")
+    before = file_bytes(site.path, ["keystore.json", "store.db"]) | file_bytes(site.path)
+    for command in (("volume", "export", "v", site.path / "store.db"),
+                    ("snapshot", "export", "v@s1", site.path / "keystore.json"),
+                    ("volume", "read", "v", "--length", "10", "-o",
+                     site.path / "segments" / "00000001.seg")):
+        err = assert_one_line_error(site(*command, check=False))
+        assert "is inside the dvx-dr store" in err, (command, err)
+    assert file_bytes(site.path, ["keystore.json", "store.db"]) | file_bytes(site.path) \
+        == before
+    assert site.export("v") == content
+
+
+def test_failed_read_leaves_an_existing_output_file_alone(
+        site_with_volume: tuple[Site, bytes], tmp_path: Path) -> None:
+    site, _ = site_with_volume
+    out = tmp_path / "keep.bin"
+    out.write_bytes(b"precious")
+    for command in (("snapshot", "read", "v@nosuch", "--length", "1", "-o", out),
+                    ("volume", "read", "v", "--offset", str(MiB), "--length", "1", "-o", out)):
+        assert_one_line_error(site(*command, check=False))
+        assert out.read_bytes() == b"precious", command
+
+
+def test_import_of_a_pipe_is_refused(site_with_volume: tuple[Site, bytes],
+                                     tmp_path: Path) -> None:
+    """A FIFO has no size: importing one made a 0-byte volume holding blocks past its end."""
+    site, _ = site_with_volume
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    err = assert_one_line_error(site("volume", "import", "p", fifo, check=False))
+    assert "not a regular file or block device" in err
+    assert set(site.volumes()) == {"v"}
+
+
+def test_names_ending_in_a_newline_are_refused(site_with_volume: tuple[Site, bytes],
+                                               tmp_path: Path) -> None:
+    site, _ = site_with_volume
+    for command in (("volume", "create", "nl\n", "--size", "1MiB"),
+                    ("snapshot", "create", "v", "--name", "s\n")):
+        assert_one_line_error(site(*command, check=False))
+    proc = site.cli("site", "init", "--name", "site\n", "--store", tmp_path / "other",
+                    "--no-encryption", check=False)
+    assert_one_line_error(proc)
+    assert set(site.volumes()) == {"v"}
+    assert json.loads(site("snapshot", "list", "--json").stdout) == []
+
+
+def test_sizes_are_parsed_exactly(site_with_volume: tuple[Site, bytes]) -> None:
+    site, _ = site_with_volume
+    err = assert_one_line_error(site("volume", "create", "x", "--size", "9" * 400, check=False))
+    assert "far too large" in err
+    site("volume", "create", "p", "--size", "1PiB")
+    site("volume", "create", "q", "--size", "1.5KiB")
+    sizes = {name: v["size"] for name, v in site.volumes().items()}
+    assert sizes["p"] == 1 << 50 and sizes["q"] == 1536
+
+
+def test_bad_password_file_store_path_and_database_are_one_line_errors(
+        site_with_volume: tuple[Site, bytes], tmp_path: Path) -> None:
+    site, content = site_with_volume
+    latin = tmp_path / "latin1-password"
+    latin.write_bytes(b"\xff\xfepassword\n")
+    proc = site.cli("volume", "list", "--store", site.path, "--password-file", latin,
+                    check=False)
+    assert "is not UTF-8 text" in assert_one_line_error(proc)
+
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"x")
+    proc = site.cli("site", "init", "--name", "s", "--store", a_file, "--no-encryption",
+                    check=False)
+    assert "cannot make a store" in assert_one_line_error(proc)
+    assert a_file.read_bytes() == b"x"
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(site.path, damaged)
+    (damaged / "store.db").write_bytes(os.urandom(8192))
+    for name in ("store.db-wal", "store.db-shm"):
+        (damaged / name).unlink(missing_ok=True)
+    proc = site.cli("volume", "list", "--store", damaged, "--password-file",
+                    site.password_file, check=False)
+    assert "is unreadable" in assert_one_line_error(proc, code=3)
+
+
+def test_keystore_with_an_absurd_kdf_cost_is_refused(site_with_volume: tuple[Site, bytes]
+                                                     ) -> None:
+    """A keystore whose scrypt cost was raised to 2^40 made the command run out of memory."""
+    site, _ = site_with_volume
+    path = site.path / "keystore.json"
+    doc = json.loads(path.read_text())
+    doc["kdf"]["n"] = 2**40
+    path.write_text(json.dumps(doc))
+    err = assert_one_line_error(site("volume", "list", check=False))
+    assert "out of range" in err
+
+
+def test_export_to_a_full_device_is_one_line(site_with_volume: tuple[Site, bytes]) -> None:
+    site, _ = site_with_volume
+    err = assert_one_line_error(site("volume", "export", "v", "/dev/full", check=False))
+    assert "No space left on device" in err
+
+
+def test_locking_never_destroys_a_file_that_is_not_a_startup_key(
+        site_with_volume: tuple[Site, bytes], tmp_path: Path) -> None:
+    """Going to locked startup destroys (overwrites and deletes) the startup key. A mistyped
+    --startup-key naming a disk image, or the store's own keystore, destroyed that file."""
+    site, content = site_with_volume
+    image = tmp_path / "victim.img"
+    image.write_bytes(b"a disk image" * 1000)
+    keystore = site.path / "keystore.json"
+    before = keystore.read_bytes()
+    for path in (image, keystore):
+        err = assert_one_line_error(site("datastore", "encryption", "set", "--startup-mode",
+                                         "locked", "--startup-key", path, check=False))
+        assert "is not a startup key" in err and "nothing was changed" in err
+    assert image.read_bytes() == b"a disk image" * 1000
+    assert keystore.read_bytes() == before
+    assert site.export("v") == content
+    # The store's own startup key is still destroyed when locking.
+    key = tmp_path / "keys" / "startup.key"
+    site("datastore", "encryption", "set", "--startup-mode", "unlocked", "--startup-key", key)
+    assert key.exists()
+    site("datastore", "encryption", "set", "--startup-mode", "locked")
+    assert not key.exists()

@@ -63,6 +63,8 @@ def read_password_file(path: Path) -> str:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot read password file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"password file {path} is not UTF-8 text") from None
     password = text.splitlines()[0] if text else ""
     if not password:
         raise UserError(f"password file {path} is empty")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import itertools
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -18,6 +19,7 @@ from dvx_dr.cli.context import (
     run_op,
 )
 from dvx_dr.errors import UserError
+from dvx_dr.site import lockfile
 from dvx_dr.units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -97,6 +99,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def open_output(target: str) -> BinaryIO:
     if target == "-":
         return sys.stdout.buffer
+    lockfile.check_output_path(Path(target))
     try:
         return open(target, "wb")  # noqa: SIM115 - closed by the caller
     except OSError as exc:
@@ -104,11 +107,26 @@ def open_output(target: str) -> BinaryIO:
 
 
 def copy_out(chunks: Iterable[bytes], target: str) -> None:
+    """Write ``chunks`` to ``target`` (a file, or ``-``). The file is opened only once the
+    first chunk is at hand, so a read that fails at once (an unknown snapshot, a range past
+    the end) leaves an existing file as it was; a write that fails (a full disk) removes the
+    partial file and is reported in one line."""
+    chunks = iter(chunks)
+    first = next(chunks, b"")
     out = open_output(target)
     try:
-        for chunk in chunks:
+        for chunk in itertools.chain([first], chunks):
             out.write(chunk)
         out.flush()
+    except OSError as exc:
+        if out is not sys.stdout.buffer:
+            out.close()
+            if os.path.isfile(target):
+                os.unlink(target)
+        if isinstance(exc, BrokenPipeError):
+            raise
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}; nothing was kept"
+                        ) from None
     finally:
         if out is not sys.stdout.buffer:
             out.close()

@@ -294,7 +294,7 @@ def _validate_rate(value: object) -> int:
 
 
 def _validate_pg_name(value: object) -> str:
-    if not isinstance(value, str) or not PG_NAME_RE.match(value):
+    if not isinstance(value, str) or not PG_NAME_RE.fullmatch(value):
         raise ValueError(
             "expected a name of lowercase letters, digits, '-' and '_' starting with a letter or "
             f"digit, at most 63 long, got {value!r}"

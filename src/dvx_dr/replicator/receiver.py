@@ -81,7 +81,7 @@ class Receiver:
                                 f"version {protocol.VERSION}: upgrade the older site")
         if len(root) != protocol.ID:
             raise ProtocolError("session root id is not 32 bytes")
-        if not snapshots.SNAP_NAME.match(name) or not _valid_name(volume):
+        if not snapshots.SNAP_NAME.fullmatch(name) or not _valid_name(volume):
             raise ProtocolError(f"session names an invalid snapshot {volume!r}@{name!r}")
         self._expire()
         session = Session(secrets.token_hex(16), source, volume, name, root, created, group)

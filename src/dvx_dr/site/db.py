@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dvx_dr.errors import FormatError
+from dvx_dr.errors import FormatError, IntegrityError
 
 SCHEMA_VERSION = 3
 
@@ -201,11 +201,12 @@ def init_db(path: Path, meta: dict[str, str]) -> sqlite3.Connection:
 
 
 def open_db(path: Path) -> sqlite3.Connection:
-    db = connect(path)
     try:
+        db = connect(path)
         row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    except sqlite3.DatabaseError as exc:
-        raise FormatError(f"store database {path} is unreadable ({exc})") from None
+    except sqlite3.DatabaseError as exc:  # not a database, damaged, or not a file at all
+        raise IntegrityError(f"store database {path} is unreadable ({exc}): it is damaged "
+                             "or was replaced; restore the store from a backup") from None
     if row is None:
         raise FormatError(f"store database {path} has no schema version")
     version = int(row[0])

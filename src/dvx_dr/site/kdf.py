@@ -38,9 +38,29 @@ def kdf_params(fips: bool = False) -> dict[str, Any]:
     return {"name": "scrypt", "salt": salt, "n": 2**10 if weak else 2**15, "r": 8, "p": 1}
 
 
+#: Bounds on recorded KDF parameters: an altered keystore must not make a command allocate
+#: without limit or run for days (scrypt takes 128 * n * r bytes).
+MAX_SCRYPT_MEMORY = 1 << 30
+MAX_PBKDF2_ITERATIONS = 10_000_000
+
+
+def _check_params(params: dict[str, Any]) -> None:
+    if params["name"] == "scrypt":
+        n, r, p = params["n"], params["r"], params["p"]
+        if not all(type(v) is int for v in (n, r, p)) or not (
+                n >= 2 and n & (n - 1) == 0 and 1 <= r <= 64 and 1 <= p <= 16
+                and 128 * n * r <= MAX_SCRYPT_MEMORY):
+            raise FormatError(f"scrypt parameters n={n!r}, r={r!r}, p={p!r} are out of range")
+    elif params["name"] == "pbkdf2-sha256":
+        it = params["iterations"]
+        if type(it) is not int or not 1 <= it <= MAX_PBKDF2_ITERATIONS:
+            raise FormatError(f"PBKDF2 iterations {it!r} are out of range")
+
+
 def derive_kek(password: str, params: dict[str, Any]) -> bytes:
     secret = password.encode("utf-8")
     salt = base64.b64decode(params["salt"], validate=True)
+    _check_params(params)
     if params["name"] == "scrypt":
         return Scrypt(salt=salt, length=KEK_BYTES, n=params["n"], r=params["r"],
                       p=params["p"]).derive(secret)

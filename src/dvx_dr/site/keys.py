@@ -197,15 +197,20 @@ def set_startup_mode(store: Store, mode: str, startup_key: Path | None) -> dict[
             raise UserError("keep the startup key outside the store directory, so that a copy "
                             "of the store alone cannot be unlocked")
         key = os.urandom(STARTUP_KEY_BYTES)
-        startup_key.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(startup_key, key, 0o600)
+        try:
+            startup_key.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(startup_key, key, 0o600)
+        except OSError as exc:
+            raise UserError(f"cannot write the startup key at {startup_key}: "
+                            f"{exc.strerror or exc}; name a file in a writable directory "
+                            "outside the store") from None
         store.keystore.set_startup_key(keys, key)
         with store.transaction() as db:
             dbmod.set_meta(db, "startup_key", str(startup_key))
     elif mode == "locked":
+        doomed = _startup_keys_to_destroy(store, startup_key)
         store.keystore.set_startup_key(keys, None)
-        recorded = store.meta("startup_key")
-        for path in {p for p in (startup_key, Path(recorded) if recorded else None) if p}:
+        for path in doomed:
             destroy_file(path)
         with store.transaction() as db:
             db.execute("DELETE FROM meta WHERE key='startup_key'")
@@ -241,13 +246,12 @@ def crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,
         raise UserError("this store has no keys to erase (it was never encrypted)")
     plain_n, plain_b = store.db.execute(
         "SELECT COUNT(*), COALESCE(SUM(length), 0) FROM blobs WHERE key_version=0").fetchone()
+    doomed = _startup_keys_to_destroy(store, startup_key)
     with store.mutex:
         with store.transaction() as db:
             dbmod.set_meta(db, "keys_destroyed", "1")
             dbmod.set_meta(db, "encryption", "off")
-        recorded = store.meta("startup_key")
-        for path in {p for p in (store.path / KEYSTORE_NAME, startup_key,
-                                 Path(recorded) if recorded else None) if p}:
+        for path in {store.path / KEYSTORE_NAME, *doomed}:
             destroy_file(path)
         store.keys = None
         store.keystore = None
@@ -258,6 +262,23 @@ def crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,
             deleted = _delete_all_data(store)
     return {"erased": True, "plain_extents_left": 0 if delete_plain else plain_n,
             "plain_bytes_left": 0 if delete_plain else plain_b, "deleted_bytes": deleted}
+
+
+def _startup_keys_to_destroy(store: Store, given: Path | None) -> set[Path]:
+    """The startup key files to destroy: the one this store recorded, and ``given`` (from
+    --startup-key or site.yaml) when it is one. A ``given`` file that cannot be a startup key
+    (not a regular file of ``STARTUP_KEY_BYTES`` bytes) is refused before anything changes:
+    destroying overwrites and deletes it, so a mistyped path must not name a disk image or the
+    store's own keystore."""
+    recorded = store.meta("startup_key")
+    doomed = {Path(recorded)} if recorded else set()
+    if given is not None and os.path.lexists(given) and Path(given) not in doomed:
+        if not (os.path.isfile(given) and os.path.getsize(given) == STARTUP_KEY_BYTES):
+            raise UserError(f"{given} is not a startup key (not a file of "
+                            f"{STARTUP_KEY_BYTES} bytes), so it is not destroyed and nothing "
+                            f"was changed; the recorded startup key is {recorded or 'none'}")
+        doomed.add(Path(given))
+    return doomed
 
 
 def destroy_file(path: Path) -> None:

@@ -18,7 +18,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from dvx_dr.errors import StoreBusyError
+from dvx_dr.errors import StoreBusyError, UserError
 
 NAME = "lock"
 
@@ -57,3 +57,13 @@ def announce(fd: int, admin_socket: str) -> None:
     """Record, in the lock file held through ``fd``, the admin socket of the owning site."""
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n{admin_socket}\n".encode(), 0)
+
+
+def check_output_path(path: Path) -> None:
+    """Refuse an export or read target inside a dvx-dr store directory (one holding this
+    lock file and its segments): writing there would overwrite the store's own files."""
+    target = Path(os.path.abspath(path))
+    for parent in target.parents:
+        if (parent / NAME).is_file() and (parent / "segments").is_dir():
+            raise UserError(f"{path} is inside the dvx-dr store {parent}; write it outside the "
+                            "store directory")

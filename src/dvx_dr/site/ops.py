@@ -13,6 +13,7 @@ from typing import Any
 
 from dvx_dr.errors import KeysDestroyedError, NotFoundError, StoreLockedError, UserError
 from dvx_dr.site import gc, groups, keys, scrub, snapshots, stats, volumes
+from dvx_dr.site.lockfile import check_output_path
 from dvx_dr.site.store import Store
 
 #: Reads and writes that travel inside a JSON message through the admin socket are capped.
@@ -83,6 +84,7 @@ def volume_import(store: Store, name: str, path: str) -> dict[str, Any]:
 
 @op("volume.export")
 def volume_export(store: Store, name: str, path: str) -> dict[str, Any]:
+    volumes.get(store, name)  # an unknown volume leaves the file as it was
     with _open_out(path) as out:
         size = volumes.export(store, name, out)
     return {"name": name, "path": path, "size": size}
@@ -165,6 +167,7 @@ def snapshot_read(store: Store, snapshot: str, offset: int, length: int) -> dict
 
 @op("snapshot.export")
 def snapshot_export(store: Store, snapshot: str, path: str) -> dict[str, Any]:
+    snapshots.get(store, snapshot)  # an unknown snapshot leaves the file as it was
     with _open_out(path) as out:
         size = snapshots.export(store, snapshot, out)
     return {"snapshot": snapshot, "path": path, "size": size}
@@ -284,6 +287,7 @@ def _check_inline(length: int) -> None:
 
 
 def _open_out(path: str) -> io.BufferedWriter:
+    check_output_path(Path(path))
     try:
         return open(path, "wb")
     except OSError as exc:

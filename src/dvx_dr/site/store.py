@@ -131,7 +131,7 @@ class Store:
     def init(cls, path: Path, name: str, block_size: int = DEFAULT_BLOCK,
              password: str | None = None) -> Store:
         """Create a new store; encrypted when a password is given."""
-        if not SITE_NAME.match(name):
+        if not SITE_NAME.fullmatch(name):
             raise UserError(f"site name {name!r}: use 1-63 lowercase letters, digits and '-', "
                             "starting with a letter or digit")
         _check_block_size(block_size)
@@ -139,10 +139,14 @@ class Store:
             check_password_strength(password)
         if (path / DB_NAME).exists():
             raise UserError(f"{path} already holds a dvx-dr store; choose an empty directory")
-        if path.exists() and any(path.iterdir()):
-            raise UserError(f"{path} is not empty; choose an empty or new directory")
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "segments").mkdir(mode=0o700, exist_ok=True)
+        try:
+            if path.exists() and any(path.iterdir()):
+                raise UserError(f"{path} is not empty; choose an empty or new directory")
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "segments").mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot make a store at {path}: {exc.strerror or exc}; choose "
+                            "an empty or new directory") from None
         store_id = str(uuid.uuid4())
         keys = None
         if password is not None:

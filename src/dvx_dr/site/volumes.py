@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ class VolumeInfo:
 
 
 def check_name(name: str) -> None:
-    if not VOLUME_NAME.match(name):
+    if not VOLUME_NAME.fullmatch(name):
         raise UserError(f"volume name {name!r}: use letters, digits, '.', '_' and '-' "
                         "(up to 128), starting with a letter or digit")
 
@@ -243,7 +244,9 @@ def _image_batches(store: Store, source: BinaryIO, size: int
     the numbers of the stored ones (the others become holes) and its bytes of the image."""
     bs = store.block_size
     blk = 0
-    while chunk := _read_full(source, max(1, IMPORT_BATCH // bs) * bs):
+    # At most ``size`` bytes: a file that grows while it is imported does not put blocks
+    # past the volume's end.
+    while chunk := _read_full(source, min(max(1, IMPORT_BATCH // bs) * bs, size - blk * bs)):
         if len(chunk) % bs:
             chunk += bytes(bs - len(chunk) % bs)
         n = len(chunk) // bs
@@ -257,11 +260,21 @@ def import_file(store: Store, name: str, path: Path, progress: Progress | None =
     """Create volume ``name`` from a raw disk image, streaming in bounded memory."""
     check_name(name)
     try:
+        mode = os.stat(path).st_mode  # before opening: opening a pipe waits for a writer
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise UserError(f"cannot import {path}: not a regular file or block device (a "
+                            "pipe, terminal, character device or directory has no size to "
+                            "make the volume with); write it into a volume with 'dvx-dr "
+                            "volume write' instead")
         source = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
         raise UserError(f"cannot read image {path}: {exc.strerror}") from None
     with source:
-        size = os.fstat(source.fileno()).st_size
+        if stat.S_ISREG(mode):
+            size = os.fstat(source.fileno()).st_size
+        else:
+            size = source.seek(0, os.SEEK_END)  # a block device: its size is its end
+            source.seek(0)
         _check_size(size)
         with store.transaction() as db:
             if db.execute("SELECT 1 FROM volumes WHERE name=?", (name,)).fetchone():
