@@ -839,3 +839,23 @@ def test_locking_never_destroys_a_file_that_is_not_a_startup_key(
     assert key.exists()
     site("datastore", "encryption", "set", "--startup-mode", "locked")
     assert not key.exists()
+
+
+def test_encryption_is_enabled_again_offline_after_it_was_disabled(
+        cli: Cli, store_dir: Path, password_file: Path, tmp_path: Path) -> None:
+    """A store that had encryption, then had it disabled, keeps its keys; enabling it again
+    with its password (no site running) was refused as 'store is locked'."""
+    site = init_site(cli, store_dir, password_file, "--no-encryption")
+    site("volume", "create", "v", "--size", "1MiB")
+    site("datastore", "encryption", "enable", "--yes")
+    site("datastore", "encryption", "disable")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the password at all\n")
+    proc = cli("datastore", "encryption", "enable", "--yes", "--store", store_dir,
+               "--password-file", wrong, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("dvx-dr: error: wrong password"), err
+    site("datastore", "encryption", "enable", "--yes")
+    status = json.loads(site("datastore", "encryption", "status", "--json").stdout)
+    assert status["encryption"] == "on" and status["current_key_version"] == 1

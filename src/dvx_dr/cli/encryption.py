@@ -84,8 +84,10 @@ def cmd_enable(args: argparse.Namespace) -> int:
     if not confirm("Enable encryption?", args):
         print("encryption not enabled")
         return 1
-    args.password_file = None  # the file given holds the new password, not a current one
-    run_op(args, "encryption.enable", {"new_password": password}, locked_ok=True)
+    # A store that had encryption before and had it disabled keeps its keys: its current
+    # password (--password-file) opens it, and the keys are used again. A store that never
+    # had keys needs none to open, and the password given becomes its first.
+    run_op(args, "encryption.enable", {"new_password": password})
     print("encryption enabled: new data will be encrypted; existing data may remain "
           "unencrypted until converted ('dvx-dr datastore encryption convert --to encrypted')")
     return 0
