@@ -859,3 +859,24 @@ def test_encryption_is_enabled_again_offline_after_it_was_disabled(
     site("datastore", "encryption", "enable", "--yes")
     status = json.loads(site("datastore", "encryption", "status", "--json").stdout)
     assert status["encryption"] == "on" and status["current_key_version"] == 1
+
+
+def test_encryption_set_applies_both_settings_or_neither(
+        site_with_volume: tuple[Site, bytes], tmp_path: Path) -> None:
+    """--fips-mode and --startup-mode together: a refused startup mode used to leave the FIPS
+    mode changed (and the keystore rewrapped) behind an error."""
+    site, _ = site_with_volume
+    before = (site.path / "keystore.json").read_bytes()
+    proc = site("datastore", "encryption", "set", "--fips-mode", "approved",
+                "--startup-mode", "unlocked", "--startup-key", site.path / "inside.key",
+                check=False)
+    assert "outside the store directory" in assert_one_line_error(proc)
+    assert (site.path / "keystore.json").read_bytes() == before
+    status = json.loads(site("datastore", "encryption", "status", "--json").stdout)
+    assert status["fips_mode"] == "off" and status["startup_mode"] != "unlocked"
+    key = tmp_path / "startup.key"
+    site("datastore", "encryption", "set", "--fips-mode", "approved", "--startup-mode",
+         "unlocked", "--startup-key", key)
+    status = json.loads(site("datastore", "encryption", "status", "--json").stdout)
+    assert status["fips_mode"] == "approved" and status["startup_mode"] == "unlocked"
+    assert key.stat().st_size == 32

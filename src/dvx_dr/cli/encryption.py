@@ -124,14 +124,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_set(args: argparse.Namespace) -> int:
     if not args.startup_mode and not args.fips_mode:
         raise UserError("nothing to set: give --startup-mode and/or --fips-mode")
+    # One operation: both settings are checked before either is applied.
+    r = run_op(args, "encryption.set", {
+        "fips_mode": args.fips_mode,
+        "password": current_password(args) if args.fips_mode else None,
+        "startup_mode": args.startup_mode,
+        "startup_key": str(args.startup_key.resolve()) if args.startup_key else None})
     if args.fips_mode:
-        r = run_op(args, "encryption.fips_mode", {"mode": args.fips_mode,
-                                                  "password": current_password(args)})
         print(f"FIPS mode {r['fips_mode']}")
     if args.startup_mode:
-        r = run_op(args, "encryption.startup_mode", {
-            "mode": args.startup_mode,
-            "startup_key": str(args.startup_key.resolve()) if args.startup_key else None})
         if r["startup_mode"] == "unlocked":
             print(f"startup mode unlocked: the site starts without a password using "
                   f"{r['startup_key']} (0600; keep it off backups of the store)")

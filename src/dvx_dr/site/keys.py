@@ -186,9 +186,10 @@ def convert(store: Store, to: str, progress: Callable[[int], None] | None = None
             "segments_rewritten": report.segments_compacted, "extents_left": left}
 
 
-def set_startup_mode(store: Store, mode: str, startup_key: Path | None) -> dict[str, Any]:
-    keys = _require_keys(store)
-    assert store.keystore is not None
+def _check_startup_mode(store: Store, mode: str, startup_key: Path | None) -> set[Path]:
+    """What ``set_startup_mode`` refuses, checked before anything changes; the key files that
+    locking would destroy."""
+    _require_keys(store)
     if mode == "unlocked":
         if startup_key is None:
             raise UserError("unlocked startup mode needs a startup key path: set startup_key in "
@@ -196,6 +197,18 @@ def set_startup_mode(store: Store, mode: str, startup_key: Path | None) -> dict[
         if Path(os.path.abspath(startup_key)).is_relative_to(os.path.abspath(store.path)):
             raise UserError("keep the startup key outside the store directory, so that a copy "
                             "of the store alone cannot be unlocked")
+        return set()
+    if mode == "locked":
+        return _startup_keys_to_destroy(store, startup_key)
+    raise UserError(f"--startup-mode: expected locked or unlocked, got {mode!r}")
+
+
+def set_startup_mode(store: Store, mode: str, startup_key: Path | None) -> dict[str, Any]:
+    doomed = _check_startup_mode(store, mode, startup_key)
+    keys = _require_keys(store)
+    assert store.keystore is not None
+    if mode == "unlocked":
+        assert startup_key is not None
         key = os.urandom(STARTUP_KEY_BYTES)
         try:
             startup_key.parent.mkdir(parents=True, exist_ok=True)
@@ -207,19 +220,18 @@ def set_startup_mode(store: Store, mode: str, startup_key: Path | None) -> dict[
         store.keystore.set_startup_key(keys, key)
         with store.transaction() as db:
             dbmod.set_meta(db, "startup_key", str(startup_key))
-    elif mode == "locked":
-        doomed = _startup_keys_to_destroy(store, startup_key)
+    else:
         store.keystore.set_startup_key(keys, None)
         for path in doomed:
             destroy_file(path)
         with store.transaction() as db:
             db.execute("DELETE FROM meta WHERE key='startup_key'")
-    else:
-        raise UserError(f"--startup-mode: expected locked or unlocked, got {mode!r}")
     return {"startup_mode": mode, "startup_key": str(startup_key) if mode == "unlocked" else None}
 
 
-def set_fips_mode(store: Store, mode: str, password: str | None) -> dict[str, Any]:
+def _check_fips_mode(store: Store, mode: str, password: str | None) -> str | None:
+    """What ``set_fips_mode`` refuses, checked before anything changes; the checked password
+    of a store with keys."""
     if mode not in FIPS_MODES:
         raise UserError(f"--fips-mode: expected one of {', '.join(FIPS_MODES)}, got {mode!r}")
     if mode == "validated" and not fips_provider_active():
@@ -229,13 +241,37 @@ def set_fips_mode(store: Store, mode: str, password: str | None) -> dict[str, An
             "openssl.cnf (or OPENSSL_CONF), and build cryptography against it; then retry. "
             "'approved' mode works without it.")
     if store.keyed:
-        keys = _require_keys(store)
-        pw = _check_password(store, password)
-        assert store.keystore is not None
-        store.keystore.rewrap(keys, pw, fips=mode != "off")
+        _require_keys(store)
+        return _check_password(store, password)
+    return None
+
+
+def set_fips_mode(store: Store, mode: str, password: str | None) -> dict[str, Any]:
+    pw = _check_fips_mode(store, mode, password)
+    if pw is not None:
+        assert store.keystore is not None and store.keys is not None
+        store.keystore.rewrap(store.keys, pw, fips=mode != "off")
     with store.transaction() as db:
         dbmod.set_meta(db, "fips_mode", mode)
     return {"fips_mode": mode, "fips_provider_active": fips_provider_active()}
+
+
+def set_modes(store: Store, fips_mode: str | None, password: str | None,
+              startup_mode: str | None, startup_key: Path | None) -> dict[str, Any]:
+    """``encryption set``: the FIPS mode and the startup mode together. Both requests are
+    checked before either is applied, so a refused one leaves the other unchanged too."""
+    if fips_mode is None and startup_mode is None:
+        raise UserError("nothing to set: give --startup-mode and/or --fips-mode")
+    if fips_mode is not None:
+        _check_fips_mode(store, fips_mode, password)
+    if startup_mode is not None:
+        _check_startup_mode(store, startup_mode, startup_key)
+    out: dict[str, Any] = {}
+    if startup_mode is not None:
+        out |= set_startup_mode(store, startup_mode, startup_key)
+    if fips_mode is not None:
+        out |= set_fips_mode(store, fips_mode, password)
+    return out
 
 
 def crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,

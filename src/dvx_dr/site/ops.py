@@ -256,6 +256,14 @@ def encryption_fips_mode(store: Store, mode: str, password: str | None) -> dict[
     return keys.set_fips_mode(store, mode, password)
 
 
+@op("encryption.set")
+def encryption_set(store: Store, fips_mode: str | None = None, password: str | None = None,
+                   startup_mode: str | None = None, startup_key: str | None = None
+                   ) -> dict[str, Any]:
+    return keys.set_modes(store, fips_mode, password, startup_mode,
+                          _startup_path(store, startup_key))
+
+
 @op("encryption.crypto_erase")
 def encryption_crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,
                             startup_key: str | None = None) -> dict[str, Any]:
