@@ -880,3 +880,15 @@ def test_encryption_set_applies_both_settings_or_neither(
     status = json.loads(site("datastore", "encryption", "status", "--json").stdout)
     assert status["fips_mode"] == "approved" and status["startup_mode"] == "unlocked"
     assert key.stat().st_size == 32
+
+
+def test_empty_write_past_the_end_and_an_empty_snapshot_name_are_refused(
+        site_with_volume: tuple[Site, bytes]) -> None:
+    site, content = site_with_volume
+    err = assert_one_line_error(site("volume", "write", "v", "--offset", str(99 * MiB), "-",
+                                     input=b"", check=False))
+    assert "past the end of volume 'v'" in err
+    err = assert_one_line_error(site("snapshot", "create", "v", "--name", "", check=False))
+    assert "snapshot name ''" in err
+    assert json.loads(site("snapshot", "list", "--json").stdout) == []
+    assert site.export("v") == content

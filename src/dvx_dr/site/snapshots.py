@@ -184,7 +184,7 @@ def _dirty_block_ids(store: Store, vol: int, nblocks: int, leaves: dict[int, byt
 
 
 def create(store: Store, volume: str, name: str | None = None) -> SnapshotInfo:
-    name = name or default_name()
+    name = default_name() if name is None else name
     if not SNAP_NAME.fullmatch(name):
         raise UserError(f"snapshot name {name!r}: use letters, digits and . _ : + - "
                         "(up to 128)")

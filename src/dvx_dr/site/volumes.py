@@ -215,6 +215,9 @@ def write(store: Store, name: str, offset: int, source: BinaryIO,
     info = get(store, name)
     if offset < 0:
         raise UserError("offset must not be negative")
+    if offset > info.size:  # even for an empty write: the offset itself is out of range
+        raise UserError(f"offset {offset} is past the end of volume {name!r} "
+                        f"({info.size} bytes); nothing was written")
     bs = store.block_size
     written = 0
     with store.transaction():
