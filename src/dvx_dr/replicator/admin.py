@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dvx_dr.site")
 
 #: Key-manager operations that need the startup key path from site.yaml.
-_STARTUP_KEY_OPS = {"encryption.rotate_key", "encryption.startup_mode", "encryption.set",
-                    "encryption.crypto_erase"}
+_STARTUP_KEY_OPS = {"encryption.rotate_key", "encryption.set", "encryption.crypto_erase"}
 
 #: How long a stopping site lets admin requests in flight finish (systemd's unit gives the
 #: whole stop 60 s).

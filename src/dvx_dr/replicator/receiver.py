@@ -81,7 +81,7 @@ class Receiver:
                                 f"version {protocol.VERSION}: upgrade the older site")
         if len(root) != protocol.ID:
             raise ProtocolError("session root id is not 32 bytes")
-        if not snapshots.SNAP_NAME.fullmatch(name) or not _valid_name(volume):
+        if not snapshots.SNAP_NAME.fullmatch(name) or not volumes.valid_name(volume):
             raise ProtocolError(f"session names an invalid snapshot {volume!r}@{name!r}")
         self._expire()
         session = Session(secrets.token_hex(16), source, volume, name, root, created, group)
@@ -103,11 +103,11 @@ class Receiver:
                 "lacking": [i.hex() for i in ask if i not in held]}
 
     def _existing(self, s: Session) -> bytes | None:
+        """The root id of the session's replica (a volume's or a group's) if held here."""
+        if not s.group:
+            return self._held_root(s.replica_volume, s.snapshot)
         try:
-            if s.group:
-                row = groups.get(self.store, s.replica_volume, s.snapshot).root_row
-            else:
-                row = snapshots.get(self.store, f"{s.replica_volume}@{s.snapshot}").root_row
+            row = groups.get(self.store, s.replica_volume, s.snapshot).root_row
         except NotFoundError:
             return None
         return self.store.blobs.id_of(row)
@@ -342,15 +342,6 @@ class Receiver:
         return {"kept": sorted(keep), "deleted": deleted}
 
 
-def _valid_name(name: str) -> bool:
-    """A volume or group name a site could have made (``volumes.check_name``)."""
-    try:
-        volumes.check_name(name)
-    except UserError:
-        return False
-    return True
-
-
 def _group_problem(members: Sequence[tuple[str, bytes]]) -> str | None:
     """What is wrong with a group root's member list, if anything."""
     if not members:
@@ -358,7 +349,7 @@ def _group_problem(members: Sequence[tuple[str, bytes]]) -> str | None:
     names = [name for name, _ in members]
     if len(set(names)) != len(names):
         return "names a member twice"
-    bad = next((name for name in names if not _valid_name(name)), None)
+    bad = next((name for name in names if not volumes.valid_name(name)), None)
     if bad is not None:
         return f"names a member {bad!r} that is not a valid volume name"
     return None

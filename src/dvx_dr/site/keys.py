@@ -186,9 +186,27 @@ def convert(store: Store, to: str, progress: Callable[[int], None] | None = None
             "segments_rewritten": report.segments_compacted, "extents_left": left}
 
 
+def set_modes(store: Store, fips_mode: str | None, password: str | None,
+              startup_mode: str | None, startup_key: Path | None) -> dict[str, Any]:
+    """``encryption set``: the FIPS mode and/or the startup mode. Every request is checked
+    (the password once) before either is applied, so a refused one leaves the other
+    unchanged too."""
+    if fips_mode is None and startup_mode is None:
+        raise UserError("nothing to set: give --startup-mode and/or --fips-mode")
+    password_ok = _check_fips_mode(store, fips_mode, password) if fips_mode is not None else None
+    doomed = (_check_startup_mode(store, startup_mode, startup_key)
+              if startup_mode is not None else set())
+    out: dict[str, Any] = {}
+    if startup_mode is not None:
+        out |= _apply_startup_mode(store, startup_mode, startup_key, doomed)
+    if fips_mode is not None:
+        out |= _apply_fips_mode(store, fips_mode, password_ok)
+    return out
+
+
 def _check_startup_mode(store: Store, mode: str, startup_key: Path | None) -> set[Path]:
-    """What ``set_startup_mode`` refuses, checked before anything changes; the key files that
-    locking would destroy."""
+    """What a startup-mode change refuses, checked before anything changes; the key files
+    that locking would destroy."""
     _require_keys(store)
     if mode == "unlocked":
         if startup_key is None:
@@ -203,8 +221,8 @@ def _check_startup_mode(store: Store, mode: str, startup_key: Path | None) -> se
     raise UserError(f"--startup-mode: expected locked or unlocked, got {mode!r}")
 
 
-def set_startup_mode(store: Store, mode: str, startup_key: Path | None) -> dict[str, Any]:
-    doomed = _check_startup_mode(store, mode, startup_key)
+def _apply_startup_mode(store: Store, mode: str, startup_key: Path | None, doomed: set[Path]
+                        ) -> dict[str, Any]:
     keys = _require_keys(store)
     assert store.keystore is not None
     if mode == "unlocked":
@@ -230,7 +248,7 @@ def set_startup_mode(store: Store, mode: str, startup_key: Path | None) -> dict[
 
 
 def _check_fips_mode(store: Store, mode: str, password: str | None) -> str | None:
-    """What ``set_fips_mode`` refuses, checked before anything changes; the checked password
+    """What a FIPS-mode change refuses, checked before anything changes; the checked password
     of a store with keys."""
     if mode not in FIPS_MODES:
         raise UserError(f"--fips-mode: expected one of {', '.join(FIPS_MODES)}, got {mode!r}")
@@ -246,32 +264,14 @@ def _check_fips_mode(store: Store, mode: str, password: str | None) -> str | Non
     return None
 
 
-def set_fips_mode(store: Store, mode: str, password: str | None) -> dict[str, Any]:
-    pw = _check_fips_mode(store, mode, password)
-    if pw is not None:
+def _apply_fips_mode(store: Store, mode: str, password: str | None) -> dict[str, Any]:
+    """``password`` is the one ``_check_fips_mode`` checked (None for a store without keys)."""
+    if password is not None:
         assert store.keystore is not None and store.keys is not None
-        store.keystore.rewrap(store.keys, pw, fips=mode != "off")
+        store.keystore.rewrap(store.keys, password, fips=mode != "off")
     with store.transaction() as db:
         dbmod.set_meta(db, "fips_mode", mode)
     return {"fips_mode": mode, "fips_provider_active": fips_provider_active()}
-
-
-def set_modes(store: Store, fips_mode: str | None, password: str | None,
-              startup_mode: str | None, startup_key: Path | None) -> dict[str, Any]:
-    """``encryption set``: the FIPS mode and the startup mode together. Both requests are
-    checked before either is applied, so a refused one leaves the other unchanged too."""
-    if fips_mode is None and startup_mode is None:
-        raise UserError("nothing to set: give --startup-mode and/or --fips-mode")
-    if fips_mode is not None:
-        _check_fips_mode(store, fips_mode, password)
-    if startup_mode is not None:
-        _check_startup_mode(store, startup_mode, startup_key)
-    out: dict[str, Any] = {}
-    if startup_mode is not None:
-        out |= set_startup_mode(store, startup_mode, startup_key)
-    if fips_mode is not None:
-        out |= set_fips_mode(store, fips_mode, password)
-    return out
 
 
 def crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,

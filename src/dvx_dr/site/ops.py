@@ -245,17 +245,6 @@ def encryption_convert(store: Store, to: str) -> dict[str, Any]:
     return keys.convert(store, to)
 
 
-@op("encryption.startup_mode")
-def encryption_startup_mode(store: Store, mode: str, startup_key: str | None = None
-                            ) -> dict[str, Any]:
-    return keys.set_startup_mode(store, mode, _startup_path(store, startup_key))
-
-
-@op("encryption.fips_mode")
-def encryption_fips_mode(store: Store, mode: str, password: str | None) -> dict[str, Any]:
-    return keys.set_fips_mode(store, mode, password)
-
-
 @op("encryption.set")
 def encryption_set(store: Store, fips_mode: str | None = None, password: str | None = None,
                    startup_mode: str | None = None, startup_key: str | None = None

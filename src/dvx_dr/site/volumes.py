@@ -26,7 +26,7 @@ from typing import BinaryIO
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site.store import Store, now_iso
-from dvx_dr.site.tree import FANOUT
+from dvx_dr.site.tree import FANOUT, level_counts
 
 #: Blocks handed to the pipeline at once (4 MiB at the default block size).
 BATCH_BLOCKS = 64
@@ -49,8 +49,12 @@ class VolumeInfo:
     mapped_blocks: int
 
 
+def valid_name(name: str) -> bool:
+    return VOLUME_NAME.fullmatch(name) is not None
+
+
 def check_name(name: str) -> None:
-    if not VOLUME_NAME.fullmatch(name):
+    if not valid_name(name):
         raise UserError(f"volume name {name!r}: use letters, digits, '.', '_' and '-' "
                         "(up to 128), starting with a letter or digit")
 
@@ -130,11 +134,11 @@ def resize(store: Store, name: str, size: int) -> None:
             # The cached pages past the new end describe blocks just discarded, and the
             # pages at the new end still name them: drop them all now, so that growing again
             # before the next snapshot finds holes there and rebuilds those pages in full.
-            span, level = FANOUT, 0
-            while span < FANOUT * max(old_blocks, 1):
+            pages = level_counts(new_blocks)  # per level, up to the new top
+            for level in range(len(level_counts(old_blocks))):
+                at_end = pages[level] - 1 if level < len(pages) else 0
                 db.execute("DELETE FROM tree_pages WHERE vol=? AND level=? AND idx>=?",
-                           (info.id, level, max(0, -(-new_blocks // span) - 1)))
-                span, level = span * FANOUT, level + 1
+                           (info.id, level, at_end))
         db.execute("UPDATE volumes SET size=? WHERE vol=?", (size, info.id))
 
 
@@ -274,8 +278,8 @@ def import_file(store: Store, name: str, path: Path, progress: Progress | None =
     """Create volume ``name`` from a raw disk image, streaming in bounded memory."""
     check_name(name)
     try:
-        mode = os.stat(path).st_mode  # before opening: opening a pipe waits for a writer
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        # Checked before opening: opening a pipe waits for a writer.
+        if not (stat.S_ISREG(mode := os.stat(path).st_mode) or stat.S_ISBLK(mode)):
             raise UserError(f"cannot import {path}: not a regular file or block device (a "
                             "pipe, terminal, character device or directory has no size to "
                             "make the volume with); write it into a volume with 'dvx-dr "
@@ -284,11 +288,8 @@ def import_file(store: Store, name: str, path: Path, progress: Progress | None =
     except OSError as exc:
         raise UserError(f"cannot read image {path}: {exc.strerror}") from None
     with source:
-        if stat.S_ISREG(mode):
-            size = os.fstat(source.fileno()).st_size
-        else:
-            size = source.seek(0, os.SEEK_END)  # a block device: its size is its end
-            source.seek(0)
+        size = source.seek(0, os.SEEK_END)  # a file's length, a block device's size
+        source.seek(0)
         _check_size(size)
         with store.transaction() as db:
             if db.execute("SELECT 1 FROM volumes WHERE name=?", (name,)).fetchone():
