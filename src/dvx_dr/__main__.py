@@ -2,6 +2,6 @@ from __future__ import annotations
 
 import sys
 
-from dvx_dr.cli import main
+from dvx_dr.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,7 +49,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, leave: bool = False) -> int:
+    """Run one command; its exit code. With ``leave`` (the console script), a command that
+    only talked to a running site leaves the process at once (``leave_at_once``)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -56,14 +59,35 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except DvxError as exc:
         print(f"dvx-dr: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        result = exc.exit_code
     except KeyboardInterrupt:
         print("dvx-dr: interrupted", file=sys.stderr)
-        return 130
+        result = 130
     except BrokenPipeError:
-        return 0
-    return int(result or 0)
+        result = 0
+    code = int(result or 0)
+    if leave and getattr(args, "leave_at_once", False):
+        leave_at_once(code)
+    return code
+
+
+def leave_at_once(code: int) -> None:
+    """Exit without the interpreter's teardown (freeing every object, about 5 ms of a
+    ``dvx-dr status`` of 45 ms). For the commands whose work happens in a running site
+    (``replicate``, ``status``): they hold no open file, thread or store, so once their
+    output is flushed there is nothing left to finish."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        pass
+    os._exit(code)
+
+
+def run() -> int:
+    """The ``dvx-dr`` console script."""
+    return main(leave=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

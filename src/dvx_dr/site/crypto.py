@@ -58,24 +58,26 @@ class ExtentCipher:
         for version, key in teks.items():
             if len(key) != TEK_BYTES or key[:32] == key[32:]:
                 raise IntegrityError(f"key version {version} is not a valid AES-256-XTS key")
-        self._teks = dict(teks)
+        # One AES key object per version, made once: building it for every extent was a
+        # fifth of the cost of sealing one (about 2 us of 10).
+        self._aes = {v: algorithms.AES(k) for v, k in teks.items()}
 
     @property
     def versions(self) -> list[int]:
-        return sorted(self._teks)
+        return sorted(self._aes)
 
     def add(self, version: int, key: bytes) -> None:
-        self._teks[version] = key
+        self._aes[version] = algorithms.AES(key)
 
     def _cipher(self, version: int, segment: int, offset: int) -> Cipher[modes.XTS]:
         try:
-            key = self._teks[version]
+            aes = self._aes[version]
         except KeyError:
             raise IntegrityError(
                 f"extent at segment {segment} offset {offset} names key version {version}, "
                 "which the keystore does not hold"
             ) from None
-        return Cipher(algorithms.AES(key), modes.XTS(tweak(segment, offset)))
+        return Cipher(aes, modes.XTS(tweak(segment, offset)))
 
     def encrypt(self, version: int, segment: int, offset: int, payload: bytes) -> bytes:
         """The same as the write path's ``encrypt_into``, returned as bytes."""
