@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSWORD, cli_env, run_cli
+from tests.integration.sites import Sites
 
 MiB = 1024 * 1024
 BS = 64 * 1024
@@ -892,3 +893,74 @@ def test_empty_write_past_the_end_and_an_empty_snapshot_name_are_refused(
     assert "snapshot name ''" in err
     assert json.loads(site("snapshot", "list", "--json").stdout) == []
     assert site.export("v") == content
+
+
+# -- sparse exports ----------------------------------------------------------------------
+
+THIN = 256 * MiB
+
+
+def thin_volume(cli: Cli, store_dir: Path, password_file: Path) -> tuple[Site, bytes, bytes]:
+    """A 256 MiB volume holding 1 MiB of data in two places (one ending at the volume's end)
+    and a zeroed block written in between, snapshotted: its site, the data, and the marker
+    at offset 0."""
+    site = init_site(cli, store_dir, password_file)
+    site("volume", "create", "thin", "--size", THIN)
+    head = os.urandom(MiB // 2)
+    tail = os.urandom(MiB // 2)
+    site("volume", "write", "thin", "--offset", 0, "-", input=head)
+    site("volume", "write", "thin", "--offset", 64 * MiB, "-", input=bytes(BS))
+    site("volume", "write", "thin", "--offset", THIN - len(tail), "-", input=tail)
+    site("snapshot", "create", "thin", "--name", "s1")
+    return site, head, tail
+
+
+def check_sparse_image(path: Path, head: bytes, tail: bytes) -> None:
+    """``path`` reads as the thin volume, byte for byte, and takes about its data's space."""
+    st = path.stat()
+    assert st.st_size == THIN
+    assert st.st_blocks * 512 <= 4 * MiB, st.st_blocks * 512  # 1 MiB of data, not 256
+    with path.open("rb") as f:
+        assert f.read(len(head)) == head
+        f.seek(THIN - len(tail))
+        assert f.read() == tail
+        f.seek(len(head))
+        zeros = f.read(THIN - len(head) - len(tail))
+        assert zeros.count(0) == len(zeros)
+
+
+def test_exports_of_a_thin_volume_are_sparse_files(cli: Cli, store_dir: Path,
+                                                   password_file: Path, tmp_path: Path) -> None:
+    """``volume export`` and ``snapshot export`` to a file write the data and leave the zeros
+    as holes (as ``cp --sparse`` and ``qemu-img convert`` do): the file has the volume's size
+    and reads back exactly. An export that overwrites an existing file leaves none of its old
+    bytes, and an export to a pipe gets every zero."""
+    site, head, tail = thin_volume(cli, store_dir, password_file)
+    for command, name in ((("volume", "export", "thin"), "v.raw"),
+                          (("snapshot", "export", "thin@s1"), "s.raw")):
+        out = tmp_path / name
+        out.write_bytes(b"\xff" * (THIN + MiB))  # an older, larger file of non-zero bytes
+        site(*command, out)
+        check_sparse_image(out, head, tail)
+    piped = site.export("thin")
+    assert len(piped) == THIN
+    assert piped[:len(head)] == head and piped[-len(tail):] == tail
+    assert piped[len(head):-len(tail)].count(0) == THIN - len(head) - len(tail)
+
+
+def test_exports_through_a_running_site_are_sparse_files(tmp_path: Path) -> None:
+    """The same through a running site, which writes the file itself."""
+    with Sites(tmp_path / "sites") as sites:
+        (site,) = sites.add_many("site-a")
+        sites.start()
+        site.cli("volume", "create", "thin", "--size", str(THIN))
+        head, tail = os.urandom(MiB // 2), os.urandom(MiB // 2)
+        site.cli("volume", "write", "thin", "--offset", "0", "-", input=head)
+        site.cli("volume", "write", "thin", "--offset", str(THIN - len(tail)), "-", input=tail)
+        site.cli("snapshot", "create", "thin", "--name", "s1")
+        for command, name in ((("volume", "export", "thin"), "v.raw"),
+                              (("snapshot", "export", "thin@s1"), "s.raw")):
+            out = tmp_path / name
+            out.write_bytes(b"\xff" * MiB)
+            site.cli(*command, out)
+            check_sparse_image(out, head, tail)

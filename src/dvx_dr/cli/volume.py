@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from dvx_dr import sparse
 from dvx_dr.cli.context import (
     StoreCommands,
     print_json,
@@ -107,7 +108,8 @@ def open_output(target: str) -> BinaryIO:
 
 
 def copy_out(chunks: Iterable[bytes], target: str) -> None:
-    """Write ``chunks`` to ``target`` (a file, or ``-``). The file is opened only once the
+    """Write ``chunks`` to ``target`` (a file, or ``-``); a new regular file is written
+    sparsely (``dvx_dr.sparse``: its zero runs are holes). The file is opened only once the
     first chunk is at hand, so a read that fails at once (an unknown snapshot, a range past
     the end) leaves an existing file as it was; a write that fails (a full disk) removes the
     partial file and is reported in one line."""
@@ -115,8 +117,8 @@ def copy_out(chunks: Iterable[bytes], target: str) -> None:
     first = next(chunks, b"")
     out = open_output(target)
     try:
-        for chunk in itertools.chain([first], chunks):
-            out.write(chunk)
+        sparse.write(out, itertools.chain([first], chunks),
+                     out is not sys.stdout.buffer and sparse.is_new_regular_file(out))
         out.flush()
     except OSError as exc:
         if out is not sys.stdout.buffer:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO
 
+from dvx_dr import sparse
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
 from dvx_dr.site import tree, treeblobs, volumes
 from dvx_dr.site.blobs import blob_id
@@ -266,12 +267,11 @@ def read(store: Store, spec: str, offset: int, length: int) -> bytes:
 
 def export(store: Store, spec: str, out: BinaryIO, progress: volumes.Progress | None = None
            ) -> int:
+    """Write the whole snapshot to ``out``; sparsely (``dvx_dr.sparse``) when ``out`` is a
+    regular file just created or truncated."""
     size = get(store, spec).size
-    for chunk in iter_range(store, spec, 0, size):
-        out.write(chunk)
-        if progress:
-            progress(len(chunk))
-    return size
+    return sparse.write(out, iter_range(store, spec, 0, size),
+                        sparse.is_new_regular_file(out), progress)
 
 
 def diff(store: Store, spec_a: str, spec_b: str) -> list[tuple[int, int]]:

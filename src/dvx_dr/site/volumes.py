@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from dvx_dr import sparse
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site.store import Store, now_iso
@@ -360,9 +361,8 @@ def _check_range(name: str, size: int, offset: int, length: int) -> None:
 
 
 def export(store: Store, name: str, out: BinaryIO, progress: Progress | None = None) -> int:
+    """Write the whole volume to ``out``; sparsely (``dvx_dr.sparse``) when ``out`` is a
+    regular file just created or truncated."""
     info = get(store, name)
-    for chunk in iter_range(store, info.id, info.size, 0, info.size):
-        out.write(chunk)
-        if progress:
-            progress(len(chunk))
-    return info.size
+    return sparse.write(out, iter_range(store, info.id, info.size, 0, info.size),
+                        sparse.is_new_regular_file(out), progress)
