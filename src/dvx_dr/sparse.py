@@ -21,16 +21,28 @@ from typing import BinaryIO
 #: piece that also holds data are written. 64 KiB is the default block size.
 PIECE = 64 * 1024
 _ZERO = bytes(PIECE)
+_ZEROS = memoryview(bytes(16 * PIECE))  # zero runs written out, a MiB at a time
 
 
-def write(out: BinaryIO, chunks: Iterable[bytes], sparse: bool,
+def write(out: BinaryIO, chunks: Iterable[bytes | int], sparse: bool,
           progress: Callable[[int], None] | None = None) -> int:
     """Write ``chunks`` to ``out`` from its current position; the number of bytes they hold.
+    A chunk is bytes, or an int: that many zero bytes (a hole the reader did not fill in).
     With ``sparse`` (``out`` a regular file just created or truncated: see
-    ``is_new_regular_file``), each all-zero piece is skipped with a seek, and the file is cut
-    to its full length at the end (a trailing run of zeros is a hole too)."""
+    ``is_new_regular_file``), zero runs and all-zero pieces are skipped with a seek, and the
+    file is cut to its full length at the end (a trailing run of zeros is a hole too)."""
     total = 0
     for chunk in chunks:
+        if isinstance(chunk, int):
+            if sparse:
+                out.seek(chunk, os.SEEK_CUR)
+            else:
+                for k in range(0, chunk, len(_ZEROS)):
+                    out.write(_ZEROS[:min(len(_ZEROS), chunk - k)])
+            total += chunk
+            if progress:
+                progress(chunk)
+            continue
         if not sparse:
             out.write(chunk)
         else:

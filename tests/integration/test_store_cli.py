@@ -964,3 +964,28 @@ def test_exports_through_a_running_site_are_sparse_files(tmp_path: Path) -> None
             out.write_bytes(b"\xff" * MiB)
             site.cli(*command, out)
             check_sparse_image(out, head, tail)
+
+
+def test_export_of_a_thin_8_tib_volume_costs_what_its_data_costs(
+        store_dir: Path, tmp_path: Path) -> None:
+    """Holes are skipped through the block index (a live volume) or the snapshot tree, not
+    read as zeros: exporting 8 TiB holding 12 bytes took hours before; it takes about a
+    second. The file has the volume's size and its two pieces of data where they belong."""
+    size = 8 << 40
+    run_cli("site", "init", "--store", store_dir, "--name", "t", "--no-encryption")
+    run_cli("volume", "create", "big", "--size", str(size), "--store", store_dir)
+    for offset in (5 * MiB, size - 6):
+        run_cli("volume", "write", "big", "--offset", str(offset), "-", "--store", store_dir,
+                input=b"hello\n")
+    run_cli("snapshot", "create", "big", "--name", "s1", "--store", store_dir)
+    for command in (("volume", "export", "big"), ("snapshot", "export", "big@s1")):
+        out = tmp_path / "big.raw"
+        run_cli(*command, out, "--store", store_dir, timeout=60)
+        assert out.stat().st_size == size
+        assert out.stat().st_blocks * 512 <= MiB
+        with out.open("rb") as f:
+            f.seek(5 * MiB - 3)
+            assert f.read(9) == b"\0\0\0hello\n"
+            f.seek(size - 7)
+            assert f.read() == b"\0hello\n"
+        out.unlink()

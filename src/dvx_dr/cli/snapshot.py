@@ -94,7 +94,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     def local(store: Store) -> Any:
         from dvx_dr.site import snapshots
 
-        copy_out(snapshots.iter_range(store, args.snapshot, offset, length), args.output)
+        copy_out(snapshots.iter_range(store, args.snapshot, offset, length, True), args.output)
         return None
 
     result = run_op(args, "snapshot.read", {"snapshot": args.snapshot, "offset": offset,
@@ -110,7 +110,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         size = snapshots.get(store, args.snapshot).size
         with progress_bar(size, f"export {args.snapshot}") as bar:
-            copy_out(counted(snapshots.iter_range(store, args.snapshot, 0, size), bar), args.file)
+            copy_out(counted(snapshots.iter_range(store, args.snapshot, 0, size, True), bar),
+                     args.file)
         return {"size": size, "exported": True}
 
     if args.file == "-":

@@ -107,7 +107,7 @@ def open_output(target: str) -> BinaryIO:
         raise UserError(f"cannot write {target}: {exc.strerror}") from None
 
 
-def copy_out(chunks: Iterable[bytes], target: str) -> None:
+def copy_out(chunks: Iterable[bytes | int], target: str) -> None:
     """Write ``chunks`` to ``target`` (a file, or ``-``); a new regular file is written
     sparsely (``dvx_dr.sparse``: its zero runs are holes). The file is opened only once the
     first chunk is at hand, so a read that fails at once (an unknown snapshot, a range past
@@ -140,8 +140,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         info = volumes.get(store, args.name)
         with progress_bar(info.size, f"export {args.name}") as bar:
-            copy_out(counted(volumes.iter_range(store, info.id, info.size, 0, info.size), bar),
-                     args.file)
+            copy_out(counted(volumes.iter_range(store, info.id, info.size, 0, info.size, True),
+                             bar), args.file)
         return {"size": info.size, "exported": True}
 
     if args.file == "-":
@@ -157,11 +157,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def counted(chunks: Iterable[bytes], bar: Callable[[int], None] | None) -> Iterable[bytes]:
-    """``chunks``, advancing the progress ``bar`` (when there is one) by each one's length."""
+def counted(chunks: Iterable[bytes | int], bar: Callable[[int], None] | None
+            ) -> Iterable[bytes | int]:
+    """``chunks``, advancing the progress ``bar`` (when there is one) by each one's length
+    (an int chunk is a run of that many zeros)."""
     for chunk in chunks:
         if bar:
-            bar(len(chunk))
+            bar(chunk if isinstance(chunk, int) else len(chunk))
         yield chunk
 
 
@@ -229,7 +231,8 @@ def cmd_read(args: argparse.Namespace) -> int:
         if offset + length > info.size:
             raise UserError(f"range {offset}+{length} is outside volume {args.name!r} of "
                             f"{info.size} bytes")
-        copy_out(volumes.iter_range(store, info.id, info.size, offset, length), args.output)
+        copy_out(volumes.iter_range(store, info.id, info.size, offset, length, True),
+                 args.output)
         return None
 
     result = run_op(args, "volume.read", {"name": args.name, "offset": offset,

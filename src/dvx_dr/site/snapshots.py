@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import BinaryIO
+from typing import BinaryIO, Literal, overload
 
 from dvx_dr import sparse
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
@@ -228,8 +228,21 @@ def root_of(store: Store, snap: SnapshotInfo) -> Root:
     return Root.unpack(store.blobs.get_row(snap.root_row))
 
 
-def iter_range(store: Store, spec: str, offset: int, length: int) -> Iterator[bytes]:
-    """The bytes of a snapshot as of its time, batch by batch."""
+@overload
+def iter_range(store: Store, spec: str, offset: int, length: int,
+               zero_runs: Literal[False] = False) -> Iterator[bytes]: ...
+
+
+@overload
+def iter_range(store: Store, spec: str, offset: int, length: int,
+               zero_runs: bool) -> Iterator[bytes | int]: ...
+
+
+def iter_range(store: Store, spec: str, offset: int, length: int, zero_runs: bool = False
+               ) -> Iterator[bytes | int]:
+    """The bytes of a snapshot as of its time, batch by batch. With ``zero_runs``, holes come
+    as their length (an int) instead, and hole subtrees are not walked, so a thin volume
+    costs what its data costs (``sparse.write`` takes both)."""
     snap = get(store, spec)
     root = root_of(store, snap)
     bs = store.block_size
@@ -238,7 +251,9 @@ def iter_range(store: Store, spec: str, offset: int, length: int) -> Iterator[by
                         f"{root.size} bytes")
     end = offset + length
     zero = bytes(bs)
-    for first, ids in tree.iter_leaves(root, store.blobs.get, first=offset // bs):
+    pos = offset  # where the next chunk starts
+    for first, ids in tree.iter_leaves(root, store.blobs.get, holes=not zero_runs,
+                                       first=offset // bs):
         lo, hi = first * bs, (first + len(ids)) * bs
         if lo >= end:
             break  # leaves come in order: the rest is past the range
@@ -247,18 +262,27 @@ def iter_range(store: Store, spec: str, offset: int, length: int) -> Iterator[by
         for start in range(0, len(ids), volumes.BATCH_BLOCKS):
             part = ids[start:start + volumes.BATCH_BLOCKS]
             plo = lo + start * bs
-            phi = plo + len(part) * bs
-            if phi <= offset or plo >= end:
+            a, b = max(plo, offset), min(plo + len(part) * bs, end)
+            if a >= b:
                 continue
+            if a > pos:  # hole leaves skipped (only with zero_runs)
+                yield a - pos
             known = [i for i in part if i != HOLE]
-            rows = store.blobs.lookup(known)
-            missing = [i for i in known if i not in rows]
-            if missing:
-                raise NotFoundError(f"snapshot {spec!r} names a block the store lacks "
-                                    f"({missing[0].hex()[:16]}…): run 'dvx-dr datastore scrub'")
-            plains = iter(store.blobs.get_rows([rows[i] for i in known]))
-            data = b"".join(zero if i == HOLE else next(plains) for i in part)
-            yield data[max(0, offset - plo):min(len(data), end - plo)]
+            if zero_runs and not known:
+                yield b - a
+            else:
+                rows = store.blobs.lookup(known)
+                missing = [i for i in known if i not in rows]
+                if missing:
+                    raise NotFoundError(f"snapshot {spec!r} names a block the store lacks "
+                                        f"({missing[0].hex()[:16]}…): run 'dvx-dr datastore "
+                                        "scrub'")
+                plains = iter(store.blobs.get_rows([rows[i] for i in known]))
+                data = b"".join(zero if i == HOLE else next(plains) for i in part)
+                yield data[a - plo:b - plo]
+            pos = b
+    if pos < end:  # trailing hole leaves (only with zero_runs)
+        yield end - pos
 
 
 def read(store: Store, spec: str, offset: int, length: int) -> bytes:
@@ -270,7 +294,7 @@ def export(store: Store, spec: str, out: BinaryIO, progress: volumes.Progress | 
     """Write the whole snapshot to ``out``; sparsely (``dvx_dr.sparse``) when ``out`` is a
     regular file just created or truncated."""
     size = get(store, spec).size
-    return sparse.write(out, iter_range(store, spec, 0, size),
+    return sparse.write(out, iter_range(store, spec, 0, size, True),
                         sparse.is_new_regular_file(out), progress)
 
 

@@ -21,7 +21,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal, overload
 
 from dvx_dr import sparse
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
@@ -334,13 +334,36 @@ def _read_blocks(store: Store, vol: int, numbers: list[int]) -> list[bytes]:
     return [next(plains) if b in rows else zero for b in numbers]
 
 
-def iter_range(store: Store, vol: int, size: int, offset: int, length: int) -> Iterator[bytes]:
-    """Yield the bytes of ``[offset, offset + length)`` of a live volume, batch by batch."""
+@overload
+def iter_range(store: Store, vol: int, size: int, offset: int, length: int,
+               zero_runs: Literal[False] = False) -> Iterator[bytes]: ...
+
+
+@overload
+def iter_range(store: Store, vol: int, size: int, offset: int, length: int,
+               zero_runs: bool) -> Iterator[bytes | int]: ...
+
+
+def iter_range(store: Store, vol: int, size: int, offset: int, length: int,
+               zero_runs: bool = False) -> Iterator[bytes | int]:
+    """Yield the bytes of ``[offset, offset + length)`` of a live volume, batch by batch.
+    With ``zero_runs``, a run of unmapped blocks comes as its length (an int) instead, found
+    through the block index, so a thin volume costs what its data costs (``sparse.write``
+    takes both)."""
     bs = store.block_size
     end = min(offset + length, size)
     pos = offset
     while pos < end:
         first = pos // bs
+        if zero_runs:
+            mapped = store.db.execute("SELECT MIN(blk) FROM blocks WHERE vol=? AND blk>=? "
+                                      "AND blk<=?", (vol, first, (end - 1) // bs)).fetchone()[0]
+            if mapped is None:
+                yield end - pos
+                return
+            if mapped > first:
+                yield mapped * bs - pos
+                pos, first = mapped * bs, mapped
         last = min((end - 1) // bs, first + BATCH_BLOCKS - 1)
         data = b"".join(_read_blocks(store, vol, list(range(first, last + 1))))
         lo = pos - first * bs
@@ -364,5 +387,5 @@ def export(store: Store, name: str, out: BinaryIO, progress: Progress | None = N
     """Write the whole volume to ``out``; sparsely (``dvx_dr.sparse``) when ``out`` is a
     regular file just created or truncated."""
     info = get(store, name)
-    return sparse.write(out, iter_range(store, info.id, info.size, 0, info.size),
+    return sparse.write(out, iter_range(store, info.id, info.size, 0, info.size, True),
                         sparse.is_new_regular_file(out), progress)
