@@ -48,6 +48,9 @@ BASE_DIR = "base_dir"
 
 _MAX_REPORTED = 5
 _MAX_INPUT_REPR = 60
+#: Bounds on a configuration document (see ``_check_size``).
+_MAX_NODES = 100_000
+_MAX_DEPTH = 50
 
 
 def load_yaml_model(path: Path, model_cls: type[M], *, kind: str = "") -> M:
@@ -140,7 +143,11 @@ def _parse(text: str, where: str) -> tuple[yaml.Node, Any]:
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
+        if root is not None:
+            _check_size(root, where)
         data = loader.construct_document(root) if root is not None else None
+    except RecursionError:
+        raise UserError(f"{where}: not valid YAML: nested too deeply") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -153,6 +160,27 @@ def _parse(text: str, where: str) -> tuple[yaml.Node, Any]:
     if root is None:
         raise UserError(f"{where}: the file is empty, expected a mapping of fields")
     return root, data
+
+
+def _check_size(root: yaml.Node, where: str) -> None:
+    """Refuse a document nested more than ``_MAX_DEPTH`` deep or holding more than
+    ``_MAX_NODES`` nodes once its aliases are expanded: a few hundred bytes of nested aliases
+    (a "billion laughs") would otherwise take minutes and gigabytes to check and report."""
+    stack = [(root, 1)]
+    count = 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > _MAX_NODES:
+            raise UserError(f"{where}: more than {_MAX_NODES} values once its aliases (*name) "
+                            "are expanded; write the values out")
+        if depth > _MAX_DEPTH:
+            line = node.start_mark.line + 1
+            raise UserError(f"{where} line {line}: nested more than {_MAX_DEPTH} levels deep")
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((child, depth + 1) for pair in node.value for child in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
 
 
 def _check_duplicate_keys(node: yaml.Node, where: str) -> None:

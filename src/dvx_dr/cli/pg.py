@@ -69,12 +69,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
             sites = set(args.site)
             if not sites:
                 # Without --site, any target name is accepted: read the names from the file.
+                # Anything odd is left to the loader below, which names it.
                 try:
-                    doc = yaml.safe_load(path.read_text()) or {}
-                    sites = {str(t.get("site")) for t in doc.get("replication", []) or []
-                             if isinstance(t, dict)}
-                except (OSError, yaml.YAMLError, AttributeError):
-                    sites = set()
+                    doc = yaml.safe_load(path.read_bytes())
+                except (OSError, yaml.YAMLError, RecursionError):
+                    doc = None
+                targets = doc.get("replication") if isinstance(doc, dict) else None
+                sites = {str(t.get("site")) for t in targets if isinstance(t, dict)
+                         } if isinstance(targets, list) else set()
             policy = load_policy_file(path, sites)
         except DvxError as exc:
             print(f"dvx-dr: error: {exc}", file=sys.stderr)

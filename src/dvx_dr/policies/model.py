@@ -60,6 +60,10 @@ Loc = tuple[str | int, ...]
 # How far ahead min_interval_seconds() looks at cron fire times: at most this many fire times,
 # and at least this long (once two fire times were seen), so that monthly patterns count too.
 _CRON_MAX_FIRES = 1000
+#: Interval schedules run from once a second to once a year (APScheduler cannot add a job
+#: whose next run lies past the year 9999; 10^12 s stopped the site from starting).
+MIN_INTERVAL = 1.0
+MAX_INTERVAL = 366 * 86400.0
 _CRON_HORIZON = timedelta(days=400)
 
 _CRON_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
@@ -114,6 +118,8 @@ class Schedule:
             raise UserError(expected) from None
         if not math.isfinite(seconds) or seconds <= 0:
             raise UserError(f"expected an interval above zero like 15m, got {value!r}")
+        if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:
+            raise UserError(f"expected an interval from 1s to 366d, got {value!r}")
         return cls(text, seconds, None)
 
     @classmethod

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from dvx_dr.policies.model import Retention
 from dvx_dr.policies.retention import select_keep
-from dvx_dr.site import groups
+from dvx_dr.site import groups, snapshots
 from dvx_dr.site.store import Store
 
 log = logging.getLogger("dvx_dr.retention")
@@ -18,8 +18,10 @@ log = logging.getLogger("dvx_dr.retention")
 def prune_groups(store: Store, pg: str, rule: Retention, protect: Iterable[str] = ()
                  ) -> tuple[set[str], list[str]]:
     """Delete the group snapshots of ``pg`` that ``rule`` does not keep; ``protect`` names
-    are always kept. Returns the names kept and the specs deleted."""
-    existing = groups.list_groups(store, pg)
+    are always kept, and so is every snapshot an operator named (only snapshots with the
+    scheduler's time-stamp names are the rule's to delete, as zrepl and sanoid prune only
+    their own snapshots). Returns the names kept and the specs deleted."""
+    existing = [g for g in groups.list_groups(store, pg) if snapshots.is_default_name(g.name)]
     keep = select_keep([(g.name, g.created_at) for g in existing], rule, datetime.now(UTC),
                        protect)
     deleted = []

@@ -29,6 +29,8 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +40,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from dvx_dr.errors import DvxError, StoreLockedError
 from dvx_dr.policies.loader import load_policy_dir, members_of
-from dvx_dr.policies.model import Hook, Policy, ReplicationTarget
+from dvx_dr.policies.model import Hook, Policy, ReplicationTarget, Schedule
 from dvx_dr.replicator.peer import with_retries
 from dvx_dr.replicator.retention import prune_groups
 from dvx_dr.replicator.sender import TransferStats, send_group
@@ -111,7 +113,8 @@ class Scheduler:
         self._group_locks: dict[str, asyncio.Lock] = {}
         self._target_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._sending: set[tuple[str, str]] = set()  # (pg, snapshot name) in flight
+        # (pg, snapshot name) -> transfers of it in flight (to any target, scheduled or not)
+        self._sending: Counter[tuple[str, str]] = Counter()
 
     @property
     def store(self) -> Store:
@@ -148,9 +151,17 @@ class Scheduler:
         for name in set(self.policies) - set(policies):
             self._remove_jobs(name)
             self.status.pop(name, None)
-        self.policies = policies
+        before, self.policies = self.policies, {}
         for name, policy in policies.items():
-            self._apply(name, policy, Path(directory))
+            try:
+                self._apply(name, policy, Path(directory), before.get(name))
+            except Exception as exc:  # one policy APScheduler refuses never stops the others
+                self._remove_jobs(name)
+                self.status.pop(name, None)
+                self.errors.append(f"group {name}: cannot be scheduled: {exc}")
+                log.error("policy not loaded: %s", self.errors[-1])
+                continue
+            self.policies[name] = policy
         state = await self.service.store.run(_replication_state, self.store)
         for (pg, site), (snap, taken) in state.items():
             target = self.status.get(pg, None)
@@ -158,10 +169,14 @@ class Scheduler:
                 t = target.targets[site]
                 if t.last_snapshot is None:
                     t.last_snapshot, t.last_snapshot_time = snap, taken
-        log.info("policies loaded: %s", ", ".join(sorted(policies)) or "none")
-        return {"loaded": sorted(policies), "errors": self.errors}
+        log.info("policies loaded: %s", ", ".join(sorted(self.policies)) or "none")
+        return {"loaded": sorted(self.policies), "errors": self.errors}
 
-    def _apply(self, name: str, policy: Policy, directory: Path) -> None:
+    def _apply(self, name: str, policy: Policy, directory: Path, before: Policy | None
+               ) -> None:
+        """Schedule the jobs of ``policy``. A job whose schedule is the same as in the policy
+        loaded ``before`` is left as it is: a reload (SIGHUP, ``pg apply``) must not restart
+        the interval of an unchanged job, or reloads more frequent than it would stop it."""
         status = self.status.get(name)
         if status is None:
             status = self.status[name] = GroupStatus(name, str(directory))
@@ -171,21 +186,23 @@ class Scheduler:
         }
         for t in policy.replication:
             status.targets[t.site].rpo = t.rpo
-        self._remove_jobs(name)
-        self.scheduler.add_job(self.snapshot_job, policy.snapshot.schedule.to_trigger(),
-                               args=[name], id=f"snapshot:{name}", coalesce=True,
-                               max_instances=1, misfire_grace_time=None, replace_existing=True)
-        for t in policy.replication:
-            if not t.after_snapshot:
-                assert not isinstance(t.schedule, str)
-                self.scheduler.add_job(self.replicate_job, t.schedule.to_trigger(),
-                                       args=[name, t.site], id=f"replicate:{name}:{t.site}",
-                                       coalesce=True, max_instances=1, misfire_grace_time=None,
-                                       replace_existing=True)
+        wanted = _schedules(policy)
+        running = _schedules(before) if before is not None else {}
+        for job in self.scheduler.get_jobs():
+            if _job_pg(job.id) == name and job.id not in wanted:
+                job.remove()
+        for job_id, schedule in wanted.items():
+            if running.get(job_id) == schedule and self.scheduler.get_job(job_id):
+                continue
+            kind, _, *site = job_id.split(":")
+            func = self.snapshot_job if kind == "snapshot" else self.replicate_job
+            self.scheduler.add_job(func, schedule.to_trigger(), args=[name, *site],
+                                   id=job_id, coalesce=True, max_instances=1,
+                                   misfire_grace_time=None, replace_existing=True)
 
     def _remove_jobs(self, name: str) -> None:
         for job in self.scheduler.get_jobs():
-            if job.id == f"snapshot:{name}" or job.id.startswith(f"replicate:{name}:"):
+            if _job_pg(job.id) == name:
                 job.remove()
 
     # -- jobs ------------------------------------------------------------------------------
@@ -299,7 +316,6 @@ class Scheduler:
             return None
         snap = newest[-1]
         peer = self.service.peer(target.site)
-        self._sending.add((name, snap.name))
         status = self.status[name].targets[target.site]
 
         def progress(s: TransferStats) -> None:
@@ -318,12 +334,12 @@ class Scheduler:
                         target.site, n, exc, delay)
 
         try:
-            stats = await with_retries(
-                lambda: send_group(store, peer, name, snap.name, progress=progress,
-                                   bandwidth_limit=target.bandwidth_limit),
-                attempts=TARGET_ATTEMPTS, base=1.0, cap=30.0, on_retry=retrying)
+            with self.sending(name, snap.name):
+                stats = await with_retries(
+                    lambda: send_group(store, peer, name, snap.name, progress=progress,
+                                       bandwidth_limit=target.bandwidth_limit),
+                    attempts=TARGET_ATTEMPTS, base=1.0, cap=30.0, on_retry=retrying)
         finally:
-            self._sending.discard((name, snap.name))
             status.progress = {}
         await store.run(_record_replica, self.store, name, target.site, snap)
         status.last_snapshot, status.last_snapshot_time = snap.spec, snap.created
@@ -337,6 +353,19 @@ class Scheduler:
             log.warning("group %s -> %s: target retention failed: %s", name, target.site, exc)
         await self._apply_local_retention(name, self.policies.get(name))
         return stats
+
+    @contextlib.contextmanager
+    def sending(self, pg: str, snapshot: str) -> Iterator[None]:
+        """Keep group snapshot ``pg@snapshot`` out of local retention while it is being sent.
+        Transfers of one snapshot to several targets (or by hand) overlap, so each one
+        counts: the snapshot is free again only when the last of them ends."""
+        self._sending[pg, snapshot] += 1
+        try:
+            yield
+        finally:
+            self._sending[pg, snapshot] -= 1
+            if not self._sending[pg, snapshot]:
+                del self._sending[pg, snapshot]
 
     async def _apply_local_retention(self, name: str, policy: Policy | None) -> None:
         if policy is None:
@@ -433,6 +462,21 @@ class Scheduler:
                [({"pg": g}, 1 if st.last_snapshot_error else 0)
                 for g, st in sorted(self.status.items())])
         return "\n".join(lines) + "\n"
+
+
+def _job_pg(job_id: str) -> str:
+    """The group of a job id (``snapshot:PG`` or ``replicate:PG:SITE``)."""
+    return job_id.split(":")[1]
+
+
+def _schedules(policy: Policy) -> dict[str, Schedule]:
+    """Job id -> schedule of each job ``policy`` runs."""
+    out = {f"snapshot:{policy.name}": policy.snapshot.schedule}
+    for t in policy.replication:
+        if not t.after_snapshot:
+            assert not isinstance(t.schedule, str)
+            out[f"replicate:{policy.name}:{t.site}"] = t.schedule
+    return out
 
 
 def _iso(ts: float | None) -> str | None:

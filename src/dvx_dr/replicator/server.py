@@ -106,8 +106,11 @@ class SiteService:
                 return send_group(self.store, peer, pg, name, progress)
             return send_snapshot(self.store, peer, spec, progress)
 
+        # A group snapshot sent by hand is kept from local retention like a scheduled one.
+        sending = self.scheduler.sending(pg, name) if group else contextlib.nullcontext()
         try:
-            return await with_retries(attempt, attempts=attempts, on_retry=on_retry)
+            with sending:
+                return await with_retries(attempt, attempts=attempts, on_retry=on_retry)
         finally:
             self.transfers.pop(key, None)
 

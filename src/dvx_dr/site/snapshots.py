@@ -77,6 +77,15 @@ def default_name() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_DEFAULT_NAME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
+
+
+def is_default_name(name: str) -> bool:
+    """Whether ``name`` has the form ``default_name`` gives (the scheduler's snapshots, and
+    those taken without a name): the only ones automatic retention may delete."""
+    return _DEFAULT_NAME.fullmatch(name) is not None
+
+
 def build_tree(store: Store, vol: int, size: int) -> Root:
     """Bring the volume's cached tree up to date with its live map; inside a transaction.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import textwrap
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from dvx_dr.policies.loader import (
 )
 from dvx_dr.policies.model import Policy, Retention, Schedule
 from dvx_dr.policies.retention import select_keep
+from tests.conftest import run_cli
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "deploy" / "policies" / "example.yaml"
 SITES = {"dr-east", "dr-west"}
@@ -374,6 +376,36 @@ def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
 # --- directories ---------------------------------------------------------------------------
 
 
+def _alias_bomb(levels: int) -> str:
+    """A policy whose members are ``9 ** levels`` names written in a few hundred bytes."""
+    lines = ["name: g", "x0: &a0 [v, v, v, v, v, v, v, v, v]"]
+    for k in range(1, levels + 1):
+        lines.append(f"x{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 9) + "]")
+    return "\n".join([*lines, f"members: *a{levels}", ""])
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (_alias_bomb(7), "more than 100000 values once its aliases"),
+    ("name: g\nmembers: " + "[" * 60 + "]" * 60 + "\n", "line 2: nested more than 50 levels"),
+    ("name: g\nmembers: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+])
+def test_hostile_yaml_is_refused_quickly(tmp_path: Path, text: str, message: str) -> None:
+    """A few hundred bytes of nested aliases took seconds per level (and gigabytes for an
+    error message naming them all); deep nesting raised RecursionError. Both are one line
+    now, and an anchor used a few times still works."""
+    path = tmp_path / "g.yaml"
+    path.write_text(text)
+    started = time.monotonic()
+    with pytest.raises(PolicyError, match=message) as caught:
+        load_policy_file(path, SITES)
+    assert time.monotonic() - started < 2
+    assert len(str(caught.value)) < 500
+    path.write_text(GOOD.format(name="g", members="vm1") + "x: &r {daily: 7}\n"
+                    "\nextra: [*r, *r]\n")
+    with pytest.raises(PolicyError, match="extra"):  # the anchors parse; the field is unknown
+        load_policy_file(path, SITES)
+
+
 def test_bad_file_beside_good_ones_does_not_unload_them(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", GOOD.format(name="alpha", members='"a-*"'))
     bad = write(tmp_path, "b.yaml", GOOD.format(name="beta", members='"b-*"').replace("1h", "x"))
@@ -544,6 +576,10 @@ def test_cron_weekdays_mean_what_crontab_means(weekday: str, fires_on: set[str])
         ("0 0 * * 8", "expected an interval like 15m or a cron expression"),
         ("0s", "above zero"),
         ("", "expected an interval"),
+        # APScheduler cannot place a run past the year 9999: 10^12 s stopped the site.
+        ("1000000000000", "from 1s to 366d"),
+        ("9999999d", "from 1s to 366d"),
+        ("0.0001", "from 1s to 366d"),
     ],
 )
 def test_bad_schedules(text: str, message: str) -> None:
@@ -701,3 +737,24 @@ def test_plaintext_replication_is_refused_with_the_reason(tmp_path: Path) -> Non
     assert "line 8" in message
     assert "replication[0].in_flight_encryption" in message
     assert "mutual TLS" in message
+
+
+def test_pg_validate_names_each_bad_file_in_one_line_and_goes_on(tmp_path: Path) -> None:
+    """Files that made ``pg validate`` print a traceback (and skip the files after them): not
+    UTF-8, a ``replication`` that is not a list, nesting too deep. Each is one line now, and
+    the good file after them is still validated."""
+    bad = {"latin1.yaml": b"name: caf\xe9\nmembers: [a]\n",
+           "number.yaml": b"name: x\nmembers: [a]\nreplication: 5\n",
+           "deep.yaml": b"name: x\nmembers: " + b"[" * 5000 + b"]" * 5000 + b"\n"}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    good = write(tmp_path, "good.yaml", GOOD.format(name="good", members="vm1"))
+    proc = run_cli("pg", "validate", *sorted(tmp_path / n for n in bad), good, check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 3, err
+    for name, line in zip(sorted(bad), lines, strict=True):
+        assert line.startswith(f"dvx-dr: error: policy {tmp_path / name}"), line
+    assert f"{good}: ok" in proc.stdout.decode()
