@@ -731,3 +731,31 @@ def test_reloads_do_not_postpone_an_unchanged_schedule(sites: Sites) -> None:
         assert "error" not in remote.call(str(a.admin_socket), "reload")
     assert len(group_names(a, "g")) >= 2
     assert status(a)["groups"]["g"]["next_snapshot"] != before
+
+
+def test_a_trigger_during_a_transfer_runs_once_it_ends(sites: Sites, tmp_path: Path) -> None:
+    """Snapshots every 4 s; the first transfer takes about 12 s (6 MiB at 512 KiB/s), so the
+    snapshots taken meanwhile trigger replication while it runs. Those triggers were dropped,
+    and the next transfer waited for the next snapshot; now one more transfer starts as soon
+    as the first ends, of the snapshot newest at that moment."""
+    a, b = make_sites(sites, "site-a", "site-b")
+    sites.start()
+    image = tmp_path / "img"
+    image.write_bytes(os.urandom(6 * MiB))
+    a.cli("volume", "import", "vm1", image)
+    text = policy("g", '["vm1"]', schedule="4s", keep=10, targets=(("site-b", "1h", 10),))
+    (a.root / "policies" / "g.yaml").write_text(
+        text.replace("    rpo: 1h\n", "    rpo: 1h\n    bandwidth_limit: 512KiB/s\n"))
+    pg_apply(a)
+
+    def two_replicas() -> list[int] | None:
+        log = a.log().splitlines()
+        done = [n for n, line in enumerate(log) if "-> site-b:" in line and " replicated (" in line]
+        return done if len(done) >= 2 else None
+
+    first, second = wait_for("two replicas at site-b", two_replicas, timeout=60)[:2]
+    log = a.log().splitlines()
+    taken = [re.search(r"snapshot (g@\S+) of", line) for line in log[:first]]
+    newest_then = [m[1] for m in taken if m][-1]
+    assert len([m for m in taken if m]) >= 2, "no snapshot was taken during the first transfer"
+    assert f"{newest_then} replicated" in log[second], (newest_then, log[second])

@@ -112,6 +112,7 @@ class Scheduler:
         self.status: dict[str, GroupStatus] = {}
         self._group_locks: dict[str, asyncio.Lock] = {}
         self._target_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._pending: set[tuple[str, str]] = set()  # (pg, site) triggered while busy
         self._tasks: set[asyncio.Task[Any]] = set()
         # (pg, snapshot name) -> transfers of it in flight (to any target, scheduled or not)
         self._sending: Counter[tuple[str, str]] = Counter()
@@ -196,8 +197,10 @@ class Scheduler:
                 continue
             kind, _, *site = job_id.split(":")
             func = self.snapshot_job if kind == "snapshot" else self.replicate_job
+            # A replication job's second instance only marks the running one to go again.
             self.scheduler.add_job(func, schedule.to_trigger(), args=[name, *site],
-                                   id=job_id, coalesce=True, max_instances=1,
+                                   id=job_id, coalesce=True,
+                                   max_instances=1 if kind == "snapshot" else 2,
                                    misfire_grace_time=None, replace_existing=True)
 
     def _remove_jobs(self, name: str) -> None:
@@ -272,42 +275,54 @@ class Scheduler:
         return None
 
     async def replicate_job(self, name: str, site: str) -> None:
+        """Replicate the group's newest snapshot to ``site``. A trigger that comes while that
+        target's transfer runs is not dropped: once the transfer succeeds, one more runs at
+        once, of the snapshot that is newest then (missed runs coalesce into one)."""
+        key = (name, site)
+        lock = self._target_locks.setdefault(key, asyncio.Lock())
+        if lock.locked():
+            self._pending.add(key)
+            return
+        async with lock:
+            while await self._replicate_to(name, site) and key in self._pending:
+                self._pending.discard(key)
+            self._pending.discard(key)  # after a failure, the next trigger tries again
+
+    async def _replicate_to(self, name: str, site: str) -> bool:
+        """One transfer to ``site``, its outcome in the target's status; whether it sent a
+        snapshot."""
         policy = self.policies.get(name)
         target = next((t for t in policy.replication if t.site == site), None) if policy else None
         if policy is None or target is None:
-            return
-        lock = self._target_locks.setdefault((name, site), asyncio.Lock())
-        if lock.locked():
-            return  # the running transfer will be followed by the next trigger
+            return False
         status = self.status[name].targets[site]
-        async with lock:
-            status.running = True
-            try:
-                if self.store.locked:
-                    raise StoreLockedError("store is locked: nothing replicates until unlocked")
-                stats = await self._replicate(name, target)
-            except asyncio.CancelledError:  # the site stops; the transfer resumes next start
-                log.info("group %s -> %s: transfer interrupted: the site is stopping", name,
-                         site)
-                return
-            except Exception as exc:
-                status.last_error = str(exc) if isinstance(exc, DvxError) else repr(exc)
-                status.last_error_time = time.time()
-                status.errors_total += 1
-                log.error("group %s -> %s: replication failed: %s", name, site, exc)
-                return
-            finally:
-                status.running = False
-            if stats is None:
-                return
-            status.last_success = time.time()
-            status.last_error = None
-            status.bytes_sent = stats.bytes_on_wire
-            status.bytes_skipped = stats.bytes_skipped
-            status.duration = stats.seconds
-            status.rate = stats.rate
-            status.bytes_sent_total += stats.bytes_on_wire
-            status.bytes_skipped_total += stats.bytes_skipped
+        status.running = True
+        try:
+            if self.store.locked:
+                raise StoreLockedError("store is locked: nothing replicates until unlocked")
+            stats = await self._replicate(name, target)
+        except asyncio.CancelledError:  # the site stops; the transfer resumes next start
+            log.info("group %s -> %s: transfer interrupted: the site is stopping", name, site)
+            return False
+        except Exception as exc:
+            status.last_error = str(exc) if isinstance(exc, DvxError) else repr(exc)
+            status.last_error_time = time.time()
+            status.errors_total += 1
+            log.error("group %s -> %s: replication failed: %s", name, site, exc)
+            return False
+        finally:
+            status.running = False
+        if stats is None:
+            return False
+        status.last_success = time.time()
+        status.last_error = None
+        status.bytes_sent = stats.bytes_on_wire
+        status.bytes_skipped = stats.bytes_skipped
+        status.duration = stats.seconds
+        status.rate = stats.rate
+        status.bytes_sent_total += stats.bytes_on_wire
+        status.bytes_skipped_total += stats.bytes_skipped
+        return True
 
     async def _replicate(self, name: str, target: ReplicationTarget) -> TransferStats | None:
         store = self.service.store
