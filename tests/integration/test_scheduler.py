@@ -759,3 +759,26 @@ def test_a_trigger_during_a_transfer_runs_once_it_ends(sites: Sites, tmp_path: P
     newest_then = [m[1] for m in taken if m][-1]
     assert len([m for m in taken if m]) >= 2, "no snapshot was taken during the first transfer"
     assert f"{newest_then} replicated" in log[second], (newest_then, log[second])
+
+
+def test_a_target_never_replicated_stays_violated_across_a_restart(sites: Sites) -> None:
+    """The age of a target that never got a replica counts from when it was configured, kept
+    in the store: a restart had reset it to zero, so a site restarted more often than the RPO
+    never reported the target unprotected."""
+    a, _ = make_sites(sites, "site-a", "site-b")
+    sites.start("site-a")  # site-b never runs
+    a.cli("volume", "create", "vm1", "--size", "1MiB")
+    (a.root / "policies" / "g.yaml").write_text(
+        policy("g", '["vm1"]', schedule="2s", targets=(("site-b", "3s", 2),)))
+    pg_apply(a)
+
+    def target() -> dict[str, Any]:
+        return dict(status(a)["groups"]["g"]["targets"]["site-b"])
+
+    wait_for("the RPO to be violated", lambda: target()["rpo_status"] == "VIOLATED", 20)
+    a.stop()
+    a.start()
+    t = target()
+    assert t["last_replica"] is None
+    assert t["rpo_status"] == "VIOLATED", t
+    assert t["age_seconds"] > 3, t

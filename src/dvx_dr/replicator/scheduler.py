@@ -44,6 +44,7 @@ from dvx_dr.policies.model import Hook, Policy, ReplicationTarget, Schedule
 from dvx_dr.replicator.peer import with_retries
 from dvx_dr.replicator.retention import prune_groups
 from dvx_dr.replicator.sender import TransferStats, send_group
+from dvx_dr.site import db as dbmod
 from dvx_dr.site import groups, volumes
 from dvx_dr.site.store import Store, now_iso
 
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dvx_dr.scheduler")
 WARNING_AT = 0.8
 TARGET_ATTEMPTS = 3
+#: Store metadata key prefix: when a group's target was first configured (``PG:SITE``).
+_CONFIGURED = "target_configured:"
 
 
 @dataclass
@@ -73,12 +76,17 @@ class TargetStatus:
     errors_total: int = 0
     running: bool = False
     progress: dict[str, Any] = field(default_factory=dict)
+    #: When this target was first configured for the group (kept in the store, so a restart
+    #: does not reset the age of a target that was never replicated).
+    configured: float | None = None
 
     def age(self, now: float, since: float) -> float:
+        """The age of the newest replica's data; for a target never replicated, the time
+        since it was configured (``since`` when that is not known)."""
         if self.last_snapshot_time:
             taken = datetime.fromisoformat(self.last_snapshot_time.replace("Z", "+00:00"))
             return max(0.0, now - taken.timestamp())
-        return max(0.0, now - since)
+        return max(0.0, now - (self.configured or since))
 
     def rpo_state(self, now: float, since: float) -> str:
         age = self.age(now, since)
@@ -163,6 +171,12 @@ class Scheduler:
                 log.error("policy not loaded: %s", self.errors[-1])
                 continue
             self.policies[name] = policy
+        configured = await self.service.store.run(
+            _configured_since, self.store,
+            {(pg, t.site) for pg, p in self.policies.items() for t in p.replication},
+            set(self.policies))
+        for (pg, site), when in configured.items():
+            self.status[pg].targets[site].configured = when
         state = await self.service.store.run(_replication_state, self.store)
         for (pg, site), (snap, taken) in state.items():
             target = self.status.get(pg, None)
@@ -537,6 +551,26 @@ def _volume_names(store: Store) -> list[dict[str, Any]]:
 def _replication_state(store: Store) -> dict[tuple[str, str], tuple[str, str]]:
     return {(pg, t): (f"{pg}@{s}", taken) for pg, t, s, taken in store.db.execute(
         "SELECT pg, target, snapshot, snapshot_time FROM replication_state")}
+
+
+def _configured_since(store: Store, targets: set[tuple[str, str]], groups_loaded: set[str]
+                      ) -> dict[tuple[str, str], float]:
+    """When each (group, target) was first configured, recording now for new ones; a target
+    its loaded group no longer names is forgotten (if it comes back, it counts afresh)."""
+    now = time.time()
+    out = {}
+    with store.transaction() as db:
+        for key, value in db.execute("SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?",
+                                     (len(_CONFIGURED), _CONFIGURED)).fetchall():
+            pg, _, site = key.removeprefix(_CONFIGURED).partition(":")
+            if (pg, site) in targets:
+                out[pg, site] = float(value)
+            elif pg in groups_loaded:
+                db.execute("DELETE FROM meta WHERE key=?", (key,))
+        for pg, site in targets - set(out):
+            dbmod.set_meta(db, f"{_CONFIGURED}{pg}:{site}", repr(now))
+            out[pg, site] = now
+    return out
 
 
 def _record_replica(store: Store, pg: str, target: str, snap: groups.GroupInfo) -> None:
