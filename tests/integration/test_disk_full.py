@@ -75,3 +75,34 @@ def test_a_full_disk_fails_the_write_cleanly_and_loses_nothing(
     assert run_cli("volume", "read", "small", "--length", str(2 << 20),
                    *args).stdout == small.read_bytes()
     assert os.statvfs(small_disk).f_bavail > 0
+
+
+def test_key_changes_on_a_full_disk_say_so_and_keep_the_old_password(
+    small_disk: Path, tmp_path: Path, password_file: Path
+) -> None:
+    """The disk holding the store fills up: a password change is one line naming the full
+    disk (it had been told to restore the store from a backup, its database "damaged"), and
+    the store opens with the old password once space is freed."""
+    store = small_disk / "store"
+    args = ["--store", store, "--password-file", password_file]
+    run_cli("site", "init", "--name", "site-a", *args)
+    data = random.Random(5).randbytes(1024 * 1024)
+    (tmp_path / "v.img").write_bytes(data)
+    run_cli("volume", "import", "v", tmp_path / "v.img", *args)
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(bytes(1024 * 1024))
+        except OSError:
+            pass
+    new = tmp_path / "new-password"
+    new.write_text("a brand new password\n")
+    failed = run_cli("datastore", "encryption", "change-password", "--new-password-file", new,
+                     *args, check=False)
+    err = failed.stderr.decode()
+    assert failed.returncode == 2, err
+    assert "full" in err or "no space left" in err, err
+    assert "restore" not in err and "Traceback" not in err and len(err.splitlines()) == 1
+    filler.unlink()
+    assert run_cli("volume", "read", "v", "--length", str(len(data)), *args).stdout == data

@@ -10,6 +10,8 @@ child has exited or been killed.
 from __future__ import annotations
 
 import base64
+import copy
+import errno
 import hashlib
 import json
 import os
@@ -23,7 +25,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dvx_dr.errors import WrongPasswordError
+import pytest
+
+from dvx_dr.errors import StoreFullError, WrongPasswordError
+from dvx_dr.site import keys as keys_module
+from dvx_dr.site import keystore as keystore_module
 from dvx_dr.site import scrub, volumes
 from dvx_dr.site.store import Store
 from tests.conftest import PASSWORD, cli_env, run_cli
@@ -458,7 +464,7 @@ def test_crypto_erase_with_plain_data_left(tmp_path: Path, password_file: Path) 
 
     erase = ("datastore", "encryption", "crypto-erase", "--confirm-name", SITE, "--yes")
     out = cli(*erase).stdout.decode()
-    assert "NOT erased" in out and f"({plain['extents']} extents)" in out, out
+    assert "still on disk in the clear" in out and f"({plain['extents']} extents)" in out, out
     assert "--delete-plain" in out
     assert holding(plain_mark, store), "the plain data is still on disk, as reported"
     after = cli.status()
@@ -684,3 +690,114 @@ def test_kill_during_convert(tmp_path: Path, password_file: Path) -> None:
     assert set(segments(store)) == live, outcomes
     assert any(killed for killed, _ in outcomes), outcomes
 
+
+
+# -- found by an adversarial review of the key manager ------------------------------------
+
+
+def test_a_crash_between_link_and_rename_does_not_cost_the_keystore(
+        tmp_path: Path, password_file: Path) -> None:
+    """A keystore write killed between linking the live file to ``.old`` and renaming the
+    new one in left ``.old`` as a second name of the live keystore; the next write scrubbed
+    ``.old`` first, writing random bytes over the live keystore: no password opened the
+    store again. Now a leftover that is the live file is only unlinked."""
+    store = tmp_path / "store"
+    cli = Cli(store, password_file)
+    image = random_blocks(random.Random(11), 4)
+    (tmp_path / "image").write_bytes(image)
+    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
+    cli("volume", "import", "vm1", tmp_path / "image")
+    live = store / "keystore.json"
+    os.link(live, store / "keystore.json.old")  # what the crash leaves
+    # The next write fails before its rename (here: its temporary file cannot be made).
+    (store / "keystore.json.tmp").mkdir()
+    new = write_password(tmp_path / "new-password", "a brand new password")
+    user_error(cli("datastore", "encryption", "change-password", "--new-password-file", new,
+                   check=False), "cannot write keystore", "nothing was changed")
+    assert cli.export() == image  # the old password still opens it
+    (store / "keystore.json.tmp").rmdir()
+    cli("datastore", "encryption", "change-password", "--new-password-file", new)
+    assert not (store / "keystore.json.old").exists()
+    assert cli.export(password_file=new) == image
+
+
+def test_a_keystore_write_that_fails_changes_nothing_in_memory(
+        tmp_path: Path, password_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk while the keystore is written (a running site keeps it in memory): the
+    new password, key version or startup wrapping had stayed in memory though the file kept
+    the old ones, so the site then refused the password its file still had. Now the change
+    takes effect only once written, and the error says the disk is full. (The full disk is
+    simulated: making one takes a mount.)"""
+    store = tmp_path / "store"
+    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
+    password = password_file.read_text().strip()
+    s = Store.open(store, lambda: password)
+    try:
+        def full(path: Path, data: bytes, mode: int = 0o600) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(keystore_module, "write_atomic", full)
+        before = copy.deepcopy(s.keystore.doc)
+        versions = dict(s.keys.teks)
+        with pytest.raises(StoreFullError, match="no space left"):
+            keys_module.change_password(s, password, "a brand new password")
+        with pytest.raises(StoreFullError):
+            keys_module.rotate_key(s, password)
+        assert s.keystore.doc == before
+        assert s.keys.teks == versions
+        s.keystore.verify_password(password)
+    finally:
+        s.close()
+    assert opens_with(store, password)
+
+
+def test_startup_key_paths_that_are_not_keys_are_refused(tmp_path: Path,
+                                                         password_file: Path) -> None:
+    """``set --startup-mode unlocked --startup-key PATH`` wrote the key over whatever PATH was
+    (a disk image, the password file), and a store named through a symlink took a startup
+    key inside itself. ``rotate-key --startup-key`` wrapped the keys under any 32-byte file.
+    Each is refused, and nothing changes."""
+    store = tmp_path / "store"
+    cli = Cli(store, password_file)
+    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
+    precious = tmp_path / "disk.img"
+    precious.write_bytes(b"precious data\n" * 100)
+    keystore = (store / "keystore.json").read_bytes()
+    user_error(cli("datastore", "encryption", "set", "--startup-mode", "unlocked",
+                   "--startup-key", precious, check=False), "is not a startup key")
+    assert precious.read_bytes() == b"precious data\n" * 100
+    link = tmp_path / "store-link"
+    link.symlink_to(store)
+    proc = run_cli("datastore", "encryption", "set", "--startup-mode", "unlocked",
+                   "--startup-key", link / "startup.key", "--store", link,
+                   "--password-file", password_file, check=False)
+    user_error(proc, "outside the store directory")
+    assert (store / "keystore.json").read_bytes() == keystore
+    key = tmp_path / "startup.key"
+    cli("datastore", "encryption", "set", "--startup-mode", "unlocked", "--startup-key", key)
+    other = tmp_path / "other.key"
+    other.write_bytes(os.urandom(32))
+    keystore = (store / "keystore.json").read_bytes()
+    user_error(cli("datastore", "encryption", "rotate-key", "--startup-key", other,
+                   check=False), "is not this store's startup key")
+    assert (store / "keystore.json").read_bytes() == keystore
+    cli("datastore", "encryption", "rotate-key", "--startup-key", key)
+
+
+def test_enabling_again_keeps_the_password_and_refuses_a_new_one(
+        tmp_path: Path, password_file: Path) -> None:
+    """After ``disable``, ``enable`` reuses the store's keys and password; it had asked for a
+    new password, ignored it and reported success, so an operator could throw away the
+    only password that opens the store."""
+    store = tmp_path / "store"
+    cli = Cli(store, password_file)
+    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
+    cli("datastore", "encryption", "disable")
+    new = write_password(tmp_path / "new-password", "a brand new password")
+    user_error(cli("datastore", "encryption", "enable", "--new-password-file", new, "--yes",
+                   check=False), "uses them and their password")
+    assert cli.status()["encryption"] == "off"
+    out = cli("datastore", "encryption", "enable", "--yes")
+    assert b"password is unchanged" in out.stdout
+    assert cli.status()["encryption"] == "on"
+    assert opens_with(store, password_file.read_text().strip())

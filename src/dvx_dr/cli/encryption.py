@@ -74,6 +74,17 @@ def cmd_unlock(args: argparse.Namespace) -> int:
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
+    if run_op(args, "encryption.status", {}, locked_ok=True)["key_versions"]:
+        # Encryption was on before and was disabled: the store kept its keys and password.
+        if args.new_password_file is not None:
+            raise UserError("this store has encryption keys from before, and enabling "
+                            "encryption again uses them and their password; leave out "
+                            "--new-password-file ('change-password' changes the password)")
+        run_op(args, "encryption.enable", {"new_password": None})
+        print("encryption enabled with the store's existing keys (the password is unchanged): "
+              "new data will be encrypted; existing plain data stays so until converted "
+              "('dvx-dr datastore encryption convert --to encrypted')")
+        return 0
     source = args.new_password_file or args.password_file
     if source is None:
         print(WARNING, file=sys.stderr)
@@ -192,7 +203,9 @@ def cmd_crypto_erase(args: argparse.Namespace) -> int:
     print("keys destroyed: encrypted data in this store is unrecoverable")
     if r["plain_bytes_left"]:
         print(f"{format_size(r['plain_bytes_left'])} ({r['plain_extents_left']} extents) were "
-              "stored unencrypted and were NOT erased; rerun with --delete-plain to delete them")
+              "stored unencrypted: they are still on disk in the clear, though dvx-dr can no "
+              "longer read them (its index was under the destroyed keys); rerun with "
+              "--delete-plain to delete them")
     elif args.delete_plain:
         print(f"deleted all data ({format_size(r['deleted_bytes'])})")
     return 0

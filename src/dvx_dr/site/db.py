@@ -16,12 +16,13 @@ Volume, snapshot and group names are not secret.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dvx_dr.errors import FormatError, IntegrityError
+from dvx_dr.errors import FormatError, IntegrityError, StoreFullError
 
 SCHEMA_VERSION = 3
 
@@ -200,11 +201,24 @@ def init_db(path: Path, meta: dict[str, str]) -> sqlite3.Connection:
     return db
 
 
+def _disk_full(path: Path) -> bool:
+    """Whether the file system holding ``path`` has no space left for ordinary writers."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1024 * 1024
+
+
 def open_db(path: Path) -> sqlite3.Connection:
     try:
         db = connect(path)
         row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     except sqlite3.DatabaseError as exc:  # not a database, damaged, or not a file at all
+        if _disk_full(path):  # SQLite reports a full disk as an I/O error when it opens
+            raise StoreFullError(f"store database {path} cannot be opened: the disk holding "
+                                 "it is full; free some space and run the command again"
+                                 ) from None
         raise IntegrityError(f"store database {path} is unreadable ({exc}): it is damaged "
                              "or was replaced; restore the store from a backup") from None
     if row is None:

@@ -96,15 +96,25 @@ def status(store: Store) -> dict[str, Any]:
     }
 
 
-def enable(store: Store, new_password: str) -> dict[str, Any]:
+def enable(store: Store, new_password: str | None) -> dict[str, Any]:
+    """Switch encryption on. A store that had keys before uses them again, with their
+    password (``new_password`` must then be None); otherwise new keys are made, under
+    ``new_password``."""
     if store.meta("keys_destroyed") == "1":
         raise KeysDestroyedError("keys destroyed: this store cannot be encrypted again")
+    if store.keyed and new_password is not None:
+        raise UserError("this store has encryption keys from before, and enabling encryption "
+                        "again uses them and their password; give no new password "
+                        "('change-password' changes it)")
     if store.keyed:
         _require_keys(store)
         with store.transaction() as db:
             dbmod.set_meta(db, "encryption", "on")
         store.apply_write_setting()
         return {"encryption": "on", "changed": True, "new_keys": False}
+    if new_password is None:
+        raise UserError("enabling encryption needs a new password (--new-password-file or the "
+                        "prompt)")
     keys = KeyMaterial(new_index_key(), {1: new_tek()})
     fips = (store.meta("fips_mode") or "off") != "off"
     keystore = Keystore.create(store.path / KEYSTORE_NAME, store.store_id, store.site,
@@ -146,9 +156,17 @@ def rotate_key(store: Store, password: str | None,
     pw = _check_password(store, password)
     assert store.keystore is not None
     startup = read_startup_key(startup_key) if startup_key else None
-    if store.keystore.has_startup_slot and startup is None:
-        raise UserError("the store is in unlocked startup mode but its startup key file is "
-                        "not readable here; run this through the running site")
+    if store.keystore.has_startup_slot:
+        if startup is None:
+            raise UserError("the store is in unlocked startup mode but its startup key file "
+                            f"({store.meta('startup_key') or 'not recorded'}) is not readable; "
+                            "set a new one with 'encryption set --startup-mode unlocked "
+                            "--startup-key PATH', or lock the store with --startup-mode locked")
+        try:  # the new key version is wrapped under it: it must be this store's key
+            store.keystore.unlock_with_startup_key(startup)
+        except UserError:
+            raise UserError(f"{startup_key} is not this store's startup key; nothing was "
+                            "changed") from None
     version = max([*keys.teks, int(store.meta("key_version") or 0)]) + 1
     store.keystore.add_tek(keys, version, new_tek(), pw, startup)
     store.install_keys(keys)
@@ -212,9 +230,11 @@ def _check_startup_mode(store: Store, mode: str, startup_key: Path | None) -> se
         if startup_key is None:
             raise UserError("unlocked startup mode needs a startup key path: set startup_key in "
                             "site.yaml (outside the store directory) or pass --startup-key")
-        if Path(os.path.abspath(startup_key)).is_relative_to(os.path.abspath(store.path)):
+        if Path(os.path.realpath(startup_key)).is_relative_to(os.path.realpath(store.path)):
             raise UserError("keep the startup key outside the store directory, so that a copy "
                             "of the store alone cannot be unlocked")
+        # The key is written over whatever is at that path: it must be a key already.
+        _refuse_unless_startup_key(store, startup_key, "overwritten")
         return set()
     if mode == "locked":
         return _startup_keys_to_destroy(store, startup_key)
@@ -309,12 +329,23 @@ def _startup_keys_to_destroy(store: Store, given: Path | None) -> set[Path]:
     recorded = store.meta("startup_key")
     doomed = {Path(recorded)} if recorded else set()
     if given is not None and os.path.lexists(given) and Path(given) not in doomed:
-        if not (os.path.isfile(given) and os.path.getsize(given) == STARTUP_KEY_BYTES):
-            raise UserError(f"{given} is not a startup key (not a file of "
-                            f"{STARTUP_KEY_BYTES} bytes), so it is not destroyed and nothing "
-                            f"was changed; the recorded startup key is {recorded or 'none'}")
+        _refuse_unless_startup_key(store, given, "destroyed")
         doomed.add(Path(given))
     return doomed
+
+
+def _refuse_unless_startup_key(store: Store, path: Path, fate: str) -> None:
+    """Refuse, before anything changes, an existing ``path`` that cannot be a startup key
+    (the recorded one, or a regular file of ``STARTUP_KEY_BYTES`` bytes): it is about to be
+    ``fate`` (overwritten or destroyed), and a mistyped path must not name a disk image, a
+    password file or the store's own keystore."""
+    recorded = store.meta("startup_key")
+    if not os.path.lexists(path) or (recorded and Path(recorded) == Path(path)):
+        return
+    if not (os.path.isfile(path) and os.path.getsize(path) == STARTUP_KEY_BYTES):
+        raise UserError(f"{path} is not a startup key (not a file of {STARTUP_KEY_BYTES} "
+                        f"bytes), so it is not {fate} and nothing was changed; the recorded "
+                        f"startup key is {recorded or 'none'}")
 
 
 def destroy_file(path: Path) -> None:

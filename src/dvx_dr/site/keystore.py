@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
+import errno
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +42,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from dvx_dr.errors import FormatError, UserError, WrongPasswordError
+from dvx_dr.errors import FormatError, StoreFullError, UserError, WrongPasswordError
 from dvx_dr.site.crypto import IndexKeys
 from dvx_dr.site.kdf import KekDerivation, derive_kek, kdf_params
 from dvx_dr.site.segments import fsync_dir
@@ -190,6 +193,11 @@ class Keystore:
         check_password_strength(password)
         params = kdf_params(self.fips if fips is None else fips)
         kek = derive_kek(password, params)
+        with self._unchanged_on_error():
+            self._rewrap(keys, kek, params, startup_key)
+
+    def _rewrap(self, keys: KeyMaterial, kek: bytes, params: dict[str, Any],
+                startup_key: bytes | None | bool) -> None:
         self.doc["kdf"] = params
         self.doc["index_key"]["password"] = _b64(aes_key_wrap(kek, keys.index_key))
         entries = {int(e["version"]): e for e in self.doc["teks"]}
@@ -213,14 +221,32 @@ class Keystore:
 
     def set_startup_key(self, keys: KeyMaterial, startup_key: bytes | None) -> None:
         """Add (unlocked mode) or remove (locked mode) the startup-key wrapping."""
-        self._set_startup(keys, startup_key)
-        self.save(keys)
+        with self._unchanged_on_error():
+            self._set_startup(keys, startup_key)
+            self.save(keys)
 
     def add_tek(self, keys: KeyMaterial, version: int, key: bytes, password: str,
                 startup_key: bytes | None) -> None:
         """Add a new key version, wrapped under the password (and startup key if in use)."""
         keys.teks[version] = key
-        self.rewrap(keys, password, startup_key=startup_key if self.has_startup_slot else None)
+        try:
+            self.rewrap(keys, password,
+                        startup_key=startup_key if self.has_startup_slot else None)
+        except BaseException:
+            del keys.teks[version]
+            raise
+
+    @contextlib.contextmanager
+    def _unchanged_on_error(self) -> Iterator[None]:
+        """A change of the document that takes effect only if it is written: when writing
+        fails (a full disk), the keystore in memory stays the one on disk. Otherwise a
+        running site would go on with, say, a new password its keystore file does not have."""
+        before = copy.deepcopy(self.doc)
+        try:
+            yield
+        except BaseException:
+            self.doc = before
+            raise
 
     def key_versions(self) -> list[dict[str, Any]]:
         return [{"version": int(e["version"]), "created": e.get("created")}
@@ -240,7 +266,15 @@ class Keystore:
 
     def save(self, keys: KeyMaterial) -> None:
         self.doc["mac"] = IndexKeys(keys.index_key).mac(self._body()).hex()
-        write_atomic(self.path, json.dumps(self.doc, indent=2, sort_keys=True).encode() + b"\n")
+        data = json.dumps(self.doc, indent=2, sort_keys=True).encode() + b"\n"
+        try:
+            write_atomic(self.path, data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreFullError(f"cannot write keystore {self.path}: no space left on "
+                                     "the device; nothing was changed") from None
+            raise UserError(f"cannot write keystore {self.path}: {exc.strerror or exc}; "
+                            "nothing was changed") from None
 
     @property
     def has_startup_slot(self) -> bool:
@@ -260,15 +294,22 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
 
     The old content is then overwritten in place (through a hard link kept across the
     rename) before it is unlinked, so a superseded keystore does not linger in freed blocks;
-    a crash in between leaves ``<name>.old``, which the next write scrubs. (On SSDs and
+    a crash in between leaves ``<name>.old``, which the next write scrubs (or only unlinks,
+    when the crash came before the rename and it is still the live file). (On SSDs and
     copy-on-write file systems an overwrite is not a guaranteed erase; see the README.)
     """
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
+    if path.exists() and old.exists() and os.path.samefile(path, old):
+        # A crash between the link and the rename below: ``old`` is the live file itself,
+        # to be unlinked, never scrubbed.
+        os.unlink(old)
     scrub_file(old)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

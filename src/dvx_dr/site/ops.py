@@ -219,7 +219,7 @@ def encryption_status(store: Store) -> dict[str, Any]:
 
 
 @op("encryption.enable")
-def encryption_enable(store: Store, new_password: str) -> dict[str, Any]:
+def encryption_enable(store: Store, new_password: str | None = None) -> dict[str, Any]:
     return keys.enable(store, new_password)
 
 
