@@ -522,13 +522,21 @@ def _damaged_keystores(original: bytes) -> dict[str, bytes]:
     }
 
 
-def test_damaged_keystore_is_a_clear_error(tmp_path: Path, password_file: Path) -> None:
+def store_with_volume(tmp_path: Path, password_file: Path, seed: int, blocks: int
+                      ) -> tuple[Path, Cli, bytes]:
+    """An encrypted store holding volume vm1 of ``blocks`` random blocks: its path, a CLI
+    for it, and the volume's bytes."""
     store = tmp_path / "store"
     cli = Cli(store, password_file)
-    image = random_blocks(random.Random(8), 8)
+    image = random_blocks(random.Random(seed), blocks)
     (tmp_path / "image").write_bytes(image)
     run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
     cli("volume", "import", "vm1", tmp_path / "image")
+    return store, cli, image
+
+
+def test_damaged_keystore_is_a_clear_error(tmp_path: Path, password_file: Path) -> None:
+    store, cli, image = store_with_volume(tmp_path, password_file, 8, 8)
     keystore = store / "keystore.json"
     original = keystore.read_bytes()
     before = digests(store, "keystore.json")
@@ -701,12 +709,7 @@ def test_a_crash_between_link_and_rename_does_not_cost_the_keystore(
     new one in left ``.old`` as a second name of the live keystore; the next write scrubbed
     ``.old`` first, writing random bytes over the live keystore: no password opened the
     store again. Now a leftover that is the live file is only unlinked."""
-    store = tmp_path / "store"
-    cli = Cli(store, password_file)
-    image = random_blocks(random.Random(11), 4)
-    (tmp_path / "image").write_bytes(image)
-    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
-    cli("volume", "import", "vm1", tmp_path / "image")
+    store, cli, image = store_with_volume(tmp_path, password_file, 11, 4)
     live = store / "keystore.json"
     os.link(live, store / "keystore.json.old")  # what the crash leaves
     # The next write fails before its rename (here: its temporary file cannot be made).
