@@ -452,8 +452,8 @@ BAD_POLICIES = {
                           "expected one of the peer sites (site-b), got 'site-x'"),
     "short-rpo.yaml": (policy("shortrpo", '["y-*"]', schedule="1m",
                               targets=(("site-b", "30s", 2),)), 10, "replication[0].rpo",
-                       "expected at least 1m, as snapshot.schedule '1m' runs only every 1m, "
-                       "got 30s"),
+                       "expected at least 1m, as snapshot.schedule '1m' leaves up to 1m "
+                       "between runs, got 30s"),
     "keeps-nothing.yaml": (policy("nothing", '["z-*"]', keep=0), 5, "snapshot.retention",
                            "this retention would keep nothing"),
     "malformed.yaml": ('name: broken\nmembers: ["db-*"\nsnapshot:\n  schedule: 2s\n', 3, None,

@@ -57,7 +57,7 @@ AFTER_SNAPSHOT: Literal["after-snapshot"] = "after-snapshot"
 Loc = tuple[str | int, ...]
 """A field's place in the policy, as pydantic spells it: ``("replication", 0, "rpo")``."""
 
-# How far ahead min_interval_seconds() looks at cron fire times: at most this many fire times,
+# How far ahead gaps() looks at cron fire times: at most this many fire times,
 # and at least this long (once two fire times were seen), so that monthly patterns count too.
 _CRON_MAX_FIRES = 1000
 #: Interval schedules run from once a second to once a year (APScheduler cannot add a job
@@ -91,13 +91,13 @@ class Schedule:
     APScheduler ANDs them, and a policy must mean one thing.
     """
 
-    __slots__ = ("_cron", "_interval", "_min_interval", "text")
+    __slots__ = ("_cron", "_gaps", "_interval", "text")
 
     def __init__(self, text: str, interval: float | None, cron: dict[str, str] | None) -> None:
         self.text = text
         self._interval = interval
         self._cron = cron
-        self._min_interval: float | None = interval
+        self._gaps: tuple[float, float] | None = (interval, interval) if interval else None
 
     @classmethod
     def parse(cls, value: object) -> Schedule:
@@ -168,20 +168,26 @@ class Schedule:
         return IntervalTrigger(seconds=self._interval, timezone=UTC)
 
     def min_interval_seconds(self, start: datetime | None = None) -> float:
-        """The shortest time between two runs.
+        """The shortest time between two runs (see ``gaps``)."""
+        return self.gaps(start)[0]
 
-        For a cron expression: the shortest gap between consecutive fire times from ``start``
-        (default: now) over the next 400 days or 1000 fire times, whichever comes first.
+    def max_interval_seconds(self, start: datetime | None = None) -> float:
+        """The longest time between two runs (see ``gaps``): what an RPO must cover."""
+        return self.gaps(start)[1]
+
+    def gaps(self, start: datetime | None = None) -> tuple[float, float]:
+        """The shortest and longest time between two consecutive runs.
+
+        For a cron expression: over its fire times from ``start`` (default: now) for the next
+        400 days or 1000 fire times, whichever comes first.
         """
-        if self._interval is not None:
-            return self._interval
-        if start is None and self._min_interval is not None:
-            return self._min_interval
+        if self._gaps is not None and (start is None or self._interval is not None):
+            return self._gaps
         assert self._cron is not None
         trigger = self.to_trigger()
         begin = start or datetime.now(UTC)
         previous = trigger.get_next_fire_time(None, begin)
-        shortest = math.inf
+        shortest, longest = math.inf, 0.0
         fires = 1
         while previous is not None and fires < _CRON_MAX_FIRES:
             if previous - begin > _CRON_HORIZON and shortest < math.inf:
@@ -189,11 +195,12 @@ class Schedule:
             nxt = trigger.get_next_fire_time(previous, previous + timedelta(microseconds=1))
             if nxt is None:
                 break
-            shortest = min(shortest, (nxt - previous).total_seconds())
+            gap = (nxt - previous).total_seconds()
+            shortest, longest = min(shortest, gap), max(longest, gap)
             previous, fires = nxt, fires + 1
         if start is None:
-            self._min_interval = shortest
-        return shortest
+            self._gaps = (shortest, longest)
+        return shortest, longest
 
     def __str__(self) -> str:
         return self.text
@@ -435,7 +442,7 @@ class Policy(_Model):
         and has an RPO its schedules can meet. Returns ``(loc, message)`` pairs; [] when fine."""
         problems: list[tuple[Loc, str]] = []
         seen: dict[str, int] = {}
-        snapshot_gap = self.snapshot.schedule.min_interval_seconds()
+        snapshot_gap = self.snapshot.schedule.max_interval_seconds()
         for i, target in enumerate(self.replication):
             if target.site not in known_sites:
                 if known_sites:
@@ -462,14 +469,14 @@ class Policy(_Model):
 
             gap, field, schedule = snapshot_gap, "snapshot.schedule", self.snapshot.schedule
             if isinstance(target.schedule, Schedule):
-                target_gap = target.schedule.min_interval_seconds()
+                target_gap = target.schedule.max_interval_seconds()
                 if target_gap > gap:
                     gap, field, schedule = target_gap, f"replication[{i}].schedule", target.schedule
             if target.rpo < gap:
                 every = format_duration(gap)
                 message = (
-                    f"expected at least {every}, as {field} {schedule.text!r} runs only every "
-                    f"{every}, got {format_duration(target.rpo)}"
+                    f"expected at least {every}, as {field} {schedule.text!r} leaves up to "
+                    f"{every} between runs, got {format_duration(target.rpo)}"
                 )
                 problems.append((("replication", i, "rpo"), message))
         return problems

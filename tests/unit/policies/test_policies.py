@@ -163,10 +163,10 @@ ERROR_CASES = {
             retention: {daily: 3}
             rpo: 1h  # <-
         """,
-        "replication[0].rpo: expected at least 1h30m, as snapshot.schedule '1h30m' runs only "
-        "every 1h30m, got 1h",
+        "replication[0].rpo: expected at least 1h30m, as snapshot.schedule '1h30m' leaves up "
+        "to 1h30m between runs, got 1h",
     ),
-    "rpo shorter than the shortest cron gap": (
+    "rpo shorter than the longest cron gap": (
         """\
         name: finance
         members: ["fin-*"]
@@ -178,8 +178,8 @@ ERROR_CASES = {
             retention: {daily: 3}
             rpo: 7h59m  # <-
         """,
-        "replication[0].rpo: expected at least 8h, as snapshot.schedule '0 9,17 * * *' runs only "
-        "every 8h, got 7h59m",
+        "replication[0].rpo: expected at least 16h, as snapshot.schedule '0 9,17 * * *' leaves "
+        "up to 16h between runs, got 7h59m",
     ),
     "rpo shorter than the target's own schedule": (
         """\
@@ -192,8 +192,8 @@ ERROR_CASES = {
             retention: {daily: 3}
             rpo: 12h  # <-
         """,
-        "replication[0].rpo: expected at least 1d, as replication[0].schedule '30 1 * * *' runs "
-        "only every 1d, got 12h",
+        "replication[0].rpo: expected at least 1d, as replication[0].schedule '30 1 * * *' "
+        "leaves up to 1d between runs, got 12h",
     ),
     "snapshot retention keeps nothing": (
         """\
@@ -357,8 +357,20 @@ def test_every_problem_of_a_file_is_reported(tmp_path: Path) -> None:
         f"policy {path} line 5: replication[0].site: expected one of the peer sites "
         "(dr-east, dr-west), got 'dr-south'; "
         f"policy {path} line 5: replication[0].rpo: expected at least 1h, as snapshot.schedule "
-        "'1h' runs only every 1h, got 30m"
+        "'1h' leaves up to 1h between runs, got 30m"
     )
+
+
+def test_rpo_must_cover_a_cron_schedules_longest_gap(tmp_path: Path) -> None:
+    """Snapshots at 00:00 and 01:00 are an hour apart once a day and 23 hours apart the rest
+    of it: an RPO of 1h, compared with the shortest gap, was accepted and then violated for
+    22 hours a day."""
+    path = write(tmp_path, "g.yaml", GOOD.format(name="g", members="vm1").replace(
+        "schedule: 15m", "schedule: '0 0,1 * * *'"))
+    with pytest.raises(PolicyError, match="leaves up to 23h between runs, got 1h"):
+        load_policy_file(path, SITES)
+    path.write_text(path.read_text().replace("rpo: 1h", "rpo: 24h"))
+    assert load_policy_file(path, SITES).name == "g"
 
 
 def test_unknown_site_when_no_peers_are_configured(tmp_path: Path) -> None:
