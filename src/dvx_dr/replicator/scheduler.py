@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from dvx_dr.errors import DvxError, StoreLockedError
-from dvx_dr.policies.loader import load_policy_dir, members_of
+from dvx_dr.policies.loader import PolicyError, load_policy_dir, members_of
 from dvx_dr.policies.model import Hook, Policy, ReplicationTarget, Schedule
 from dvx_dr.replicator.peer import with_retries
 from dvx_dr.replicator.retention import prune_groups
@@ -115,7 +115,7 @@ class Scheduler:
         self.service = service
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.policies: dict[str, Policy] = {}
-        self.files: dict[str, str] = {}
+        self.files: dict[str, Path] = {}  # PG name -> the file it was loaded from
         self.errors: list[str] = []
         self.status: dict[str, GroupStatus] = {}
         self._group_locks: dict[str, asyncio.Lock] = {}
@@ -148,13 +148,17 @@ class Scheduler:
             return {"loaded": [], "errors": []}
         names = [v["name"] for v in await self.service.store.run(_volume_names, self.store)]
         peers = set(self.service.config.peers)
+        files: dict[str, Path] = {}
         try:
-            policies, errors = load_policy_dir(directory, peers, names)
+            # The groups running now keep their names and volumes against a file added
+            # beside theirs.
+            policies, errors = load_policy_dir(
+                directory, peers, names, first=[self.files[n] for n in self.policies], files=files)
         except DvxError as exc:
             self.errors = [str(exc)]
             log.error("%s", exc)
             return {"loaded": sorted(self.policies), "errors": self.errors}
-        self.errors = [str(e) for e in errors]
+        self.errors = self._keep_last_good(errors, policies, files, names)
         for message in self.errors:
             log.error("policy not loaded: %s", message)
         for name in set(self.policies) - set(policies):
@@ -171,6 +175,7 @@ class Scheduler:
                 log.error("policy not loaded: %s", self.errors[-1])
                 continue
             self.policies[name] = policy
+        self.files = {name: files[name] for name in self.policies}
         configured = await self.service.store.run(
             _configured_since, self.store,
             {(pg, t.site) for pg, p in self.policies.items() for t in p.replication},
@@ -186,6 +191,29 @@ class Scheduler:
                     t.last_snapshot, t.last_snapshot_time = snap, taken
         log.info("policies loaded: %s", ", ".join(sorted(self.policies)) or "none")
         return {"loaded": sorted(self.policies), "errors": self.errors}
+
+    def _keep_last_good(self, errors: list[PolicyError], policies: dict[str, Policy],
+                        files: dict[str, Path], volumes: list[str]) -> list[str]:
+        """A running group whose file no longer loads (an edit with a mistake) keeps running
+        on the version that last loaded, unless a group that did load now has its name or
+        one of its volumes; it is added to ``policies`` and ``files``. Each error's message,
+        saying so where it applies."""
+        owned = {v for p in policies.values() for v in members_of(p, volumes)}
+        by_file = {path: name for name, path in self.files.items()}
+        messages = []
+        for error in errors:
+            name = by_file.get(error.path)
+            old = self.policies.get(name) if name else None
+            if (name is None or old is None or name in policies
+                    or owned & set(members_of(old, volumes))):
+                messages.append(str(error))
+                continue
+            policies[name] = old
+            files[name] = error.path
+            owned |= set(members_of(old, volumes))
+            messages.append(f"{error}; group {name} keeps running on the version of "
+                            f"{error.path.name} that last loaded")
+        return messages
 
     def _apply(self, name: str, policy: Policy, directory: Path, before: Policy | None
                ) -> None:
