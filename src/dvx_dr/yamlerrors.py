@@ -61,14 +61,22 @@ def load_yaml_model(path: Path, model_cls: type[M], *, kind: str = "") -> M:
     malformed YAML, duplicate keys, or data the model rejects; the message names the file, the
     line and the field.
     """
+    return load_yaml_model_and_nodes(path, model_cls, kind=kind)[0]
+
+
+def load_yaml_model_and_nodes(path: Path, model_cls: type[M], *, kind: str = ""
+                              ) -> tuple[M, yaml.Node]:
+    """``load_yaml_model``, and the node tree the model was read from (for the line numbers
+    of later checks: from the same reading of the file, however it changes meanwhile)."""
     where = f"{kind} {path}" if kind else str(path)
     text = _read_text(path, where)
     root, data = _parse(text, where)
     _check_duplicate_keys(root, where)
     try:
-        return model_cls.model_validate(data, context={BASE_DIR: path.absolute().parent})
+        model = model_cls.model_validate(data, context={BASE_DIR: path.absolute().parent})
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, root, model_cls, where)) from None
+    return model, root
 
 
 def format_validation_error(

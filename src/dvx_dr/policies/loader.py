@@ -27,7 +27,7 @@ import yaml
 
 from dvx_dr.errors import NotFoundError, UserError
 from dvx_dr.policies.model import Loc, Policy
-from dvx_dr.yamlerrors import load_yaml_model
+from dvx_dr.yamlerrors import load_yaml_model_and_nodes
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 
@@ -133,13 +133,9 @@ def _claiming_glob(policy: Policy, volume: str) -> int:
 
 def _load(path: Path, known_sites: Set[str]) -> tuple[Policy, yaml.Node]:
     try:
-        policy = load_yaml_model(path, Policy, kind="policy")
-        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        policy, root = load_yaml_model_and_nodes(path, Policy, kind="policy")
     except UserError as exc:
         raise PolicyError(path, str(exc)) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:  # changed while we read it
-        raise PolicyError(path, f"policy {path}: cannot read: {exc}") from None
-    assert root is not None
     problems = policy.check(known_sites)
     if problems:
         raise PolicyError(path, _format(path, root, problems))
