@@ -777,3 +777,35 @@ def test_malformed_ask_in_the_session_opening_is_refused(two_sites: Sites) -> No
             "version": protocol.VERSION, "volume": "v", "snapshot": "s1", "root": "11" * 32,
             "ask": ask})
         assert status == 400 and phrase in answer["error"], (ask, answer)
+
+
+def test_gc_keeps_a_replica_whose_new_top_page_stands_above_no_new_leaf(
+        two_sites: Sites, tmp_path: Path) -> None:
+    """A 40 MiB volume (two leaves) whose second leaf becomes all zeros between two replicas:
+    the second replica's top page is new, but nothing under it is. gc at the target deleted
+    that page, destroying the committed replica; at the source it deleted the snapshot's page
+    once the volume moved on, and incrementals from that snapshot failed. Both now survive gc,
+    and the next incremental works."""
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    size = 40 * MiB
+    a.cli("volume", "create", "v", "--size", str(size))
+    rng = random.Random(40)
+    head, tail = rng.randbytes(BS), rng.randbytes(BS)
+    for offset, data in ((0, head), (33 * MiB, tail)):
+        a.cli("volume", "write", "v", "--offset", str(offset), "-", input=data)
+    a.cli("snapshot", "create", "v", "--name", "s1")
+    a.replicate("v@s1", "site-b")
+    a.cli("volume", "write", "v", "--offset", str(33 * MiB), "-", input=bytes(BS))
+    a.cli("snapshot", "create", "v", "--name", "s2")
+    a.replicate("v@s2", "site-b")
+    want = head + bytes(size - BS)
+    b.cli("datastore", "gc")
+    assert b.cli("snapshot", "read", "site-a/v@s2", "--length", str(size)).stdout == want
+    a.cli("volume", "write", "v", "--offset", str(BS), "-", input=head)
+    a.cli("snapshot", "create", "v", "--name", "s3")
+    a.cli("datastore", "gc")
+    assert a.cli("snapshot", "read", "v@s2", "--length", str(size)).stdout == want
+    a.replicate("v@s3", "site-b")
+    assert b.cli("snapshot", "read", "site-a/v@s3", "--length", str(2 * BS)).stdout == head * 2
+    for site in (a, b):
+        assert b"clean" in site.cli("datastore", "scrub").stdout

@@ -62,6 +62,16 @@ def snapshot_refs(store: Store, snap: SnapshotInfo, seen_pages: set[tuple[bytes,
         new_pages.append((page_id, level))
         return False
 
+    def page_refs() -> Iterator[Ref]:
+        """Refs of the pages visited since the last call."""
+        rows = store.blobs.lookup(i for i, _ in new_pages)
+        for page_id, level in new_pages:
+            if page_id not in rows:
+                raise IntegrityError(f"{what}: tree page {page_id.hex()[:16]}… at level {level} "
+                                     "is not in the store")
+            yield Ref(rows[page_id], what, -1, level)
+        new_pages.clear()
+
     bs = root.block_size
     for first, ids in tree.iter_leaves(root, store.blobs.get, prune, holes=False):
         known = [i for i in ids if i != HOLE]
@@ -74,11 +84,11 @@ def snapshot_refs(store: Store, snap: SnapshotInfo, seen_pages: set[tuple[bytes,
                 raise IntegrityError(f"{what}: block at offset {(first + k) * bs} names a blob "
                                      "the store lacks")
             yield Ref(row, what, (first + k) * bs)
-        if new_pages:
-            rows = store.blobs.lookup(i for i, _ in new_pages)
-            for page_id, level in new_pages:
-                yield Ref(rows[page_id], what, -1, level)
-            new_pages.clear()
+        yield from page_refs()
+    # Pages visited after the last new leaf, or above none at all: every child under them is
+    # a hole or a page seen under an earlier snapshot. They are live all the same (gc had
+    # deleted them, losing the snapshot).
+    yield from page_refs()
 
 
 def group_refs(store: Store) -> Iterator[Ref]:

@@ -62,7 +62,12 @@ def _verify(store: Store, batch: list[refs.Ref], state: dict[int, bool], report:
                 progress(size)
     for ref in batch:
         if not state[ref.row]:
-            info = store.blobs.row_info(ref.row)
             where = f"offset {ref.offset}" if ref.offset >= 0 else "metadata"
+            try:
+                info = store.blobs.row_info(ref.row)
+            except IntegrityError:
+                report.damaged.append(f"{ref.what} {where}: names blob row {ref.row}, which is "
+                                      "missing from the index")
+                continue
             report.damaged.append(f"{ref.what} {where}: extent at segment {info.seg:08d} offset "
                                   f"{info.off} fails its integrity check")
