@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.integration.sites import Sites
 
 
 @pytest.fixture
@@ -106,3 +107,27 @@ def test_key_changes_on_a_full_disk_say_so_and_keep_the_old_password(
     assert "restore" not in err and "Traceback" not in err and len(err.splitlines()) == 1
     filler.unlink()
     assert run_cli("volume", "read", "v", "--length", str(len(data)), *args).stdout == data
+
+
+def test_an_import_that_fills_the_disk_of_a_running_site_can_be_retried(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    """An import through a running site that runs out of space: its volume stayed behind,
+    hidden ('importing'), so the retry the error suggests failed with "already exists" (and
+    "unknown volume" to a delete) until the site restarted. Now the volume goes with the
+    failed import, and the retry works at once."""
+    with Sites(small_disk / "sites") as sites:
+        site = sites.add("site-a")
+        sites.start()
+        big = tmp_path / "big.img"
+        with open(big, "wb") as f:
+            rng = random.Random(6)
+            for _ in range(48):
+                f.write(rng.randbytes(1024 * 1024))
+        failed = site.cli("volume", "import", "big", big, check=False)
+        assert failed.returncode == 2 and "no space left" in failed.stderr.decode()
+        small = tmp_path / "small.img"
+        small.write_bytes(random.Random(7).randbytes(1024 * 1024))
+        site.cli("volume", "import", "big", small)
+        assert site.cli("volume", "read", "big", "--length", str(1024 * 1024)).stdout \
+            == small.read_bytes()

@@ -308,9 +308,15 @@ class Store:
     def _drop_unfinished_imports(self) -> None:
         with self.transaction() as db:
             for (vol,) in db.execute("SELECT vol FROM volumes WHERE state='importing'").fetchall():
-                for table in ("blocks", "dirty_leaves", "dirty_blocks", "tree_pages"):
-                    db.execute(f"DELETE FROM {table} WHERE vol=?", (vol,))
-                db.execute("DELETE FROM volumes WHERE vol=?", (vol,))
+                drop_import(db, vol)
+
+
+def drop_import(db: sqlite3.Connection, vol: int) -> None:
+    """Remove volume ``vol`` of an import that did not finish, with its block map and caches
+    (its blobs are then gc's to reclaim)."""
+    for table in ("blocks", "dirty_leaves", "dirty_blocks", "tree_pages"):
+        db.execute(f"DELETE FROM {table} WHERE vol=?", (vol,))
+    db.execute("DELETE FROM volumes WHERE vol=? AND state='importing'", (vol,))
 
 
 def _is_disk_full(exc: BaseException) -> bool:

@@ -13,6 +13,7 @@ whole image is in; an interrupted import is dropped when the store next opens.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -26,7 +27,7 @@ from typing import BinaryIO, Literal, overload
 from dvx_dr import sparse
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
 from dvx_dr.site import db as dbmod
-from dvx_dr.site.store import Store, now_iso
+from dvx_dr.site.store import Store, drop_import, now_iso
 from dvx_dr.site.tree import FANOUT, level_counts
 
 #: Blocks handed to the pipeline at once (4 MiB at the default block size).
@@ -314,6 +315,15 @@ def import_file(store: Store, name: str, path: Path, progress: Progress | None =
                             progress(nbytes)
                         count += 1
                     more = count == per_commit
+        except BaseException:
+            # The volume goes with the import, here and now: a running site would otherwise
+            # keep its name taken (and its blocks held from gc) until it restarts, when an
+            # opening store drops unfinished imports. If even that fails (a disk still
+            # full), the next opening does it.
+            stream.close()
+            with contextlib.suppress(Exception), store.transaction() as db:
+                drop_import(db, vol)
+            raise
         finally:
             stream.close()
         with store.transaction() as db:
