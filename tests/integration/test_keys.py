@@ -804,3 +804,43 @@ def test_enabling_again_keeps_the_password_and_refuses_a_new_one(
     assert b"password is unchanged" in out.stdout
     assert cli.status()["encryption"] == "on"
     assert opens_with(store, password_file.read_text().strip())
+
+
+def test_a_new_startup_key_is_kept_only_if_the_keystore_takes_it(
+        tmp_path: Path, password_file: Path) -> None:
+    """Re-keying unlocked startup mode when the keystore cannot be written (here: its
+    temporary file cannot be made): the old startup key file had already been replaced, so
+    the store lost its unattended start while the error said nothing changed. Now the
+    keystore is written first, and the old key still opens the store."""
+    store, cli, image = store_with_volume(tmp_path, password_file, 12, 2)
+    key = tmp_path / "startup.key"
+    cli("datastore", "encryption", "set", "--startup-mode", "unlocked", "--startup-key", key)
+    before = key.read_bytes()
+    (store / "keystore.json.tmp").mkdir()
+    user_error(cli("datastore", "encryption", "set", "--startup-mode", "unlocked",
+                   "--startup-key", key, check=False), "nothing was changed")
+    assert key.read_bytes() == before
+    (store / "keystore.json.tmp").rmdir()
+    assert run_cli("volume", "export", "vm1", "-", "--store", store).stdout == image  # no password
+
+
+def test_a_keystore_replaced_but_not_scrubbed_counts_as_changed(
+        tmp_path: Path, password_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new keystore is in place when scrubbing the old one fails (a copy-on-write file
+    system with no space to overwrite it; simulated): the change had been reported as failed
+    and undone in memory, though the file held it. Now it stands, with a warning."""
+    store = tmp_path / "store"
+    run_cli("site", "init", "--store", store, "--name", SITE, "--password-file", password_file)
+    password = password_file.read_text().strip()
+    s = Store.open(store, lambda: password)
+    try:
+        def no_space(path: Path) -> None:
+            if path.exists():  # only the old keystore, after the rename
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(keystore_module, "scrub_file", no_space)
+        keys_module.change_password(s, password, "a brand new password")
+        s.keystore.verify_password("a brand new password")
+    finally:
+        s.close()
+    assert opens_with(store, "a brand new password")

@@ -820,3 +820,15 @@ def test_a_running_group_keeps_its_place_against_new_and_broken_files(sites: Sit
     assert "keeps running on the version of finance.yaml that last loaded" in err, err
     assert status(a)["groups"]["finance"]["next_snapshot"] is not None
     assert 'pg="finance"' in admin_metrics(a)
+    # A running group's file edited to claim another running group's volume: the edited
+    # file is the one refused, and both groups go on.
+    (policies / "finance.yaml").write_text(policy("finance", '["fin-*"]', schedule="1h"))
+    a.cli("volume", "create", "web-1", "--size", "1MiB")
+    (policies / "web.yaml").write_text(policy("web", '["web-*"]', schedule="1h"))
+    assert pg_apply(a).returncode == 0
+    (policies / "finance.yaml").write_text(policy("finance", '["fin-*", "web-*"]',
+                                                  schedule="1h"))
+    applied = pg_apply(a)
+    assert "finance.yaml" in applied.stderr.decode() and "already in 'web'" in \
+        applied.stderr.decode(), applied.stderr.decode()
+    assert set(status(a)["groups"]) == {"finance", "web"}

@@ -82,6 +82,13 @@ def _socket_from_simple_lines(path: Path, text: str) -> str | None:
     the store the file names."""
     import re
 
+    # A multi-line quoted string or flow collection could hold lines that look like keys at
+    # the start of a line; a file with one is parsed (so is one with document markers).
+    for line in text.splitlines():
+        if ("\\" in line or line.count('"') % 2 or line.count("'") % 2
+                or line.count("[") != line.count("]") or line.count("{") != line.count("}")
+                or line.startswith(("---", "...", "%"))):
+            return None
     found: dict[str, list[str]] = {}
     for m in re.finditer(_SIMPLE_LINE, text, re.MULTILINE):
         found.setdefault(m[1], []).append(next(v for v in m.groups()[1:] if v is not None))

@@ -19,7 +19,7 @@ walking the file's YAML node tree along the field's path.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Set
+from collections.abc import Sequence, Set
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -48,23 +48,24 @@ def load_policy_file(path: Path | str, known_sites: Set[str]) -> Policy:
 
 def load_policy_dir(
     directory: Path | str, known_sites: Set[str], volumes: list[str],
-    first: Collection[Path] = (), files: dict[str, Path] | None = None,
+    first: Sequence[Path] = (), files: dict[str, Path] | None = None,
 ) -> tuple[dict[str, Policy], list[PolicyError]]:
     """Load every policy file in ``directory``: the good ones by PG name, and one error per bad
     file. ``volumes`` are the volume names that exist, to check no volume is in two groups.
 
     When two files claim one group name or one volume, the file read first wins: the files in
-    ``first`` (a running site passes those of the groups it runs, so that a file added beside
-    them cannot take their place), then the others by name. ``files``, when given, receives
-    PG name -> file of each group loaded."""
+    ``first``, in that order (a running site passes those of the groups it runs, the least
+    recently changed first, so that neither a file added beside them nor one edited to claim
+    another's volumes takes a running group's place), then the others by name. ``files``,
+    when given, receives PG name -> file of each group loaded."""
     directory = Path(directory)
     if not directory.is_dir():
         raise NotFoundError(f"policy directory {directory} does not exist")
-    preferred = set(first)
+    order = {path: n for n, path in enumerate(first)}
     paths = sorted(
         (p for p in directory.iterdir()
          if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".") and p.is_file()),
-        key=lambda p: (p not in preferred, p),
+        key=lambda p: (order.get(p, len(order)), p),
     )
     policies: dict[str, Policy] = {}
     files = {} if files is None else files  # PG name -> its file

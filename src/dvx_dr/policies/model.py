@@ -28,6 +28,7 @@ duration like 15m, got 'soon'"``), as :mod:`dvx_dr.yamlerrors` reports it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Set
@@ -57,14 +58,14 @@ AFTER_SNAPSHOT: Literal["after-snapshot"] = "after-snapshot"
 Loc = tuple[str | int, ...]
 """A field's place in the policy, as pydantic spells it: ``("replication", 0, "rpo")``."""
 
-# How far ahead gaps() looks at cron fire times: at most this many fire times,
-# and at least this long (once two fire times were seen), so that monthly patterns count too.
-_CRON_MAX_FIRES = 1000
 #: Interval schedules run from once a second to once a year (APScheduler cannot add a job
 #: whose next run lies past the year 9999; 10^12 s stopped the site from starting).
 MIN_INTERVAL = 1.0
 MAX_INTERVAL = 366 * 86400.0
+#: How far ahead gaps() looks at a cron schedule's runs: over a year, so that monthly and
+#: yearly patterns count.
 _CRON_HORIZON = timedelta(days=400)
+_DAY = timedelta(days=1)
 
 _CRON_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 
@@ -178,26 +179,36 @@ class Schedule:
     def gaps(self, start: datetime | None = None) -> tuple[float, float]:
         """The shortest and longest time between two consecutive runs.
 
-        For a cron expression: over its fire times from ``start`` (default: now) for the next
-        400 days or 1000 fire times, whichever comes first.
+        For a cron expression, over the next 400 days from ``start`` (default: now): a cron
+        schedule runs at the same times of day on every day it runs (its minute and hour
+        fields do not depend on the date), so the gaps are those within one such day and
+        those from one such day's last run to the next day's first. That is one pass over
+        the times of one day and one over the days, however often it runs (``*/5 * * *
+        mon-fri`` runs 1440 times a week; its longest gap is the weekend).
         """
         if self._gaps is not None and (start is None or self._interval is not None):
             return self._gaps
         assert self._cron is not None
         trigger = self.to_trigger()
-        begin = start or datetime.now(UTC)
-        previous = trigger.get_next_fire_time(None, begin)
-        shortest, longest = math.inf, 0.0
-        fires = 1
-        while previous is not None and fires < _CRON_MAX_FIRES:
-            if previous - begin > _CRON_HORIZON and shortest < math.inf:
+        first = trigger.get_next_fire_time(None, start or datetime.now(UTC))
+        assert first is not None  # parse() refuses a schedule that never runs
+        day = first.replace(hour=0, minute=0, second=0, microsecond=0)
+        times: list[timedelta] = []  # the runs of one day, from its midnight
+        run = trigger.get_next_fire_time(None, day)
+        while run is not None and run - day < _DAY:
+            times.append(run - day)
+            run = trigger.get_next_fire_time(run, run + timedelta(microseconds=1))
+        within = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+        shortest, longest = min(within, default=math.inf), max(within, default=0.0)
+        end = day + _CRON_HORIZON
+        while day < end:
+            following = trigger.get_next_fire_time(None, day + _DAY)
+            if following is None:
                 break
-            nxt = trigger.get_next_fire_time(previous, previous + timedelta(microseconds=1))
-            if nxt is None:
-                break
-            gap = (nxt - previous).total_seconds()
+            next_day = following.replace(hour=0, minute=0, second=0, microsecond=0)
+            gap = ((next_day + times[0]) - (day + times[-1])).total_seconds()
             shortest, longest = min(shortest, gap), max(longest, gap)
-            previous, fires = nxt, fires + 1
+            day = next_day
         if start is None:
             self._gaps = (shortest, longest)
         return shortest, longest

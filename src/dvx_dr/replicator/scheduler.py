@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -121,6 +122,7 @@ class Scheduler:
         self._group_locks: dict[str, asyncio.Lock] = {}
         self._target_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._pending: set[tuple[str, str]] = set()  # (pg, site) triggered while busy
+        self._loading = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         # (pg, snapshot name) -> transfers of it in flight (to any target, scheduled or not)
         self._sending: Counter[tuple[str, str]] = Counter()
@@ -142,7 +144,12 @@ class Scheduler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def load(self) -> dict[str, Any]:
-        """(Re)load the policy directory. Bad files are reported; good ones are applied."""
+        """(Re)load the policy directory. Bad files are reported; good ones are applied.
+        Loads run one at a time (SIGHUP and ``pg apply`` may come together)."""
+        async with self._loading:
+            return await self._load()
+
+    async def _load(self) -> dict[str, Any]:
         directory = self.service.config.policy_dir
         if directory is None:
             return {"loaded": [], "errors": []}
@@ -153,7 +160,8 @@ class Scheduler:
             # The groups running now keep their names and volumes against a file added
             # beside theirs.
             policies, errors = load_policy_dir(
-                directory, peers, names, first=[self.files[n] for n in self.policies], files=files)
+                directory, peers, names, files=files,
+                first=sorted((self.files[n] for n in self.policies), key=_modified))
         except DvxError as exc:
             self.errors = [str(exc)]
             log.error("%s", exc)
@@ -519,6 +527,14 @@ class Scheduler:
                [({"pg": g}, 1 if st.last_snapshot_error else 0)
                 for g, st in sorted(self.status.items())])
         return "\n".join(lines) + "\n"
+
+
+def _modified(path: Path) -> float:
+    """When ``path`` last changed (a file edited just now sorts after those left alone)."""
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return math.inf
 
 
 def _job_pg(job_id: str) -> str:

@@ -250,12 +250,20 @@ def _apply_startup_mode(store: Store, mode: str, startup_key: Path | None, doome
         key = os.urandom(STARTUP_KEY_BYTES)
         try:
             startup_key.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(startup_key, key, 0o600)
         except OSError as exc:
             raise UserError(f"cannot write the startup key at {startup_key}: "
                             f"{exc.strerror or exc}; name a file in a writable directory "
                             "outside the store") from None
+        # The keystore first: if it cannot be written, nothing has changed (the old key file
+        # still opens the store). If then the key file cannot be, the password still does.
         store.keystore.set_startup_key(keys, key)
+        try:
+            write_atomic(startup_key, key, 0o600)
+        except OSError as exc:
+            raise UserError(f"the keys are now wrapped under a new startup key, which could not "
+                            f"be written to {startup_key} ({exc.strerror or exc}): the store "
+                            "opens with its password; run 'encryption set --startup-mode "
+                            "unlocked' again once the path is writable") from None
         with store.transaction() as db:
             dbmod.set_meta(db, "startup_key", str(startup_key))
     else:

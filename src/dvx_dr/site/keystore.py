@@ -33,6 +33,7 @@ import contextlib
 import copy
 import errno
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from dvx_dr.errors import FormatError, StoreFullError, UserError, WrongPasswordE
 from dvx_dr.site.crypto import IndexKeys
 from dvx_dr.site.kdf import KekDerivation, derive_kek, kdf_params
 from dvx_dr.site.segments import fsync_dir
+
+log = logging.getLogger("dvx_dr.keystore")
 
 FORMAT = "dvx-dr-keystore"
 VERSION = 1
@@ -316,8 +319,14 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     if path.exists():
         os.link(path, old)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
-    scrub_file(old)
+    # The new content is in place: a failure from here on is reported, not raised, since a
+    # caller told "failed" would go on with the old content the file no longer has.
+    for step, what in ((lambda: fsync_dir(path.parent), "its directory could not be synced"),
+                       (lambda: scrub_file(old), f"the old content in {old} was not scrubbed")):
+        try:
+            step()
+        except OSError as exc:
+            log.warning("%s was replaced, but %s: %s", path, what, exc.strerror or exc)
 
 
 def scrub_file(path: Path) -> None:

@@ -315,6 +315,8 @@ def import_file(store: Store, name: str, path: Path, progress: Progress | None =
                             progress(nbytes)
                         count += 1
                     more = count == per_commit
+            with store.transaction() as db:
+                db.execute("UPDATE volumes SET state='ready' WHERE vol=?", (vol,))
         except BaseException:
             # The volume goes with the import, here and now: a running site would otherwise
             # keep its name taken (and its blocks held from gc) until it restarts, when an
@@ -326,8 +328,6 @@ def import_file(store: Store, name: str, path: Path, progress: Progress | None =
             raise
         finally:
             stream.close()
-        with store.transaction() as db:
-            db.execute("UPDATE volumes SET state='ready' WHERE vol=?", (vol,))
     return size
 
 

@@ -134,6 +134,12 @@ def test_config_read_without_yaml_when_the_lock_file_confirms_it(
     # The only simple line is inside a quoted scalar; the real key is a folded scalar.
     SITE_YAML.replace("admin_socket: %s", "admin_socket: >-\n  run/a.sock\n"
                       'note: "x\nadmin_socket: run/b.sock\n"'),
+    # Both simple lines are inside a quoted scalar (and name a store whose lock file confirms
+    # them); the real keys are written with escapes.
+    'name: site-a\nstore: "st\\x6fre-real"\nlisten: 127.0.0.1:8443\n'
+    "tls: {cert: a.crt, key: a.key, ca: ca.crt}\n"
+    'admin_socket: "run/re\\x61l.sock"\npolicy_dir: "policies\nstore: store\n'
+    'admin_socket: run/a.sock\n"\n',
 ])
 def test_config_lines_that_yaml_reads_otherwise_are_parsed(tmp_path: Path, text: str) -> None:
     path = tmp_path / "site.yaml"
