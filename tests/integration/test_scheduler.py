@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import re
 import threading
 import time
@@ -832,3 +833,35 @@ def test_a_running_group_keeps_its_place_against_new_and_broken_files(sites: Sit
     assert "finance.yaml" in applied.stderr.decode() and "already in 'web'" in \
         applied.stderr.decode(), applied.stderr.decode()
     assert set(status(a)["groups"]) == {"finance", "web"}
+
+
+def test_gc_deletes_nothing_a_running_transfer_still_reads(sites: Sites, tmp_path: Path) -> None:
+    """A group snapshot deleted by hand while a (slow) transfer sends it, then gc at the
+    source: gc deleted the snapshot's blocks under the transfer, which failed. Now gc deletes
+    nothing while a transfer runs at the site (and says so), and the replica arrives whole."""
+    a, b = make_sites(sites, "site-a", "site-b")
+    sites.start()
+    data = random.Random(9).randbytes(4 * MiB)
+    image = tmp_path / "img"
+    image.write_bytes(data)
+    a.cli("volume", "import", "vm1", image)
+    text = policy("g", '["vm1"]', schedule="3s", keep=5, targets=(("site-b", "2h", 5),))
+    (a.root / "policies" / "g.yaml").write_text(
+        text.replace("    rpo: 2h\n", "    rpo: 2h\n    bandwidth_limit: 512KiB/s\n"))
+    pg_apply(a)
+
+    def sending() -> str | None:
+        progress = status(a)["groups"]["g"]["targets"]["site-b"]["progress"]
+        return progress["snapshot"] if progress and progress["payload_bytes"] else None
+
+    spec = wait_for("the transfer to be under way", sending, timeout=20)
+    a.cli("pg", "snapshot-delete", spec)
+    a.cli("volume", "delete", "vm1")
+    out = a.cli("datastore", "gc").stdout.decode()
+    assert "transfers were running" in out, out
+    replica = f"site-a/{spec}"
+    wait_for("the replica at site-b", lambda: any(
+        g["snapshot"] == replica for g in op(b, "group.list", pg=None)), timeout=40)
+    got = b.cli("snapshot", "read", f"site-a/vm1@{spec.split('@')[1]}", "--length",
+                str(len(data))).stdout
+    assert got == data

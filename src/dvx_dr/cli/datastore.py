@@ -84,6 +84,6 @@ def cmd_gc(args: argparse.Namespace) -> int:
           f"{report['segments_compacted']} segments, deleted {report['segments_deleted']} "
           f"segment files; reclaimed {format_size(report['reclaimed'])}")
     if report.get("sessions_open"):
-        print(f"gc: {report['sessions_open']} replication sessions were open at this site, so "
-              "no blob was deleted; run gc again when they have ended")
+        print(f"gc: {report['sessions_open']} replication transfers were running at this site "
+              "(sent or received), so no blob was deleted; run gc again when they have ended")
     return 0

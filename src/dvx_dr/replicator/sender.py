@@ -20,8 +20,10 @@ consumer posts the previous one, with at most ``QUEUE_DEPTH`` batches in memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -176,6 +178,13 @@ async def send_snapshot(
     bandwidth_limit: float | None = None,
 ) -> TransferStats:
     """One attempt at replicating volume snapshot ``spec``. Safe to rerun after a failure."""
+    with _holding_gc_off(store, f"{spec} -> {peer.site}"):
+        return await _send_snapshot(store, peer, spec, progress, bandwidth_limit)
+
+
+async def _send_snapshot(store: StoreThread, peer: PeerClient, spec: str,
+                         progress: Progress | None, bandwidth_limit: float | None
+                         ) -> TransferStats:
     snap = await store.run(snapshots.get, store.store, spec)
     if "/" in snap.volume:
         raise UserError(f"{spec} is a replica received from another site; replicate from its "
@@ -199,6 +208,13 @@ async def send_group(
     bandwidth_limit: float | None = None,
 ) -> TransferStats:
     """One attempt at replicating group snapshot ``pg@name`` (all members, one commit)."""
+    with _holding_gc_off(store, f"{pg}@{name} -> {peer.site}"):
+        return await _send_group(store, peer, pg, name, progress, bandwidth_limit)
+
+
+async def _send_group(store: StoreThread, peer: PeerClient, pg: str, name: str,
+                      progress: Progress | None, bandwidth_limit: float | None
+                      ) -> TransferStats:
     group = await store.run(groups.get, store.store, pg, name)
     members = await store.run(groups.volume_roots, store.store, group)
     group_blob = await store.run(store.store.blobs.get_row, group.root_row)
@@ -210,6 +226,21 @@ async def send_group(
     bases = await store.run(_group_bases, store, group, members)
     return await _transfer(store, peer, request, group_id, [(r, root) for _, r, root in members],
                            group_blob, bases, stats, progress, bandwidth_limit)
+
+
+@contextlib.contextmanager
+def _holding_gc_off(store: StoreThread, what: str) -> Iterator[None]:
+    """gc at this site deletes nothing while a transfer runs (``Store.pin``, as for a session
+    a peer has open here): the snapshot being sent, or the base it is sent against, may be
+    deleted by hand meanwhile, and their blocks and pages must stay readable until the
+    transfer has read them."""
+    key = f"sending {what} {secrets.token_hex(4)}"
+    store.store.pin(key)
+    try:
+        with store.store.pin_busy(key):
+            yield
+    finally:
+        store.store.unpin(key)
 
 
 async def _transfer(
