@@ -72,3 +72,30 @@ def test_group_replicates_after_a_member_was_replicated_alone(two_sites: Sites) 
     assert [(g["snapshot"], g["members"]) for g in groups] == [
         ("site-a/app@s1", ["site-a/db@s1", "site-a/log@s1"])]
     assert b.cli("snapshot", "read", "site-a/db@s1", "--length", "3").stdout == b"DDD"
+    # Deleting the group replica (by hand, or by the target's retention) leaves the member
+    # replicated on its own: it had been deleted with the group, though the operator had
+    # asked for it and been told it was committed.
+    b.cli("pg", "snapshot-delete", "site-a/app@s1")
+    assert [s["snapshot"] for s in b.json("snapshot", "list")] == ["site-a/db@s1"]
+    assert b.cli("snapshot", "read", "site-a/db@s1", "--length", "3").stdout == b"DDD"
+    b.cli("snapshot", "delete", "site-a/db@s1")
+    assert b.json("snapshot", "list") == []
+
+
+def test_a_member_replicated_on_its_own_after_its_group_outlives_the_group(
+        two_sites: Sites) -> None:
+    """The other order: the group first, then one member on its own, which the target
+    answered "already replicated" without noting that it was now asked for on its own."""
+    a, b = two_sites.sites["site-a"], two_sites.sites["site-b"]
+    for name, fill in (("db", b"D"), ("log", b"L")):
+        a.cli("volume", "create", name, "--size", "2MiB")
+        a.cli("volume", "write", name, "-", input=fill * 65536)
+    a.cli("pg", "snapshot-create", "app", "db", "log", "--name", "s1")
+    a.json("replicate", "app@s1", "--group", "--to", "site-b")
+    assert a.json("replicate", "log@s1", "--to", "site-b")["already_replicated"]
+    # A group replica is not sent on (the target answered with a protocol error).
+    sent_on = b.cli("replicate", "site-a/app@s1", "--group", "--to", "site-a", check=False)
+    assert sent_on.returncode == 2, sent_on.stderr
+    assert b"group replica received from another site" in sent_on.stderr
+    b.cli("pg", "snapshot-delete", "site-a/app@s1")
+    assert [s["snapshot"] for s in b.json("snapshot", "list")] == ["site-a/log@s1"]

@@ -579,7 +579,7 @@ def test_malformed_batches_are_refused_and_change_nothing(
     status, answer = post(b.port, client, f"/sessions/{sid}/commit", json_body={})
     assert status == 400 and "root" in answer["error"], answer
     status, answer = post(b.port, client, "/sessions/0123abcd/blobs", data=stream(batch(good)))
-    assert status == 404, answer
+    assert status == 503 and "unknown replication session" in answer["error"], answer
 
     log = new_log(b, since)
     assert log.count("rejected:") >= len(cases), log

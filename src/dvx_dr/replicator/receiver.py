@@ -90,6 +90,9 @@ class Receiver:
             if existing != root:
                 raise UserError(f"replica {session.replica_volume}@{name} already exists here "
                                 "with different content; delete it first")
+            if not group:  # perhaps held as a group's member so far: now also on its own
+                with self.store.transaction() as db:
+                    snapshots.mark_standalone(db, f"{session.replica_volume}@{name}")
             return {"session": None, "complete": True, "lacking": []}
         if sum(s.source == source for s in self.sessions.values()) >= MAX_SESSIONS:
             raise TransientError(f"site {source} has {MAX_SESSIONS} replication sessions open "
@@ -124,8 +127,11 @@ class Receiver:
             del self.sessions[sid]
             s = None
         if s is None or s.source != source:
-            raise NotFoundError(f"unknown replication session {sid[:8]}… (the target may have "
-                                "restarted); start the transfer again")
+            # Transient: the source's attempt opens a new session when it retries (the
+            # target restarted, or the session lapsed), instead of giving up until the next
+            # trigger.
+            raise TransientError(f"unknown replication session {sid[:8]}… (the target may "
+                                 "have restarted, or it lapsed); the transfer starts again")
         s.last_used = time.monotonic()
         self.store.pin(sid)  # still in use
         return s
@@ -283,6 +289,9 @@ class Receiver:
                 if group is not None:
                     groups.record(self.store, s.replica_volume, s.snapshot, group,
                                   origin=s.source, created=s.created or None)
+                else:
+                    snapshots.mark_standalone(self.store.db,
+                                              f"{s.replica_volume}@{s.snapshot}")
         del self.sessions[sid]
         self.store.unpin(sid)
         log.info("replica %s@%s committed (%d blobs, %d bytes received)", s.replica_volume,

@@ -215,6 +215,9 @@ async def send_group(
 async def _send_group(store: StoreThread, peer: PeerClient, pg: str, name: str,
                       progress: Progress | None, bandwidth_limit: float | None
                       ) -> TransferStats:
+    if "/" in pg:
+        raise UserError(f"{pg}@{name} is a group replica received from another site; "
+                        "replicate it from its home site")
     group = await store.run(groups.get, store.store, pg, name)
     members = await store.run(groups.volume_roots, store.store, group)
     group_blob = await store.run(store.store.blobs.get_row, group.root_row)

@@ -103,11 +103,15 @@ def record(store: Store, pg: str, name: str, group: GroupRoot, origin: str = "lo
 
 
 def delete(store: Store, pg: str, name: str) -> None:
-    """Delete a group snapshot and its member snapshots."""
+    """Delete a group snapshot and its member snapshots, except a member replica that a peer
+    also sent on its own (``snapshots.mark_standalone``): that one stays, as a snapshot of
+    its own."""
     group = get(store, pg, name)
     specs = member_specs(store, group)
     with store.transaction() as db:
         for spec in specs:
+            if snapshots.is_standalone(db, spec):
+                continue
             volume, snap = snapshots.parse_spec(spec)
             db.execute("DELETE FROM snapshots WHERE volume=? AND name=?", (volume, snap))
         db.execute("DELETE FROM group_snapshots WHERE gsnap=?", (group.id,))

@@ -10,6 +10,7 @@ under it is durable.
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from typing import BinaryIO, Literal, overload
 
 from dvx_dr import sparse
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
+from dvx_dr.site import db as dbmod
 from dvx_dr.site import tree, treeblobs, volumes
 from dvx_dr.site.blobs import blob_id
 from dvx_dr.site.db import select_in
@@ -231,6 +233,22 @@ def delete(store: Store, spec: str) -> None:
     snap = get(store, spec)
     with store.transaction() as db:
         db.execute("DELETE FROM snapshots WHERE snap=?", (snap.id,))
+        db.execute("DELETE FROM meta WHERE key=?", (_STANDALONE + spec,))
+
+
+#: Store metadata key prefix: a replica that a peer also sent on its own (``VOLUME@NAME``),
+#: besides as a member of a group replica that shares its row.
+_STANDALONE = "standalone_replica:"
+
+
+def mark_standalone(db: sqlite3.Connection, spec: str) -> None:
+    """Record that replica ``spec`` was asked for on its own: deleting a group replica that
+    shares it (by hand, or by the target's retention) leaves it."""
+    dbmod.set_meta(db, _STANDALONE + spec, "1")
+
+
+def is_standalone(db: sqlite3.Connection, spec: str) -> bool:
+    return dbmod.get_meta(db, _STANDALONE + spec) is not None
 
 
 def root_of(store: Store, snap: SnapshotInfo) -> Root:

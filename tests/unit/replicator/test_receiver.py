@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from dvx_dr.errors import NotFoundError, ProtocolError
+from dvx_dr.errors import ProtocolError, TransientError
 from dvx_dr.replicator import protocol
 from dvx_dr.replicator.receiver import Receiver
 from dvx_dr.site import gc, snapshots
@@ -201,7 +201,9 @@ def test_an_idle_session_stops_holding_off_gc_and_is_over(
     monkeypatch.setattr(storemod, "PIN_IDLE", -1.0)  # every pin has lapsed
     report = gc.gc(rx.store)
     assert report.sessions_open == 0 and report.blobs_deleted == 1  # the unnamed new block
-    with pytest.raises(NotFoundError, match="start the transfer again"):
+    # Transient: the source's retry opens a new session (it had given up until the next
+    # trigger, as for an error of its own).
+    with pytest.raises(TransientError, match="the transfer starts again"):
         send(rx, sid, rec(protocol.KIND_PAGE, leaf2, sha(leaf)))
 
 
