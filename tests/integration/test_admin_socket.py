@@ -209,3 +209,21 @@ def test_client_names_an_answer_cut_off_mid_line(tmp_path: Path) -> None:
     with pytest.raises(TransientError, match="in the middle of its answer"):
         remote.status(str(path))
     thread.join(10)
+
+
+def test_a_reload_keeps_what_only_a_restart_can_change(site: Site, tmp_path: Path) -> None:
+    """SIGHUP with a new site name, admin socket and TLS files: the site had taken the new
+    name (then accepting its own certificate from a peer) and the new socket path (then
+    unreachable: it still listened on the old one), and reported new TLS files as reloaded
+    though it kept serving the old ones. It keeps all three until a restart, and says so."""
+    text = site.config.read_text()
+    site.config.write_text(text.replace("name: site-a", "name: site-z")
+                           .replace(str(site.admin_socket), str(tmp_path / "moved.sock"))
+                           .replace(str(site.cert), str(tmp_path / "new.crt")))
+    site.reload()
+    deadline = time.monotonic() + 10
+    while "need a restart" not in site.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "changes to name, admin_socket, tls need a restart" in site.log()
+    status = remote.status(str(site.admin_socket))
+    assert status["site"] == "site-a"

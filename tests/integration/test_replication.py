@@ -38,7 +38,7 @@ from dvx_dr.site import tree
 from dvx_dr.site.blobs import BlobRow
 from dvx_dr.site.store import Store
 from tests.conftest import ROOT
-from tests.integration.sites import HOST, Site, Sites
+from tests.integration.sites import HOST, Site, Sites, dvx
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -809,3 +809,29 @@ def test_gc_keeps_a_replica_whose_new_top_page_stands_above_no_new_leaf(
     assert b.cli("snapshot", "read", "site-a/v@s3", "--length", str(2 * BS)).stdout == head * 2
     for site in (a, b):
         assert b"clean" in site.cli("datastore", "scrub").stdout
+
+
+def test_a_server_whose_certificate_is_for_another_site_is_refused(tmp_path: Path) -> None:
+    """site-x's certificate, from the same CA, also lists "site-b" as a host name, and site-a's
+    peers point site-b at site-x's address (a wrong URL, or traffic redirected): the TLS host
+    check passed, and site-a sent its snapshot to site-x. Now site-a checks whose certificate
+    it is, and refuses before sending any block."""
+    with Sites(tmp_path / "sites") as sites:
+        a, b, x = sites.add_many("site-a", "site-b", "site-x")
+        x.cert.unlink()
+        x.key.unlink()
+        dvx("pki", "issue-site", sites.pki, "site-x", "--host", "127.0.0.1", "--host", "site-b")
+        a.peers = {"site-b": x.url}
+        a.write_config()
+        x.peers = {"site-a": a.url}
+        x.write_config()
+        sites.start("site-a", "site-x")
+        a.cli("volume", "create", "vm1", "--size", "1MiB")
+        a.cli("volume", "write", "vm1", "-", input=b"secret" * 1000)
+        a.cli("snapshot", "create", "vm1", "--name", "s1")
+        refused = a.cli("replicate", "vm1@s1", "--to", "site-b", check=False)
+        assert refused.returncode == 2, refused.stderr
+        assert b"a certificate for site 'site-x', not for site 'site-b'" in refused.stderr, \
+            refused.stderr
+        assert x.snapshots() == []
+        assert x.stats()["unique_bytes"] == 0

@@ -1,9 +1,11 @@
 """HTTPS requests from one site to a peer.
 
-The peer's identity is checked by TLS itself: the request goes out with SNI and host-name
-verification set to the peer's *site name*, which every site certificate carries as a DNS name
-(see ``pki``), so a server whose certificate names another site, or comes from another CA, is
-refused during the handshake.
+The peer's identity is checked twice. TLS itself refuses a server whose certificate comes
+from another CA or does not carry the peer's *site name* as a DNS name (the request goes out
+with SNI and host-name verification set to it; see ``pki``). Then each new connection is
+refused, before any request goes out on it, unless the certificate is *for* that site
+(``SiteCheckingConnector``): a certificate of the same CA could list another site's name as
+a host name.
 
 Connection failures, timeouts and 5xx answers become ``TransientError`` (retried by the
 caller with backoff); 4xx answers become the error the peer described.
@@ -27,10 +29,35 @@ from dvx_dr.errors import (
     TransientError,
     UserError,
 )
-from dvx_dr.replicator.tls import PeerRejected
+from dvx_dr.replicator.tls import PeerRejected, peer_site_from_ssl_object
 
 T = TypeVar("T")
 PREFIX = "/v1/replication"
+
+
+class SiteCheckingConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, checking each new connection right after its TLS handshake and
+    before any request goes out on it: the server's certificate must be *for* the site the
+    request is addressed to (``server_hostname``), that is its dvx-dr URI (or common name)
+    must name it, as the receiving side checks its clients. TLS itself checked only that the
+    certificate lists the site's name as a host name, which a certificate of the same CA for
+    another site may do too. (``_create_connection`` is the connector's hook for making a
+    connection, the same from aiohttp 3.9 on.)"""
+
+    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
+        proto = await super()._create_connection(req, traces, timeout)
+        expected = req.server_hostname
+        if expected is not None:
+            transport = proto.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport else None
+            name = peer_site_from_ssl_object(ssl_object) if ssl_object is not None else None
+            if name != expected:
+                proto.close()
+                raise PeerRejected(
+                    f"the server at {req.url.origin()} presented a certificate for "
+                    f"{'site ' + repr(name) if name else 'no dvx-dr site'}, not for site "
+                    f"{expected!r}; check the peers in site.yaml")
+        return proto
 
 
 class PeerClient:

@@ -39,7 +39,7 @@ from dvx_dr.errors import (
     UserError,
 )
 from dvx_dr.replicator import admin, listener, protocol
-from dvx_dr.replicator.peer import PeerClient, with_retries
+from dvx_dr.replicator.peer import PeerClient, SiteCheckingConnector, with_retries
 from dvx_dr.replicator.receiver import Receiver
 from dvx_dr.replicator.scheduler import Scheduler
 from dvx_dr.replicator.sender import TransferStats, send_group, send_snapshot
@@ -78,7 +78,7 @@ class SiteService:
         tls = self.config.tls
         context = client_context(tls.cert, tls.key, tls.ca)
         self.http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=context, limit=16),
+            connector=SiteCheckingConnector(ssl=context, limit=16),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
         )
 
@@ -131,11 +131,16 @@ class SiteService:
         return await self.scheduler.load()
 
     def _apply_config(self, new: SiteConfig) -> None:
-        if new.store != self.config.store or new.listen != self.config.listen:
-            log.warning("reload: store and listen address changes need a restart; "
-                        "applying the rest")
-        self.config = new.model_copy(update={"store": self.config.store,
-                                             "listen": self.config.listen})
+        # What the running site holds open or was started as stays until a restart: its
+        # name, store, listen address, admin socket and TLS files (the TLS contexts are
+        # built once; a reload that reported them applied would mislead).
+        kept = ("name", "store", "listen", "admin_socket", "tls")
+        changed = [field for field in kept if getattr(new, field) != getattr(self.config, field)]
+        if changed:
+            log.warning("reload: changes to %s need a restart; applying the rest",
+                        ", ".join(changed))
+        self.config = new.model_copy(update={field: getattr(self.config, field)
+                                             for field in kept})
         log.info("configuration reloaded: peers %s", ", ".join(self.config.peers) or "none")
 
 
