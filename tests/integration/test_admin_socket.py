@@ -21,7 +21,7 @@ import pytest
 
 from dvx_dr.cli import remote
 from dvx_dr.errors import TransientError, UserError
-from tests.integration.sites import Site, Sites
+from tests.integration.sites import Site, Sites, dvx
 
 MiB = 1024 * 1024
 
@@ -227,3 +227,28 @@ def test_a_reload_keeps_what_only_a_restart_can_change(site: Site, tmp_path: Pat
     assert "changes to name, admin_socket, tls need a restart" in site.log()
     status = remote.status(str(site.admin_socket))
     assert status["site"] == "site-a"
+
+
+def test_a_site_refuses_to_start_on_another_sites_certificate_or_a_file_at_its_socket(
+        tmp_path: Path) -> None:
+    """site-b given site-a's certificate started, and peers took it for site-a; and a site
+    replaced whatever regular file stood at its admin_socket path. Both now refuse to start,
+    in one line, and change nothing."""
+    with Sites(tmp_path / "sites") as sites:
+        a, b = sites.add_many("site-a", "site-b")
+        sites.mesh()
+        password = ["--password-file", b.password_file]
+        b.write_config()
+        b.config.write_text(b.config.read_text().replace(str(b.cert), str(a.cert))
+                            .replace(str(b.key), str(a.key)))
+        run = dvx("site", "serve", "--config", b.config, *password, check=False, timeout=60)
+        err = run.stderr.decode()
+        assert run.returncode == 2, err
+        assert "is for site 'site-a', not for this site 'site-b'" in err, err
+        b.write_config()
+        b.admin_socket.parent.mkdir(parents=True, exist_ok=True)
+        b.admin_socket.write_text("not a socket")
+        run = dvx("site", "serve", "--config", b.config, *password, check=False, timeout=60)
+        err = run.stderr.decode()
+        assert run.returncode == 2 and "exists and is not a socket" in err, err
+        assert b.admin_socket.read_text() == "not a socket"

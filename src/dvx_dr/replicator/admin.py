@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,16 @@ CLOSE_SECONDS = 3.0
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+async def _listening(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket at ``path``."""
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
 class AdminServer:
     """The listening socket and its connections."""
 
@@ -55,9 +66,17 @@ class AdminServer:
         self.sending: dict[asyncio.Task[Any], float] = {}
 
     async def start(self, path: Path) -> None:
-        """Listen on ``path`` (replacing a stale socket file), mode 0600 from the start."""
+        """Listen on ``path`` (replacing a stale socket file), mode 0600 from the start. Any
+        other file there is refused, and so is a socket another process listens on (a
+        second site configured with the same path would take the first one's socket)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise UserError(f"admin_socket {path} exists and is not a socket; name another "
+                                "path in site.yaml, or remove that file")
+            if await _listening(path):
+                raise UserError(f"admin_socket {path} belongs to a running process (another "
+                                "site?); give each site its own admin_socket in site.yaml")
             path.unlink()
         old = os.umask(0o177)
         try:

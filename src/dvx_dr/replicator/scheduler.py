@@ -138,7 +138,8 @@ class Scheduler:
         await self.load()
 
     async def stop(self) -> None:
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:  # not yet, when the site failed to start
+            self.scheduler.shutdown(wait=False)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -44,7 +44,13 @@ from dvx_dr.replicator.receiver import Receiver
 from dvx_dr.replicator.scheduler import Scheduler
 from dvx_dr.replicator.sender import TransferStats, send_group, send_snapshot
 from dvx_dr.replicator.storethread import StoreThread
-from dvx_dr.replicator.tls import PeerRejected, check_peer, client_context, server_context
+from dvx_dr.replicator.tls import (
+    PeerRejected,
+    check_own_certificate,
+    check_peer,
+    client_context,
+    server_context,
+)
 from dvx_dr.site.config import SiteConfig, load_site_config
 from dvx_dr.site.store import PasswordSource, Store
 
@@ -343,6 +349,7 @@ async def serve(config: SiteConfig, config_path: Path | None,
                 password: PasswordSource | None) -> None:
     tls = config.tls
     peer_ssl: ssl.SSLContext = server_context(tls.cert, tls.key, tls.ca)
+    check_own_certificate(tls.cert, config.name)
     store = Store.open(config.store, password, startup_key=config.startup_key,
                        allow_locked=True)
     if store.locked:
@@ -398,6 +405,7 @@ async def serve(config: SiteConfig, config_path: Path | None,
         await peer_runner.cleanup()
         if service.http is not None:
             await service.http.close()
-        with contextlib.suppress(FileNotFoundError):
-            config.admin_socket.unlink()
+        if admin_server.server is not None:  # this site's socket, not a file it refused
+            with contextlib.suppress(FileNotFoundError):
+                config.admin_socket.unlink()
         service.store.close()

@@ -125,6 +125,16 @@ def _check_files(cert_path: Path, key_path: Path, ca_path: Path) -> None:
             )
 
 
+def check_own_certificate(cert_path: Path, site: str) -> None:
+    """Refuse to serve with a certificate for another site: peers would take this site for
+    that one (file its replicas under that name, or refuse it)."""
+    named = site_name_from_cert(_load_certs(cert_path, "TLS certificate")[0])
+    if named != site:
+        raise UserError(f"TLS certificate {cert_path} is for "
+                        f"{'site ' + repr(named) if named else 'no dvx-dr site'}, not for this "
+                        f"site {site!r}; issue one with 'dvx-dr pki issue-site DIR {site}'")
+
+
 def _load_certs(path: Path, what: str) -> list[x509.Certificate]:
     data = _read(path, what)
     try:
