@@ -174,10 +174,18 @@ def _serve_once(path: Path, answer: bytes) -> threading.Thread:
     return thread
 
 
-def test_client_names_a_site_of_the_older_http_protocol(tmp_path: Path) -> None:
-    path = tmp_path / "old.sock"
-    thread = _serve_once(path, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-    with pytest.raises(TransientError, match="older admin protocol .HTTP.: restart it"):
+@pytest.mark.parametrize(("answer", "message"), [
+    # a site of the older HTTP protocol
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+     "older admin protocol .HTTP.: restart it"),
+    # an answer cut off mid-line
+    (b'{"result": {"site": "site-a", "pe', "in the middle of its answer"),
+])
+def test_client_names_an_old_site_or_an_answer_cut_off(tmp_path: Path, answer: bytes,
+                                                       message: str) -> None:
+    path = tmp_path / "site.sock"
+    thread = _serve_once(path, answer)
+    with pytest.raises(TransientError, match=message):
         remote.status(str(path))
     thread.join(10)
 
@@ -200,14 +208,6 @@ def test_client_reads_an_error_the_site_sent_before_taking_the_whole_request(
     with pytest.raises(UserError, match="larger than 9 bytes"):
         remote.call_op(str(path), "volume.write",
                        {"name": "v", "offset": 0, "data": "A" * (16 * MiB)})
-    thread.join(10)
-
-
-def test_client_names_an_answer_cut_off_mid_line(tmp_path: Path) -> None:
-    path = tmp_path / "cut.sock"
-    thread = _serve_once(path, b'{"result": {"site": "site-a", "pe')
-    with pytest.raises(TransientError, match="in the middle of its answer"):
-        remote.status(str(path))
     thread.join(10)
 
 

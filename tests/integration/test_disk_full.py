@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -91,12 +92,9 @@ def test_key_changes_on_a_full_disk_say_so_and_keep_the_old_password(
     (tmp_path / "v.img").write_bytes(data)
     run_cli("volume", "import", "v", tmp_path / "v.img", *args)
     filler = small_disk / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(bytes(1024 * 1024))
-        except OSError:
-            pass
+    with open(filler, "wb") as f, contextlib.suppress(OSError):  # until the disk is full
+        while True:
+            f.write(bytes(1024 * 1024))
     new = tmp_path / "new-password"
     new.write_text("a brand new password\n")
     failed = run_cli("datastore", "encryption", "change-password", "--new-password-file", new,

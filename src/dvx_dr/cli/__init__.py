@@ -14,6 +14,7 @@ project.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -76,11 +77,9 @@ def leave_at_once(code: int) -> None:
     ``dvx-dr status`` of 45 ms). For the commands whose work happens in a running site
     (``replicate``, ``status``): they hold no open file, thread or store, so once their
     output is flushed there is nothing left to finish."""
-    try:
+    with contextlib.suppress(BrokenPipeError):  # a closed pipe: nothing more to say
         sys.stdout.flush()
         sys.stderr.flush()
-    except BrokenPipeError:
-        pass
     os._exit(code)
 
 

@@ -605,13 +605,12 @@ def _configured_since(store: Store, targets: set[tuple[str, str]], groups_loaded
     now = time.time()
     out = {}
     with store.transaction() as db:
-        for key, value in db.execute("SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?",
-                                     (len(_CONFIGURED), _CONFIGURED)).fetchall():
-            pg, _, site = key.removeprefix(_CONFIGURED).partition(":")
+        for key, value in dbmod.meta_with_prefix(db, _CONFIGURED).items():
+            pg, _, site = key.partition(":")
             if (pg, site) in targets:
                 out[pg, site] = float(value)
             elif pg in groups_loaded:
-                db.execute("DELETE FROM meta WHERE key=?", (key,))
+                dbmod.delete_meta(db, _CONFIGURED + key)
         for pg, site in targets - set(out):
             dbmod.set_meta(db, f"{_CONFIGURED}{pg}:{site}", repr(now))
             out[pg, site] = now

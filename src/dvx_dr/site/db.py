@@ -261,3 +261,13 @@ def get_meta(db: sqlite3.Connection, key: str) -> str | None:
 def set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
     db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
                "ON CONFLICT (key) DO UPDATE SET value=excluded.value", (key, value))
+
+
+def delete_meta(db: sqlite3.Connection, key: str) -> None:
+    db.execute("DELETE FROM meta WHERE key=?", (key,))
+
+
+def meta_with_prefix(db: sqlite3.Connection, prefix: str) -> dict[str, str]:
+    """Every metadata key that starts with ``prefix`` (the prefix removed) -> its value."""
+    return {key[len(prefix):]: str(value) for key, value in db.execute(
+        "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?", (len(prefix), prefix))}

@@ -271,7 +271,7 @@ def _apply_startup_mode(store: Store, mode: str, startup_key: Path | None, doome
         for path in doomed:
             destroy_file(path)
         with store.transaction() as db:
-            db.execute("DELETE FROM meta WHERE key='startup_key'")
+            dbmod.delete_meta(db, "startup_key")
     return {"startup_mode": mode, "startup_key": str(startup_key) if mode == "unlocked" else None}
 
 

@@ -233,7 +233,7 @@ def delete(store: Store, spec: str) -> None:
     snap = get(store, spec)
     with store.transaction() as db:
         db.execute("DELETE FROM snapshots WHERE snap=?", (snap.id,))
-        db.execute("DELETE FROM meta WHERE key=?", (_STANDALONE + spec,))
+        dbmod.delete_meta(db, _STANDALONE + spec)
 
 
 #: Store metadata key prefix: a replica that a peer also sent on its own (``VOLUME@NAME``),
