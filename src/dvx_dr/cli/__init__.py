@@ -8,20 +8,24 @@ Start-up time matters for commands that scripts run often (``replicate``, ``stat
 imported (all of them for ``--help``), and commands import the heavy parts they need (the
 store's code, the server, the pydantic policy and config models, tqdm, PyYAML) when they run,
 not when the parser is built. Those imports are the only function-local imports in the
-project.
+project, with argparse: ``replicate`` and ``status`` in their usual form are read without it
+(``cli.replicate.quick_args``).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Sequence
 
 from dvx_dr import __version__
 from dvx_dr.errors import DvxError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # not loaded at run time (see cli.replicate)
+    import argparse
+    from collections.abc import Sequence
 
 # Command group -> the module under dvx_dr.cli that registers it, in --help order.
 GROUPS = {
@@ -39,6 +43,8 @@ GROUPS = {
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser for ``argv``: only its command group's module is loaded when ``argv`` names
     one; every group otherwise (``--help``, a mistyped group)."""
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="dvx-dr", description="Replication and disaster recovery for encrypted volume stores")
     parser.add_argument("--version", action="version", version=f"dvx-dr {__version__}")
@@ -54,8 +60,7 @@ def main(argv: list[str] | None = None, *, leave: bool = False) -> int:
     """Run one command; its exit code. With ``leave`` (the console script), a command that
     only talked to a running site leaves the process at once (``leave_at_once``)."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = _quick_args(argv) or build_parser(argv).parse_args(argv)
     try:
         result = args.func(args)
     except DvxError as exc:
@@ -70,6 +75,15 @@ def main(argv: list[str] | None = None, *, leave: bool = False) -> int:
     if leave and getattr(args, "leave_at_once", False):
         leave_at_once(code)
     return code
+
+
+def _quick_args(argv: list[str]) -> argparse.Namespace | None:
+    """The arguments of a command line its group's module reads without argparse (its
+    ``quick_args``), else None."""
+    name = GROUPS.get(argv[0]) if argv else None
+    module = importlib.import_module(f"dvx_dr.cli.{name}") if name else None
+    quick = getattr(module, "quick_args", None)
+    return quick(argv) if quick is not None else None
 
 
 def leave_at_once(code: int) -> None:

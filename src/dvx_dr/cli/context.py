@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -13,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dvx_dr.cli import remote
+from dvx_dr.cli.common import STORE_ENV
 from dvx_dr.errors import StoreBusyError, UserError
 
 if TYPE_CHECKING:
     from dvx_dr.site.store import Store
 
-STORE_ENV = "DVX_DR_STORE"
 
 
 def add_store_args(parser: argparse.ArgumentParser) -> None:
@@ -168,13 +167,3 @@ def progress_bar(total: int | None, desc: str) -> Iterator[Callable[[int], None]
         bar.close()
 
 
-def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -7,7 +7,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from dvx_dr.cli import encryption
-from dvx_dr.cli.context import StoreCommands, print_json, progress_bar, run_op
+from dvx_dr.cli.common import print_json
+from dvx_dr.cli.context import StoreCommands, progress_bar, run_op
 from dvx_dr.units import format_size
 
 if TYPE_CHECKING:

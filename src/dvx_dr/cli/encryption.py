@@ -7,14 +7,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dvx_dr.cli.common import print_json, print_table
 from dvx_dr.cli.context import (
     StoreCommands,
     add_store_args,
     confirm,
     current_password,
     new_password,
-    print_json,
-    print_table,
     progress_bar,
     run_op,
 )

@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 
 from dvx_dr.cli import remote
-from dvx_dr.cli.context import add_store_args, print_json, print_table, run_op
+from dvx_dr.cli.common import print_json, print_table
+from dvx_dr.cli.context import add_store_args, run_op
 from dvx_dr.cli.replicate import add_site_args, admin_socket
 from dvx_dr.errors import DvxError
 

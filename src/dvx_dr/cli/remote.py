@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import socket as socketmod
-from collections.abc import Callable
-from typing import Any
 
 from dvx_dr.errors import DvxError, IntegrityError, TransientError, UserError
 from dvx_dr.replicator import adminwire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not loaded at run time (see cli.replicate)
+    from collections.abc import Callable
+    from typing import Any
 
 
 class RemoteError(DvxError):

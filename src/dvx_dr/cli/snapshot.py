@@ -7,13 +7,8 @@ import base64
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dvx_dr.cli.context import (
-    StoreCommands,
-    print_json,
-    print_table,
-    progress_bar,
-    run_op,
-)
+from dvx_dr.cli.common import print_json, print_table
+from dvx_dr.cli.context import StoreCommands, progress_bar, run_op
 from dvx_dr.cli.volume import copy_out, counted
 from dvx_dr.units import format_size, parse_size
 

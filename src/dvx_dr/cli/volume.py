@@ -12,13 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dvx_dr import sparse
-from dvx_dr.cli.context import (
-    StoreCommands,
-    print_json,
-    print_table,
-    progress_bar,
-    run_op,
-)
+from dvx_dr.cli.common import print_json, print_table
+from dvx_dr.cli.context import StoreCommands, progress_bar, run_op
 from dvx_dr.errors import UserError
 from dvx_dr.site import lockfile
 from dvx_dr.units import format_size, parse_size

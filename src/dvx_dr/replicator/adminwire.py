@@ -26,7 +26,10 @@ it is the local-control pattern of QEMU's QMP and systemd's Varlink.
 from __future__ import annotations
 
 import json
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing is not loaded at run time: the client's start-up (cli.replicate)
+    from typing import Any
 
 VERSION = 1
 #: Twice ``site.ops.MAX_INLINE`` (base64 grows data by a third), so any inline write fits.
