@@ -31,7 +31,7 @@ demo: bytecode
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash deploy/demo.sh
 
 bench: bytecode
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/ingest.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/ingest.py --runs 3
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/replicate.py
 
 clean:
