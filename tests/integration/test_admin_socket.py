@@ -231,9 +231,10 @@ def test_a_reload_keeps_what_only_a_restart_can_change(site: Site, tmp_path: Pat
 
 def test_a_site_refuses_to_start_on_another_sites_certificate_or_a_file_at_its_socket(
         tmp_path: Path) -> None:
-    """site-b given site-a's certificate started, and peers took it for site-a; and a site
-    replaced whatever regular file stood at its admin_socket path. Both now refuse to start,
-    in one line, and change nothing."""
+    """site-b given site-a's certificate started, and peers took it for site-a; given one
+    from another CA, it started and every peer refused it; and a site replaced whatever
+    regular file stood at its admin_socket path. Each now refuses to start, in one line, and
+    changes nothing."""
     with Sites(tmp_path / "sites") as sites:
         a, b = sites.add_many("site-a", "site-b")
         sites.mesh()
@@ -245,6 +246,20 @@ def test_a_site_refuses_to_start_on_another_sites_certificate_or_a_file_at_its_s
         err = run.stderr.decode()
         assert run.returncode == 2, err
         assert "is for site 'site-a', not for this site 'site-b'" in err, err
+        # A certificate for site-b from another CA: every peer would refuse it at each
+        # handshake, and blame this site's peers in its log.
+        rogue = tmp_path / "rogue"
+        dvx("pki", "init-ca", rogue)
+        dvx("pki", "issue-site", rogue, "site-b", "--host", "127.0.0.1")
+        b.write_config()
+        b.config.write_text(b.config.read_text().replace(str(b.cert), str(rogue / "site-b.crt"))
+                            .replace(str(b.key), str(rogue / "site-b.key")))
+        run = dvx("site", "serve", "--config", b.config, *password, check=False, timeout=60)
+        err = run.stderr.decode()
+        assert run.returncode == 2, err
+        assert "would be refused by this site's peers" in err, err
+        assert "unable to get local issuer certificate" in err, err
+        assert len(err.strip().splitlines()) == 1, err
         b.write_config()
         b.admin_socket.parent.mkdir(parents=True, exist_ok=True)
         b.admin_socket.write_text("not a socket")

@@ -42,7 +42,9 @@ class SiteCheckingConnector(aiohttp.TCPConnector):
     must name it, as the receiving side checks its clients. TLS itself checked only that the
     certificate lists the site's name as a host name, which a certificate of the same CA for
     another site may do too. (``_create_connection`` is the connector's hook for making a
-    connection, the same from aiohttp 3.9 on.)"""
+    connection.) aiohttp 3.14.5 or later is required: earlier versions pooled connections by
+    address alone, so a request for one site could go out on a connection checked as another's
+    when two peers share an address (a mistyped URL, a proxy in front of several sites)."""
 
     async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
         proto = await super()._create_connection(req, traces, timeout)

@@ -47,6 +47,7 @@ CA_KEY = "ca.key"
 SITE_URI_PREFIX = "dvx-dr://site/"
 
 _CLOCK_SKEW = dt.timedelta(minutes=5)
+_MAX_NAME = 64  # an X.509 common name (RFC 5280 ub-common-name)
 _DNS_LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 
 
@@ -60,13 +61,21 @@ def init_ca(directory: Path, name: str = "dvx-dr CA", days: int = 3650) -> Path:
         raise UserError(f"CA validity: expected at least 1 day, got {days}")
     if not name.strip():
         raise UserError("CA name: expected a non-empty name")
+    if len(name) > _MAX_NAME:
+        raise UserError(f"CA name: at most {_MAX_NAME} characters (an X.509 common name), got "
+                        f"{len(name)}")
     cert_path, key_path = directory / CA_CERT, directory / CA_KEY
-    for path in (cert_path, key_path):
-        if path.exists():
-            raise AlreadyExistsError(
-                f"{path} already exists: a CA is already set up in {directory}; "
-                "use it, or choose another directory"
-            )
+    cert_there, key_there = _exists(cert_path), _exists(key_path)
+    if key_there and not cert_there:
+        raise AlreadyExistsError(
+            f"{key_path} exists without {cert_path.name}, as an interrupted 'dvx-dr pki init-ca' "
+            f"leaves it: remove {key_path} and run it again"
+        )
+    if cert_there:
+        raise AlreadyExistsError(
+            f"{cert_path} already exists: a CA is already set up in {directory}; "
+            "use it, or choose another directory"
+        )
     _make_directory(directory)
 
     key = ec.generate_private_key(ec.SECP256R1())
@@ -118,7 +127,7 @@ def issue_site(directory: Path, site: str, hosts: list[str], days: int = 825) ->
 
     cert_path, key_path = directory / f"{site}.crt", directory / f"{site}.key"
     for path in (cert_path, key_path):
-        if path.exists():
+        if _exists(path):
             raise AlreadyExistsError(
                 f"{path} already exists; remove {cert_path.name} and {key_path.name} "
                 "first to issue a new certificate for this site"
@@ -233,7 +242,8 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
         key_pem = key_path.read_bytes()
     except FileNotFoundError as exc:
         raise UserError(
-            f"{exc.filename}: no such file; create the CA first (init_ca) in {directory}"
+            f"{exc.filename}: no such file; create the CA first with 'dvx-dr pki init-ca "
+            f"{directory}'"
         ) from None
     except OSError as exc:
         raise UserError(f"{exc.filename}: cannot read: {exc.strerror or exc}") from None
@@ -260,6 +270,15 @@ def _spki(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; one clear line when the directory cannot be searched."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot check it: {exc.strerror or exc}; run as a user who "
+                        "can read that directory") from None
 
 
 def _make_directory(directory: Path) -> None:

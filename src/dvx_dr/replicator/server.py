@@ -349,7 +349,7 @@ async def serve(config: SiteConfig, config_path: Path | None,
                 password: PasswordSource | None) -> None:
     tls = config.tls
     peer_ssl: ssl.SSLContext = server_context(tls.cert, tls.key, tls.ca)
-    check_own_certificate(tls.cert, config.name)
+    check_own_certificate(tls.cert, tls.key, tls.ca, config.name)
     store = Store.open(config.store, password, startup_key=config.startup_key,
                        allow_locked=True)
     if store.locked:

@@ -19,6 +19,7 @@ import ssl
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
@@ -72,7 +73,7 @@ def check_peer(ssl_object: _SSLObject | None, allowed: set[str]) -> str:
     if name is None:
         raise PeerRejected(
             "the certificate names no dvx-dr site (no dvx-dr://site/<name> URI and no valid "
-            "common name); issue it with `dvx-dr pki issue`"
+            "common name); issue it with `dvx-dr pki issue-site DIR SITE`"
         )
     if name not in allowed:
         configured = ", ".join(sorted(allowed)) or "none"
@@ -109,6 +110,9 @@ def _check_files(cert_path: Path, key_path: Path, ca_path: Path) -> None:
         ) from None
     except ValueError:
         raise UserError(f"{key_path}: not a PEM private key") from None
+    except UnsupportedAlgorithm as exc:
+        raise UserError(f"{key_path}: a key of a kind this site cannot use ({exc}); issue an "
+                        "ECDSA P-256 key with 'dvx-dr pki issue-site'") from None
     if _spki(key.public_key()) != _spki(certs[0].public_key()):
         raise UserError(f"{key_path} is not the private key of the certificate {cert_path}")
     now = dt.datetime.now(dt.UTC)
@@ -125,14 +129,50 @@ def _check_files(cert_path: Path, key_path: Path, ca_path: Path) -> None:
             )
 
 
-def check_own_certificate(cert_path: Path, site: str) -> None:
-    """Refuse to serve with a certificate for another site: peers would take this site for
-    that one (file its replicas under that name, or refuse it)."""
+def check_own_certificate(cert_path: Path, key_path: Path, ca_path: Path, site: str) -> None:
+    """Refuse to serve with a certificate peers would not accept as this site's: one for
+    another site (peers would take this site for that one: file its replicas under that name,
+    or refuse it), one that does not chain to the CA, or one not usable both to serve and to
+    connect. For the last two the site shakes hands with itself, in memory, with the
+    contexts it serves and connects with, so that OpenSSL applies the very checks its peers
+    will (the chain to ``ca``, the certificate's purposes, the host name ``site``)."""
     named = site_name_from_cert(_load_certs(cert_path, "TLS certificate")[0])
     if named != site:
         raise UserError(f"TLS certificate {cert_path} is for "
                         f"{'site ' + repr(named) if named else 'no dvx-dr site'}, not for this "
                         f"site {site!r}; issue one with 'dvx-dr pki issue-site DIR {site}'")
+    if problem := _handshake_with_itself(server_context(cert_path, key_path, ca_path),
+                                         client_context(cert_path, key_path, ca_path), site):
+        raise UserError(f"TLS certificate {cert_path} would be refused by this site's peers: "
+                        f"{problem}; it must be issued by the CA in {ca_path} (as "
+                        "'dvx-dr pki issue-site' does), for both server and client use")
+
+
+def _handshake_with_itself(server: ssl.SSLContext, client: ssl.SSLContext, site: str
+                           ) -> str | None:
+    """The error of a TLS handshake between ``client`` (addressing ``site``) and ``server``,
+    run in memory; None when both ends accept each other."""
+    server_in, server_out, client_in, client_out = (ssl.MemoryBIO() for _ in range(4))
+    ends = {"client": client.wrap_bio(client_in, client_out, server_hostname=site),
+            "server": server.wrap_bio(server_in, server_out, server_side=True)}
+    done: set[str] = set()
+    for _ in range(8):  # TLS 1.3 takes three flights
+        for name, end in ends.items():
+            if name in done:
+                continue
+            try:
+                end.do_handshake()
+                done.add(name)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLError as exc:
+                why = getattr(exc, "verify_message", None) or exc.reason or exc
+                return f"as the {name} of a test handshake, {why}"
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+        if len(done) == len(ends):
+            return None
+    return "a test handshake did not complete"
 
 
 def _load_certs(path: Path, what: str) -> list[x509.Certificate]:

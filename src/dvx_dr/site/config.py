@@ -6,7 +6,7 @@ Example (relative paths are taken relative to the directory holding ``site.yaml`
     store: /var/lib/dvx-dr/store      # the store directory
     listen: 0.0.0.0:8443              # host:port of the replication API ([::1]:8443 for IPv6)
     tls:
-      cert: tls/site-a.crt            # this site's certificate, issued by `dvx-dr pki issue`
+      cert: tls/site-a.crt            # this site's certificate, issued by `dvx-dr pki issue-site`
       key: tls/site-a.key
       ca: tls/ca.crt                  # the operators' CA; peers must present a cert from it
     admin_socket: /run/dvx-dr/site-a.sock

@@ -91,12 +91,24 @@ def test_init_ca_refuses_to_overwrite_an_existing_ca(tmp_path: Path) -> None:
 
     with pytest.raises(AlreadyExistsError, match="already exists"):
         init_ca(tmp_path)
-    (tmp_path / "ca.crt").unlink()  # half a CA is still a CA
-    with pytest.raises(AlreadyExistsError, match="ca.key"):
+    # A key without its certificate is what an init-ca killed between the two leaves: it is
+    # kept (it may be the only copy of a real CA's key), and the message says how to go on.
+    (tmp_path / "ca.crt").unlink()
+    with pytest.raises(AlreadyExistsError,
+                       match="exists without ca.crt, as an interrupted 'dvx-dr pki init-ca' "
+                             "leaves it: remove .*ca.key and run it again"):
         init_ca(tmp_path)
 
     assert (tmp_path / "ca.key").read_bytes() == key_before
     assert not (tmp_path / "ca.crt").exists()  # the refused call wrote nothing
+
+
+def test_init_ca_refuses_a_name_too_long_for_a_certificate_before_writing(tmp_path: Path
+                                                                         ) -> None:
+    with pytest.raises(UserError, match="CA name: at most 64 characters"):
+        init_ca(tmp_path / "ca", name="x" * 65)
+    assert not (tmp_path / "ca").exists()
+    init_ca(tmp_path / "ca", name="x" * 64)
 
 
 def test_issue_site_writes_a_leaf_certificate_naming_the_site(pki: PKI) -> None:
@@ -135,7 +147,8 @@ def test_issue_site_refuses_to_overwrite(pki: PKI) -> None:
 
 
 def test_issue_site_without_a_ca_says_to_create_one(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"ca\.crt: no such file; create the CA first"):
+    with pytest.raises(UserError, match=r"ca\.crt: no such file; create the CA first with "
+                                        r"'dvx-dr pki init-ca "):
         issue_site(tmp_path, "site-a", ["127.0.0.1"])
     assert list(tmp_path.iterdir()) == []
 
