@@ -69,17 +69,22 @@ def blob_id(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _hash_chunk(chunk: Sequence[bytes]) -> list[bytes]:
+#: A block's plaintext as a stream of batches hands it over: bytes, or a view into the
+#: batch it was read in (an import does not copy its blocks out of what it read).
+Plain = bytes | memoryview
+
+
+def _hash_chunk(chunk: Sequence[Plain]) -> list[bytes]:
     return [hashlib.sha256(b).digest() for b in chunk]
 
 
-def compress(plain: bytes) -> tuple[bool, bytes]:
-    """``(True, zstd(plain))`` when that is smaller, else ``(False, plain)``."""
+def compress(plain: Plain) -> tuple[bool, bytes]:
+    """``(True, zstd(plain))`` when that is smaller, else ``(False, plain)`` (as bytes)."""
     packed = _compressor().compress(plain)
-    return (True, packed) if len(packed) < len(plain) else (False, plain)
+    return (True, packed) if len(packed) < len(plain) else (False, bytes(plain))
 
 
-def _compress_chunk(chunk: Sequence[bytes]) -> list[tuple[bool, bytes]]:
+def _compress_chunk(chunk: Sequence[Plain]) -> list[tuple[bool, bytes]]:
     return [compress(b) for b in chunk]
 
 
@@ -125,7 +130,7 @@ class _Planned(Generic[T]):
     ids: list[bytes]
     known: dict[bytes, int]  # id -> row of the blobs the index already held
     names: dict[bytes, bytes]  # id -> index name
-    parts: list[Sequence[tuple[bytes, bytes]]]  # the new (id, plaintext), chunk by chunk
+    parts: list[Sequence[tuple[bytes, Plain]]]  # the new (id, plaintext), chunk by chunk
     futures: list[Future[list[tuple[bool, bytes]]]]  # each chunk's compression
 
     def payload_groups(self) -> Iterator[list[Payload]]:
@@ -240,7 +245,7 @@ class BlobStore:
         [(_, ids, rows)] = self.put_stream([(None, plaintexts)])
         return ids, rows
 
-    def put_stream(self, batches: Iterable[tuple[T, Sequence[bytes]]]
+    def put_stream(self, batches: Iterable[tuple[T, Sequence[Plain]]]
                    ) -> Generator[tuple[T, list[bytes], list[int]], None, None]:
         """Store a stream of ``(tag, plaintexts)`` batches, yielding ``(tag, ids, rows)`` for
         each, in order, once its blobs are appended and indexed.
@@ -259,7 +264,7 @@ class BlobStore:
         batches of memory (one being hashed, one compressed, one written).
         """
         source = iter(batches)
-        hashing: deque[tuple[T, Sequence[bytes], list[Future[list[bytes]]]]] = deque()
+        hashing: deque[tuple[T, Sequence[Plain], list[Future[list[bytes]]]]] = deque()
         planned: deque[_Planned[T]] = deque()
         in_flight: dict[bytes, int] = {}  # id -> row (-1 until written) of planned new blobs
         recent: deque[list[bytes]] = deque()  # new ids of the last batches written
@@ -305,7 +310,7 @@ class BlobStore:
                 for c in batch.futures:
                     c.cancel()
 
-    def _plan(self, tag: T, plains: Sequence[bytes], ids: list[bytes],
+    def _plan(self, tag: T, plains: Sequence[Plain], ids: list[bytes],
               in_flight: dict[bytes, int]) -> _Planned[T]:
         """Look up a hashed batch and start compressing its new blobs in the pool."""
         names: dict[bytes, bytes] = {}
@@ -313,7 +318,7 @@ class BlobStore:
         # Blobs of earlier batches: written (their rows are known now), or still being
         # compressed (-1: the previous batch's, resolved when this one is written).
         known.update((i, in_flight[i]) for i in ids if in_flight.get(i, -1) != -1)
-        new: dict[bytes, bytes] = {}
+        new: dict[bytes, Plain] = {}
         for i, plain in zip(ids, plains, strict=True):
             if i not in known and i not in in_flight and i not in new:
                 new[i] = plain

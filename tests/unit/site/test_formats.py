@@ -15,6 +15,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dvx_dr.errors import FormatError, IntegrityError, UserError, WrongPasswordError
 from dvx_dr.site import extent
@@ -185,6 +187,17 @@ def test_index_name_known_answer() -> None:
     assert hmac.new(derived[:32], blob_id, hashlib.sha256).digest() == NAME_KAT
     assert keys.name(blob_id) != blob_id
     assert IndexKeys(bytes(32)).name(blob_id) != NAME_KAT  # another key, another name
+
+
+@given(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32))
+@settings(max_examples=200, deadline=None)
+def test_index_names_are_hmac_sha256_under_the_name_key(index_key: bytes, blob_id: bytes
+                                                         ) -> None:
+    """Names come from HMAC's precomputed inner and outer states; they are the names the
+    standard library's HMAC gives."""
+    derived = HKDF(algorithm=hashes.SHA256(), length=64, salt=None,
+                   info=b"dvx-dr index v1").derive(index_key)
+    assert IndexKeys(index_key).name(blob_id) == hmac.digest(derived[:32], blob_id, "sha256")
 
 
 def test_sealed_id_round_trip() -> None:
