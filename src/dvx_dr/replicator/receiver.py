@@ -56,6 +56,15 @@ class Session:
         return f"{self.source}/{self.volume}"
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedBatch:
+    """A received batch, parsed, with every payload checked against its id."""
+
+    records: list[protocol.Record]
+    plains: list[bytes | None]  # the plaintext of each tree page or root; None for blocks
+    size: int  # the batch's bytes on the wire
+
+
 class Receiver:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -153,11 +162,17 @@ class Receiver:
             good |= treeblobs.marked(self.store.db, found.values(), level)
         return {i: row for i, row in found.items() if row in good}
 
-    def receive(self, source: str, sid: str, body: bytes) -> dict[str, int]:
-        s = self.session(source, sid)
+    def check_batch(self, body: bytes) -> CheckedBatch:
+        """Parse a batch and check every payload against its id (in the worker pool), without
+        the store: it runs while the store thread stores the batch before (``receive``)."""
         records = protocol.decode_batch(body)
+        return CheckedBatch(records, self._verify(records), len(body))
+
+    def receive(self, source: str, sid: str, batch: bytes | CheckedBatch) -> dict[str, int]:
+        s = self.session(source, sid)
+        checked = batch if isinstance(batch, CheckedBatch) else self.check_batch(batch)
+        records, plains = checked.records, checked.plains
         payloads = [Payload(r.id, r.compressed, r.payload, r.plain_len) for r in records]
-        plains = self._verify(records)
         in_batch = {r.id for r in records}  # any record's bytes can be a block
         pages_in = {(r.id, r.level) for r in records if r.kind == protocol.KIND_PAGE}
         roots_in = {r.id for r in records if r.kind == protocol.KIND_ROOT}
@@ -211,7 +226,7 @@ class Receiver:
         for r, plain in zip(records, plains, strict=True):
             if r.kind == protocol.KIND_PAGE and plain is not None:
                 self.store.blobs.pages.put(r.id, plain)  # the next replica's base pages
-        size = len(body)
+        size = checked.size
         s.blobs += len(records)
         s.bytes += size
         return {"stored": len(records), "bytes": size}

@@ -40,7 +40,7 @@ from dvx_dr.errors import (
 )
 from dvx_dr.replicator import admin, listener, protocol
 from dvx_dr.replicator.peer import PeerClient, SiteCheckingConnector, with_retries
-from dvx_dr.replicator.receiver import Receiver
+from dvx_dr.replicator.receiver import CheckedBatch, Receiver
 from dvx_dr.replicator.scheduler import Scheduler
 from dvx_dr.replicator.sender import TransferStats, send_group, send_snapshot
 from dvx_dr.replicator.storethread import StoreThread
@@ -254,26 +254,38 @@ async def have(request: web.Request) -> web.Response:
 
 async def blobs(request: web.Request) -> web.Response:
     """A blob stream (``protocol``): each batch is stored in the store thread while the next
-    one is read off the connection, so at most two batches are in memory."""
+    one is read off the connection and checked against its ids in the worker pool (which
+    needs no store), so at most two batches are in memory. Checking had waited for the
+    store thread: on a target that decompresses and hashes every block it receives, it is
+    half the work."""
     service = request.app[SERVICE]
+    receiver = service.receiver
     sid = request.match_info["sid"]
     totals = {"stored": 0, "bytes": 0}
     storing: asyncio.Future[dict[str, int]] | None = None
+    checking: asyncio.Future[CheckedBatch] | None = None
+    loop = asyncio.get_running_loop()
 
     async def stored() -> None:
         assert storing is not None
         for key, value in (await storing).items():
             totals[key] += value
 
+    async def store(checking: asyncio.Future[CheckedBatch]) -> dict[str, int]:
+        checked = await checking
+        return await service.store.run(receiver.receive, request["peer"], sid, checked)
+
     # An unknown session is refused before anything of the stream is read.
-    await service.store.run(service.receiver.session, request["peer"], sid)
+    await service.store.run(receiver.session, request["peer"], sid)
     with service.store.store.pin_busy(sid):
         try:
             async for batch in protocol.read_stream(request.content):
+                # Not the store's pool: checking fans out to it, and waiting there for it
+                # could take both of its threads.
+                checking = loop.run_in_executor(None, receiver.check_batch, batch)
                 if storing is not None:
                     await stored()
-                storing = asyncio.ensure_future(service.store.run(
-                    service.receiver.receive, request["peer"], sid, batch))
+                storing = asyncio.ensure_future(store(checking))
             if storing is not None:
                 await stored()
         finally:
@@ -284,7 +296,15 @@ async def blobs(request: web.Request) -> web.Response:
                 await asyncio.wait([storing])
                 if not storing.cancelled():
                     storing.exception()
+            if checking is not None:  # a batch checked after the stream broke: its error
+                checking.add_done_callback(_consumed)  # is not the one reported
     return web.json_response(totals)
+
+
+def _consumed(future: asyncio.Future[Any]) -> None:
+    """Retrieve a future's error, that no one else will report, so asyncio does not log it."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def commit(request: web.Request) -> web.Response:
