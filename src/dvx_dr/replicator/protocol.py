@@ -22,8 +22,8 @@ the target site, all under ``/v1/replication``:
 ``POST /sessions/<id>/blobs``  body: a *blob stream*, batches one after another, each
     prefixed by its length (u32 LE), ended by a zero length; a batch is a framed series of
     records (below). The target verifies each batch's records, re-encrypts the payloads with
-    its own key and makes the batch durable, or rejects it whole; it reads the next batch off
-    the connection while it stores the last. Answers ``{"stored": n, "bytes": n}`` once the
+    its own key and makes the batch durable, or rejects it whole; it reads and checks the
+    next batch while it stores the last. Answers ``{"stored": n, "bytes": n}`` once the
     end mark is read and every batch is durable. A bad batch ends the stream with an error;
     the batches before it stay durable. The source bounds one stream (``STREAM_BYTES``,
     ``STREAM_SECONDS``) and opens the next, so that the target confirms a long transfer piece
