@@ -86,17 +86,29 @@ def quick_args(argv: list[str]) -> Any:
 
 
 def admin_socket(args: argparse.Namespace) -> str:
-    config = args.config or os.environ.get(CONFIG_ENV)
-    if config:
+    """The running site's admin socket: named by ``--config`` or ``--store``, else by the
+    environment (an option given on the command line wins over both variables)."""
+    for option, value in (("--config", args.config), ("--store", args.store)):
+        if value == "":  # an unset shell variable, say: not the environment's site
+            raise UserError(f"{option} is empty; give the path of the running site's "
+                            f"{'site.yaml' if option == '--config' else 'store directory'}")
+    if args.config is not None:
+        return socket_from_config(args.config)
+    if args.store is not None:
+        return _socket_of_store(args.store)
+    if config := os.environ.get(CONFIG_ENV):
         return socket_from_config(config)
-    store = args.store or os.environ.get(STORE_ENV)
-    if store:
-        socket = lockfile.holder(store)[1]
-        if socket is not None:
-            return socket
+    if store := os.environ.get(STORE_ENV):
+        return _socket_of_store(store)
+    raise UserError(f"name the site: --config site.yaml (or ${CONFIG_ENV}), or --store DIR")
+
+
+def _socket_of_store(store: str) -> str:
+    socket = lockfile.holder(store)[1]
+    if socket is None:
         raise UserError(f"no site is running on store {store}; start it with "
                         "'dvx-dr site serve --config site.yaml'")
-    raise UserError(f"name the site: --config site.yaml (or ${CONFIG_ENV}), or --store DIR")
+    return socket
 
 
 def socket_from_config(path: str | os.PathLike[str]) -> str:

@@ -61,9 +61,9 @@ def init_ca(directory: Path, name: str = "dvx-dr CA", days: int = 3650) -> Path:
         raise UserError(f"CA validity: expected at least 1 day, got {days}")
     if not name.strip():
         raise UserError("CA name: expected a non-empty name")
-    if len(name) > _MAX_NAME:
-        raise UserError(f"CA name: at most {_MAX_NAME} characters (an X.509 common name), got "
-                        f"{len(name)}")
+    if len(name.encode()) > _MAX_NAME:
+        raise UserError(f"CA name: at most {_MAX_NAME} bytes in UTF-8 (an X.509 common name), "
+                        f"got {len(name.encode())}")
     cert_path, key_path = directory / CA_CERT, directory / CA_KEY
     cert_there, key_there = _exists(cert_path), _exists(key_path)
     if key_there and not cert_there:

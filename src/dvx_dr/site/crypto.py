@@ -110,21 +110,17 @@ class IndexKeys:
         ).derive(index_key)
         self._name_key = derived[:32]
         self._seal = AESGCM(derived[32:])
-        # HMAC's inner and outer hash states for the name key (RFC 2104: the key, padded to
-        # SHA-256's 64-byte block, XOR 0x36 and 0x5c), hashed once. hmac.digest hashes them
-        # again on every call; an import names every block it reads, and copying the states
-        # takes a third of the time (1.2 against 3.0 us a name on this project's machine).
-        padded = self._name_key.ljust(64, b"\0")
-        self._name_inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
-        self._name_outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+        # One keyed HMAC object, copied for each name: hmac.digest keys a new one on every call
+        # (hashing the padded key twice), and an import names every block it reads; copying
+        # takes two thirds of the time (2.1 against 3.0 us a name on this project's machine).
+        # The HMAC stays OpenSSL's, as FIPS mode requires.
+        self._name_hmac = hmac.new(self._name_key, digestmod=hashlib.sha256)
 
     def name(self, blob_id: bytes) -> bytes:
         """``HMAC-SHA256(name key, blob_id)``."""
-        inner = self._name_inner.copy()
-        inner.update(blob_id)
-        outer = self._name_outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()
+        h = self._name_hmac.copy()
+        h.update(blob_id)
+        return h.digest()
 
     def seal(self, name: bytes, blob_id: bytes) -> bytes:
         nonce = os.urandom(12)

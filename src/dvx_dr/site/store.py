@@ -34,7 +34,7 @@ from dvx_dr.errors import (
     UserError,
 )
 from dvx_dr.site import db as dbmod
-from dvx_dr.site import lockfile, malloc
+from dvx_dr.site import lockfile
 from dvx_dr.site.blobs import BlobStore
 from dvx_dr.site.crypto import ExtentCipher, IndexKeys, PlainIndex, new_index_key, new_tek
 from dvx_dr.site.kdf import NAME as KEYSTORE_NAME
@@ -177,7 +177,6 @@ class Store:
         ``allow_locked`` and neither, the store opens locked (see ``locked``). ``derivation``
         may hold the password's KEK, derived while the caller loaded this code.
         """
-        malloc.tune()  # this process will move blocks through memory
         path = Path(path)
         if not (path / DB_NAME).exists():
             raise UserError(f"{path} is not a dvx-dr store (no {DB_NAME}); create one with "

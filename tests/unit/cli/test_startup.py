@@ -16,6 +16,7 @@ from dvx_dr.cli import build_parser
 from dvx_dr.cli.replicate import (
     _config_relative,
     _socket_from_simple_lines,
+    admin_socket,
     quick_args,
     socket_from_config,
 )
@@ -253,3 +254,22 @@ def test_config_paths_are_resolved_as_the_site_writes_them(pieces: list[str], ro
     expanded = Path(value).expanduser()
     site = expanded if expanded.is_absolute() else Path(config).absolute().parent / expanded
     assert _config_relative(config, value) == str(site)
+
+
+def test_site_options_win_over_the_environment_and_may_not_be_empty(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--store`` names the site even with ``DVX_DR_CONFIG`` set, and an empty ``--config``
+    (an unset shell variable) is refused rather than replaced by the environment's site."""
+    other = tmp_path / "other.yaml"
+    other.write_text(SITE_YAML % "other.sock")
+    serving(other, "store", str(tmp_path / "other.sock"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "lock").write_text(f"4242\n{tmp_path / 'mine.sock'}\n")
+    monkeypatch.setenv("DVX_DR_CONFIG", str(other))
+    assert admin_socket(quick_args(["status", "--store", str(mine)])) == str(
+        tmp_path / "mine.sock")
+    assert admin_socket(quick_args(["status"])) == str(tmp_path / "other.sock")
+    for argv in (["status", "--config", ""], ["status", "--config="], ["status", "--store", ""]):
+        with pytest.raises(UserError, match="is empty; give the path"):
+            admin_socket(build_parser(argv).parse_args(argv))

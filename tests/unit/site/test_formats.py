@@ -193,8 +193,8 @@ def test_index_name_known_answer() -> None:
 @settings(max_examples=200, deadline=None)
 def test_index_names_are_hmac_sha256_under_the_name_key(index_key: bytes, blob_id: bytes
                                                          ) -> None:
-    """Names come from HMAC's precomputed inner and outer states; they are the names the
-    standard library's HMAC gives."""
+    """Names come from copies of one keyed HMAC object; they are the names a new HMAC for
+    each gives."""
     derived = HKDF(algorithm=hashes.SHA256(), length=64, salt=None,
                    info=b"dvx-dr index v1").derive(index_key)
     assert IndexKeys(index_key).name(blob_id) == hmac.digest(derived[:32], blob_id, "sha256")
