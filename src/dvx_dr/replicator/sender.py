@@ -185,18 +185,25 @@ async def send_snapshot(
 async def _send_snapshot(store: StoreThread, peer: PeerClient, spec: str,
                          progress: Progress | None, bandwidth_limit: float | None
                          ) -> TransferStats:
-    snap = await store.run(snapshots.get, store.store, spec)
-    if "/" in snap.volume:
-        raise UserError(f"{spec} is a replica received from another site; replicate from its "
-                        "home site, or clone it into a volume and snapshot that")
-    root_id, root = await store.run(_root, store, snap)
+    snap, root_id, root, bases = await store.run(_snapshot_and_bases, store, spec)
     request = {"version": protocol.VERSION, "volume": snap.volume, "snapshot": snap.name,
                "root": root_id.hex(), "created": snap.created}
     stats = TransferStats(snapshot=spec, target=peer.site,
                           replica=f"{store.store.site}/{snap.volume}@{snap.name}")
-    bases = await store.run(_volume_bases, store, snap, root_id)
     return await _transfer(store, peer, request, root_id, [(root_id, root)], None, bases,
                            stats, progress, bandwidth_limit)
+
+
+def _snapshot_and_bases(store: StoreThread, spec: str
+                        ) -> tuple[snapshots.SnapshotInfo, bytes, Root, Bases]:
+    """The snapshot to send, its root and its candidate bases, in one call to the store
+    thread (each call is a round trip between threads, on the path of every transfer)."""
+    snap = snapshots.get(store.store, spec)
+    if "/" in snap.volume:
+        raise UserError(f"{spec} is a replica received from another site; replicate from its "
+                        "home site, or clone it into a volume and snapshot that")
+    root_id, root = _root(store, snap)
+    return snap, root_id, root, _volume_bases(store, snap, root_id)
 
 
 async def send_group(
@@ -421,18 +428,18 @@ async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
     level = root.depth - 1
     while level >= 1 and frontier:
         missing = await _missing_pairs(frontier, have, level)
-        pages = await store.run(blobs.get_payloads, [p for p, _ in missing])
         page_bases = [b for _, b in missing]
+        pages, frontier = await store.run(_pages_and_children, store,
+                                          [p for p, _ in missing], page_bases)
         upper.append((pages, page_bases, level))
-        frontier = await store.run(_child_pairs, store, pages, page_bases)
         level -= 1
     leaves = await _missing_pairs(frontier, have, 0) if frontier else []
     sent: set[bytes] = set()
     step = FIRST_READ
     for start in range(0, len(leaves), LEAVES_PER_ROUND):
         chunk = leaves[start:start + LEAVES_PER_ROUND]
-        leaf_pages = await store.run(blobs.get_payloads, [page for page, _ in chunk])
-        pairs = await store.run(_child_pairs, store, leaf_pages, [b for _, b in chunk])
+        leaf_pages, pairs = await store.run(_pages_and_children, store,
+                                            [page for page, _ in chunk], [b for _, b in chunk])
         wanted = list(dict.fromkeys(c for c, _ in pairs if c not in sent))
         lacking: list[bytes] = await have(wanted) if wanted else []
         at = 0
@@ -456,6 +463,14 @@ async def _missing_pairs(pairs: list[Pair], have: Any, level: int) -> list[Pair]
     ask = [p for p, b in pairs if p != b]
     missing = set(await have(ask, level)) if ask else set()
     return [(p, b) for p, b in pairs if p in missing]
+
+
+def _pages_and_children(store: StoreThread, ids: list[bytes], bases: list[bytes | None]
+                        ) -> tuple[list[Payload], list[Pair]]:
+    """The pages ``ids`` as they will be sent, and their children that differ from their
+    base pages' (``_child_pairs``): one call to the store thread for both."""
+    pages = store.store.blobs.get_payloads(ids)
+    return pages, _child_pairs(store, pages, bases)
 
 
 def _child_pairs(store: StoreThread, pages: list[Payload], bases: list[bytes | None]
