@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,4 +36,6 @@ def cmd_issue_site(args: argparse.Namespace) -> int:
 
     cert, key = pki.issue_site(args.dir, args.name, args.host)
     print(f"issued {cert} and {key} for site {args.name} ({', '.join(args.host)})")
+    if warning := pki.exposed_ca_key(args.dir):
+        print(f"dvx-dr: warning: {warning}", file=sys.stderr)
     return 0

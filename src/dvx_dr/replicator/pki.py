@@ -107,6 +107,9 @@ def issue_site(directory: Path, site: str, hosts: list[str], days: int = 825) ->
     files first to re-issue.
     """
     check_site_name(site)
+    if site == Path(CA_CERT).stem:
+        raise UserError(f"site name {site!r}: the CA's own files are {CA_CERT} and {CA_KEY} "
+                        "in the same directory; choose another site name")
     if days < 1:
         raise UserError(f"certificate validity: expected at least 1 day, got {days}")
     if not hosts:
@@ -233,6 +236,20 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def exposed_ca_key(directory: Path) -> str | None:
+    """A warning when the CA's private key file can be read by others than its owner (by its
+    mode; the directories above it are not checked); None otherwise."""
+    try:
+        mode = (directory / CA_KEY).stat().st_mode & 0o777
+    except OSError:
+        return None
+    if mode & 0o077:
+        return (f"{directory / CA_KEY} can be read by others than its owner (mode "
+                f"{mode:04o}): whoever reads it can issue certificates every site accepts; "
+                f"run 'chmod 600 {directory / CA_KEY}'")
+    return None
 
 
 def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

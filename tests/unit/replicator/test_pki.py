@@ -8,6 +8,8 @@ import ipaddress
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from dvx_dr.replicator.tls import (
     peer_site_from_ssl_object,
     server_context,
 )
+from tests.conftest import cli_env
 
 HOSTS = ["127.0.0.1", "localhost", "::1"]
 
@@ -447,3 +450,26 @@ def test_expired_certificate_is_refused_at_load(tmp_path: Path) -> None:
     )
     with pytest.raises(UserError, match="old.crt: the certificate expired on"):
         server_context(cert_path, key_path, cert_path)
+
+
+def test_a_site_cannot_be_named_like_the_ca_files(tmp_path: Path) -> None:
+    """``issue-site DIR ca`` would have written the site's certificate and key as the CA's."""
+    init_ca(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(UserError, match="site name 'ca': the CA's own files are ca.crt"):
+        issue_site(tmp_path, "ca", ["127.0.0.1"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_issue_site_warns_when_others_can_read_the_ca_key(tmp_path: Path) -> None:
+    init_ca(tmp_path)
+    command = [sys.executable, "-m", "dvx_dr", "pki", "issue-site", str(tmp_path)]
+    run = subprocess.run([*command, "site-a", "--host", "127.0.0.1"], capture_output=True,
+                         text=True, env=cli_env(), timeout=60)
+    assert run.returncode == 0 and "warning" not in run.stderr, run.stderr
+    (tmp_path / "ca.key").chmod(0o644)
+    run = subprocess.run([*command, "site-b", "--host", "127.0.0.1"], capture_output=True,
+                         text=True, env=cli_env(), timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "ca.key can be read by others than its owner (mode 0644)" in run.stderr
+    assert "chmod 600" in run.stderr
