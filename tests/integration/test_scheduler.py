@@ -865,3 +865,41 @@ def test_gc_deletes_nothing_a_running_transfer_still_reads(sites: Sites, tmp_pat
     got = b.cli("snapshot", "read", f"site-a/vm1@{spec.split('@')[1]}", "--length",
                 str(len(data))).stdout
     assert got == data
+
+
+def test_a_peer_removed_by_a_reload_gets_no_more_of_a_running_transfer(
+        sites: Sites, tmp_path: Path) -> None:
+    """site-a and site-b each take the other out of their peers (site.yaml, SIGHUP) while a
+    slow scheduled transfer runs between them: the transfer had gone on to its end, and site-b
+    kept site-a's session (and its hold on gc) until it lapsed. Now site-a stops sending
+    within a batch and says why, and site-b drops site-a's session at once."""
+    a, b = make_sites(sites, "site-a", "site-b")
+    sites.start()
+    image = tmp_path / "img"
+    image.write_bytes(random.Random(10).randbytes(4 * MiB))
+    a.cli("volume", "import", "vm1", image)
+    text = policy("g", '["vm1"]', schedule="3s", keep=5, targets=(("site-b", "2h", 5),))
+    (a.root / "policies" / "g.yaml").write_text(
+        text.replace("    rpo: 2h\n", "    rpo: 2h\n    bandwidth_limit: 256KiB/s\n"))
+    pg_apply(a)
+
+    def target() -> dict[str, Any]:
+        return dict(status(a)["groups"]["g"]["targets"]["site-b"])
+
+    wait_for("the transfer to be under way",
+             lambda: (target()["progress"] or {}).get("payload_bytes"), timeout=20)
+    wait_for("site-b to hold site-a's session", lambda: status(b)["sessions"], timeout=10)
+    for site, other in ((a, "site-b"), (b, "site-a")):
+        del site.peers[other]
+        site.write_config()
+        site.reload()
+    removed = time.monotonic()
+    wait_for("site-b to drop site-a's session", lambda: status(b)["sessions"] == 0,
+             timeout=10)
+    wait_for("the transfer to stop", lambda: "site-b at https" in a.log()
+             and "is no longer a peer in the site's configuration" in a.log(), timeout=15)
+    # At 256 KiB/s the 4 MiB transfer had more than 10 s to go.
+    assert time.monotonic() - removed < 8
+    assert not target()["progress"]
+    assert not any(g["snapshot"].startswith("site-a/g@") for g in op(b, "group.list", pg=None))
+    assert "is no longer a peer: 1 of its replication sessions here dropped" in b.log()

@@ -124,6 +124,16 @@ class Receiver:
             return None
         return self.store.blobs.id_of(row)
 
+    def drop_source(self, source: str) -> int:
+        """Forget every session of ``source`` (no longer a peer); how many there were. What
+        they stored stays (durable blobs, for gc to judge); a batch that comes later for one
+        of them is refused as of an unknown session."""
+        gone = [sid for sid, s in self.sessions.items() if s.source == source]
+        for sid in gone:
+            del self.sessions[sid]
+            self.store.unpin(sid)
+        return len(gone)
+
     def _expire(self) -> None:
         now = time.monotonic()
         for sid in [k for k, s in self.sessions.items() if now - s.last_used > SESSION_IDLE]:

@@ -119,8 +119,9 @@ class _Streamer:
 
     def __init__(self, queue: asyncio.Queue[bytes | None], stats: TransferStats,
                  started: float, progress: Progress | None,
-                 bandwidth_limit: float | None) -> None:
+                 bandwidth_limit: float | None, check: Callable[[], None]) -> None:
         self.queue = queue
+        self.check = check  # raises when the transfer must stop (the peer was removed)
         self.stats = stats
         self.started = started
         self.progress = progress
@@ -146,6 +147,7 @@ class _Streamer:
                 yield view[k:k + WRITE_PIECE]
                 if n % YIELD_PIECES == 0:
                     await asyncio.sleep(0)
+                    self.check()
             size = protocol.STREAM_LENGTH.size + len(batch)
             sent += size
             await self._sent(size)
@@ -163,8 +165,11 @@ class _Streamer:
             self.window_bytes += size
             ahead = (self.window_bytes / self.bandwidth_limit
                      - (time.monotonic() - self.window_start))
-            if ahead > 0:
-                await asyncio.sleep(ahead)
+            while ahead > 0:  # in slices: a removed peer stops the wait too
+                await asyncio.sleep(min(ahead, 0.5))
+                self.check()
+                ahead = (self.window_bytes / self.bandwidth_limit
+                         - (time.monotonic() - self.window_start))
         if self.progress:
             self.stats.seconds = time.monotonic() - self.started
             self.progress(self.stats)
@@ -324,7 +329,10 @@ async def _transfer(
             if task is None or not task.cancelling():
                 await queue.put(None)
 
-    streamer = _Streamer(queue, stats, started, progress, bandwidth_limit)
+    # A reload that removes the peer cuts the stream off (PeerRemoved): the batch on the wire
+    # is lost to the target, the ones before are durable there.
+    streamer = _Streamer(queue, stats, started, progress, bandwidth_limit,
+                         peer.ensure_configured)
 
     async def consume() -> None:
         while (body := await streamer.next_stream()) is not None:

@@ -78,7 +78,7 @@ class SiteService:
             where = self.config_path or "the site configuration"
             raise UserError(f"unknown site {site!r}: not a peer in {where} (configured: {known})")
         assert self.http is not None
-        return PeerClient(self.http, site, url)
+        return PeerClient(self.http, site, url, configured=lambda: self.config.peers.get(site))
 
     async def start_http(self) -> None:
         tls = self.config.tls
@@ -133,7 +133,15 @@ class SiteService:
             except DvxError as exc:
                 log.error("reload failed, keeping the running configuration: %s", exc)
                 return {"loaded": sorted(self.scheduler.policies), "errors": [str(exc)]}
+            removed = set(self.config.peers) - set(new.peers)
             self._apply_config(new)
+            # Transfers from here to a removed (or moved) peer stop at their next request
+            # (PeerClient); transfers from it here lose their sessions, and with them the
+            # pins that held gc off.
+            for site in sorted(removed):
+                dropped = await self.store.run(self.receiver.drop_source, site)
+                log.info("site %s is no longer a peer: %d of its replication sessions here "
+                         "dropped", site, dropped)
         return await self.scheduler.load()
 
     def _apply_config(self, new: SiteConfig) -> None:

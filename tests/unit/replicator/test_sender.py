@@ -67,7 +67,7 @@ def streams_of(batches: list[bytes]) -> tuple[list[bytes], TransferStats]:
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
         for b in [*batches, None]:
             queue.put_nowait(b)
-        streamer = _Streamer(queue, stats, time.monotonic(), None, None)
+        streamer = _Streamer(queue, stats, time.monotonic(), None, None, lambda: None)
         bodies = []
         while (body := await streamer.next_stream()) is not None:
             bodies.append(b"".join([bytes(piece) async for piece in body]))
@@ -130,7 +130,7 @@ def test_a_target_that_dies_mid_batch_is_noticed_before_asyncio_logs_failed_writ
         for b in (batch, None):
             queue.put_nowait(b)
         streamer = _Streamer(queue, TransferStats("vm1@s", "site-b"), time.monotonic(),
-                             None, None)
+                             None, None, lambda: None)
         context = client_context(*certs["site-a"], ca / "ca.crt")
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as http:
             peer = PeerClient(http, "site-b", f"https://127.0.0.1:{port}")
