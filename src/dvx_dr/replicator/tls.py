@@ -162,12 +162,12 @@ def _handshake_with_itself(server: ssl.SSLContext, client: ssl.SSLContext, site:
                 continue
             try:
                 end.do_handshake()
-                done.add(name)
             except ssl.SSLWantReadError:
-                pass
+                continue  # it waits for the other end's next flight
             except ssl.SSLError as exc:
                 why = getattr(exc, "verify_message", None) or exc.reason or exc
                 return f"as the {name} of a test handshake, {why}"
+            done.add(name)
         server_in.write(client_out.read())
         client_in.write(server_out.read())
         if len(done) == len(ends):

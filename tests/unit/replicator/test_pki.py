@@ -24,6 +24,7 @@ from dvx_dr.errors import AlreadyExistsError, UserError
 from dvx_dr.replicator.pki import init_ca, issue_site, site_name_from_cert
 from dvx_dr.replicator.tls import (
     PeerRejected,
+    check_own_certificate,
     check_peer,
     client_context,
     peer_site_from_ssl_object,
@@ -473,3 +474,47 @@ def test_issue_site_warns_when_others_can_read_the_ca_key(tmp_path: Path) -> Non
     assert run.returncode == 0, run.stderr
     assert "ca.key can be read by others than its owner (mode 0644)" in run.stderr
     assert "chmod 600" in run.stderr
+
+
+def _server_only_certificate(ca: Path, site: str, out: Path) -> tuple[Path, Path]:
+    """A certificate for ``site`` from the CA in ``ca`` that allows server use only."""
+    ca_cert = _load(ca / "ca.crt")
+    ca_key = serialization.load_pem_private_key((ca / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(7)
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=3))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.UniformResourceIdentifier(f"dvx-dr://site/{site}"), x509.DNSName(site)]),
+                critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    out.mkdir(exist_ok=True)
+    (out / f"{site}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / f"{site}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return out / f"{site}.crt", out / f"{site}.key"
+
+
+def test_a_site_checks_that_its_peers_would_accept_its_certificate(pki: PKI,
+                                                                   tmp_path: Path) -> None:
+    """Its own certificate and key must chain to its CA and serve both ends of a connection:
+    the site shakes hands with itself; OpenSSL's reason is in the message."""
+    cert, key, ca = pki.files("site-a")
+    check_own_certificate(cert, key, ca, "site-a")
+    rogue_cert, rogue_key, _ = pki.files("site-b", pki.rogue)
+    with pytest.raises(UserError, match="would be refused by this site's peers: .*unable to "
+                                        "get local issuer certificate"):
+        check_own_certificate(rogue_cert, rogue_key, ca, "site-b")
+    server_cert, server_key = _server_only_certificate(pki.ca, "site-c", tmp_path)
+    with pytest.raises(UserError, match="as the server of a test handshake, unsuitable "
+                                        "certificate purpose"):
+        check_own_certificate(server_cert, server_key, ca, "site-c")
