@@ -230,17 +230,24 @@ async def _send_group(store: StoreThread, peer: PeerClient, pg: str, name: str,
     if "/" in pg:
         raise UserError(f"{pg}@{name} is a group replica received from another site; "
                         "replicate it from its home site")
-    group = await store.run(groups.get, store.store, pg, name)
-    members = await store.run(groups.volume_roots, store.store, group)
-    group_blob = await store.run(store.store.blobs.get_row, group.root_row)
+    group, members, group_blob, bases = await store.run(_group_and_bases, store, pg, name)
     group_id = blob_id(group_blob)
     request = {"version": protocol.VERSION, "group": pg, "snapshot": name,
                "root": group_id.hex(), "created": group.created}
     stats = TransferStats(snapshot=group.spec, target=peer.site,
                           replica=f"{store.store.site}/{pg}@{name}")
-    bases = await store.run(_group_bases, store, group, members)
     return await _transfer(store, peer, request, group_id, [(r, root) for _, r, root in members],
                            group_blob, bases, stats, progress, bandwidth_limit)
+
+
+def _group_and_bases(store: StoreThread, pg: str, name: str
+                     ) -> tuple[groups.GroupInfo, list[tuple[str, bytes, Root]], bytes, Bases]:
+    """The group snapshot to send, its members' roots, its root blob and the members'
+    candidate bases, in one call to the store thread (as ``_snapshot_and_bases``)."""
+    group = groups.get(store.store, pg, name)
+    members = groups.volume_roots(store.store, group)
+    return (group, members, store.store.blobs.get_row(group.root_row),
+            _group_bases(store, group, members))
 
 
 @contextlib.contextmanager
