@@ -8,6 +8,7 @@ exit), and the site goes on serving.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import socket
@@ -21,6 +22,7 @@ import pytest
 
 from dvx_dr.cli import remote
 from dvx_dr.errors import TransientError, UserError
+from dvx_dr.replicator.pki import issue_site
 from tests.integration.sites import Site, Sites, dvx
 
 MiB = 1024 * 1024
@@ -267,3 +269,29 @@ def test_a_site_refuses_to_start_on_another_sites_certificate_or_a_file_at_its_s
         err = run.stderr.decode()
         assert run.returncode == 2 and "exists and is not a socket" in err, err
         assert b.admin_socket.read_text() == "not a socket"
+
+
+def test_status_and_metrics_say_when_the_tls_certificate_ends(tmp_path: Path) -> None:
+    """A site whose certificate ends in 10 days starts (it is still valid), warns in its log
+    and in `status`, and reports the end in `status --json` and the metrics: peers will
+    refuse it from then on, and nothing had said so before they did."""
+    with Sites(tmp_path / "sites") as sites:
+        (a,) = sites.add_many("site-a")
+        a.cert.unlink()
+        a.key.unlink()
+        issue_site(a.pki, "site-a", ["127.0.0.1"], days=10)
+        a.start()
+        assert "TLS certificate or its CA certificate ends in 9 days" in a.log() or \
+            "TLS certificate or its CA certificate ends in 10 days" in a.log(), a.log()
+        tls = a.json("status")["tls"]
+        assert tls["days_left"] in (9, 10) and tls["warning_days"] == 30, tls
+        end = dt.datetime.fromisoformat(tls["certificate_ends"])
+        assert dt.timedelta(days=9) < end - dt.datetime.now(dt.UTC) <= dt.timedelta(days=10)
+        assert dt.datetime.fromisoformat(tls["ca_ends"]) > end
+        run = a.cli("status")
+        assert f"({tls['days_left']} days left)" in run.stdout.decode()
+        assert "warning: the site's TLS certificate or its CA ends in" in run.stderr.decode()
+        metrics = a.cli("status", "--metrics").stdout.decode()
+        assert (f'dvx_dr_tls_certificate_end_timestamp_seconds{{certificate="site"}} '
+                f"{end.timestamp():.0f}") in metrics, metrics
+        assert 'dvx_dr_tls_certificate_end_timestamp_seconds{certificate="ca"}' in metrics

@@ -264,6 +264,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"site {status['site']} (pid {status['pid']}); peers: "
           f"{', '.join(status['peers']) or 'none'}")
+    if tls := status.get("tls"):
+        print(f"TLS certificate ends {tls['certificate_ends'][:10]}, its CA "
+              f"{tls['ca_ends'][:10]} ({tls['days_left']} days left)")
+        if tls["days_left"] < tls["warning_days"]:
+            print(f"dvx-dr: warning: the site's TLS certificate or its CA ends in "
+                  f"{tls['days_left']} days; peers refuse the site from then on: issue a new "
+                  "one and restart the site", file=sys.stderr)
     rows = []
     for name, g in status.get("groups", {}).items():
         for site, t in g["targets"].items():

@@ -206,7 +206,7 @@ async def _answer(service: SiteService, call: str, params: dict[str, Any]) -> An
     if call == "status":
         return service.status()
     if call == "metrics":
-        return service.scheduler.metrics()
+        return service.metrics()
     if call == "reload":
         return await service.reload()
     name, op_params = params.get("name"), params.get("params", {})

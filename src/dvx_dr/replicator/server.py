@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import signal
@@ -45,7 +46,9 @@ from dvx_dr.replicator.scheduler import Scheduler
 from dvx_dr.replicator.sender import TransferStats, send_group, send_snapshot
 from dvx_dr.replicator.storethread import StoreThread
 from dvx_dr.replicator.tls import (
+    EXPIRY_WARNING_DAYS,
     PeerRejected,
+    certificate_ends,
     check_own_certificate,
     check_peer,
     client_context,
@@ -70,6 +73,8 @@ class SiteService:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.started = time.time()
         self.scheduler = Scheduler(self)
+        # The TLS files stay until a restart (a reload keeps them), so their end dates too.
+        self.certificate_ends = certificate_ends(config.tls.cert, config.tls.ca)
 
     def peer(self, site: str) -> PeerClient:
         url = self.config.peers.get(site)
@@ -123,7 +128,26 @@ class SiteService:
     def status(self) -> dict[str, Any]:
         return {"site": self.config.name, "pid": os.getpid(), "started": self.started,
                 "peers": dict(self.config.peers), "transfers": list(self.transfers.values()),
-                "sessions": len(self.receiver.sessions)} | self.scheduler.report()
+                "sessions": len(self.receiver.sessions), "tls": self.tls_status()
+                } | self.scheduler.report()
+
+    def tls_status(self) -> dict[str, Any]:
+        """When the site's certificate and its CA's end, and the days left until the first
+        of them (peers refuse the site from then on)."""
+        ends = self.certificate_ends
+        first = min(ends.values())
+        return {"certificate_ends": ends["site"].isoformat(), "ca_ends": ends["ca"].isoformat(),
+                "days_left": (first - dt.datetime.now(dt.UTC)).days,
+                "warning_days": EXPIRY_WARNING_DAYS}
+
+    def metrics(self) -> str:
+        """The Prometheus text: the scheduler's metrics and the TLS certificates' ends."""
+        lines = ["# HELP dvx_dr_tls_certificate_end_timestamp_seconds Unix time from which "
+                 "the certificate is no longer valid (peers refuse the site).",
+                 "# TYPE dvx_dr_tls_certificate_end_timestamp_seconds gauge"]
+        lines += [f'dvx_dr_tls_certificate_end_timestamp_seconds{{certificate="{which}"}} '
+                  f"{end.timestamp():.0f}" for which, end in self.certificate_ends.items()]
+        return self.scheduler.metrics() + "\n".join(lines) + "\n"
 
     async def reload(self) -> dict[str, Any]:
         """SIGHUP: re-read site.yaml (peers, policy directory) and the policies."""
@@ -347,8 +371,7 @@ def create_app(service: SiteService) -> web.Application:
 
 async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics`` on ``metrics_listen``, for Prometheus."""
-    return web.Response(text=request.app[SERVICE].scheduler.metrics(),
-                        content_type="text/plain")
+    return web.Response(text=request.app[SERVICE].metrics(), content_type="text/plain")
 
 
 # -- the process ----------------------------------------------------------------------------
@@ -384,6 +407,11 @@ async def serve(config: SiteConfig, config_path: Path | None,
         log.warning("store is locked: serving only status and unlock until "
                     "'dvx-dr datastore unlock' gives the password")
     service = SiteService(config, config_path, store)
+    if (days := service.tls_status()["days_left"]) < EXPIRY_WARNING_DAYS:
+        log.warning("the site's TLS certificate or its CA certificate ends in %d days "
+                    "(certificate %s, CA %s); peers refuse the site from then on: issue a new "
+                    "one and restart", days, service.certificate_ends["site"].date(),
+                    service.certificate_ends["ca"].date())
     store.announce(str(config.admin_socket))
     await service.start_http()
     peer_runner = web.AppRunner(create_app(service), access_log=None)

@@ -148,6 +148,19 @@ def check_own_certificate(cert_path: Path, key_path: Path, ca_path: Path, site: 
                         "'dvx-dr pki issue-site' does), for both server and client use")
 
 
+#: Days before a certificate's end from which the site warns (log, status, metrics).
+EXPIRY_WARNING_DAYS = 30
+
+
+def certificate_ends(cert_path: Path, ca_path: Path) -> dict[str, dt.datetime]:
+    """When the site's certificate and its CA certificate stop being valid (the earliest of
+    the CA file's certificates): after either date, peers refuse the site."""
+    cert = _load_certs(cert_path, "TLS certificate")[0]
+    cas = _load_certs(ca_path, "CA certificate")
+    return {"site": cert.not_valid_after_utc,
+            "ca": min(ca.not_valid_after_utc for ca in cas)}
+
+
 def _handshake_with_itself(server: ssl.SSLContext, client: ssl.SSLContext, site: str
                            ) -> str | None:
     """The error of a TLS handshake between ``client`` (addressing ``site``) and ``server``,
