@@ -455,10 +455,7 @@ def warm_pairs(exe: str, rsync: str, a: Site, target: str, current: Path, base: 
         common.copy_sparse(before, dst)
         common.warm_cache(dst)
         common.warm_cache(after)
-        rsync_run = common.run_measured(
-            [rsync, "--inplace", "--no-whole-file", "--ignore-times", str(after), str(dst)])
-        if not filecmp.cmp(dst, after, shallow=False):
-            raise BenchError("rsync's destination differs from the changed image")
+        rsync_run = rsync_onto(rsync, after, dst)
         pairs.append({"dvx_seconds": dvx_run.seconds, "dvx_transfer_seconds": stats["seconds"],
                       "rsync_seconds": rsync_run.seconds,
                       "ratio": dvx_run.seconds / rsync_run.seconds})
@@ -532,6 +529,17 @@ _RSYNC_STATS = {
 }
 
 
+def rsync_onto(exe: str, src: Path, dst: Path) -> common.Measured:
+    """``rsync --inplace --no-whole-file --ignore-times --stats SRC DST``, measured; checks
+    that DST then equals SRC. (``--no-whole-file`` forces the delta algorithm, which a local
+    copy skips by default.)"""
+    measured = common.run_measured(
+        [exe, "--inplace", "--no-whole-file", "--ignore-times", "--stats", str(src), str(dst)])
+    if not filecmp.cmp(dst, src, shallow=False):
+        raise BenchError(f"rsync's destination differs from {src.name}")
+    return measured
+
+
 def run_rsync(exe: str, image: Path, mutated: Path, base: Path, cold: bool = False) -> Result:
     """rsync ``mutated`` onto a copy of ``image``; both files in the page cache, or (``cold``)
     both evicted from it."""
@@ -544,16 +552,13 @@ def run_rsync(exe: str, image: Path, mutated: Path, base: Path, cold: bool = Fal
         common.warm_cache(dst)
         common.warm_cache(mutated)
     print("  rsync" + (", cold cache" if cold else "") + " ...", file=sys.stderr)
-    cmd = [exe, "--inplace", "--no-whole-file", "--ignore-times", "--stats", str(mutated), str(dst)]
-    measured = common.run_measured(cmd)
+    measured = rsync_onto(exe, mutated, dst)
     stats: dict[str, int] = {}
     for key, pattern in _RSYNC_STATS.items():
         m = re.search(pattern, measured.stdout)
         if m is None:
             raise BenchError(f"rsync --stats printed no {key!r}:\n{measured.stdout[-1000:]}")
         stats[key] = int(re.sub(r"[,.]", "", m.group(1)))
-    if not filecmp.cmp(dst, mutated, shallow=False):
-        raise BenchError("rsync's destination differs from the mutated image")
     size = mutated.stat().st_size
     return Result(
         case=RSYNC_COLD if cold else RSYNC,

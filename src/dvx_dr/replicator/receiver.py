@@ -178,9 +178,9 @@ class Receiver:
         records = protocol.decode_batch(body)
         return CheckedBatch(records, self._verify(records), len(body))
 
-    def receive(self, source: str, sid: str, batch: bytes | CheckedBatch) -> dict[str, int]:
+    def receive(self, source: str, sid: str, checked: CheckedBatch) -> dict[str, int]:
+        """Store a batch ``check_batch`` has checked, whole or not at all."""
         s = self.session(source, sid)
-        checked = batch if isinstance(batch, CheckedBatch) else self.check_batch(batch)
         records, plains = checked.records, checked.plains
         payloads = [Payload(r.id, r.compressed, r.payload, r.plain_len) for r in records]
         in_batch = {r.id for r in records}  # any record's bytes can be a block

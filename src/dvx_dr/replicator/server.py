@@ -85,9 +85,8 @@ class SiteService:
         assert self.http is not None
         return PeerClient(self.http, site, url, configured=lambda: self.config.peers.get(site))
 
-    async def start_http(self) -> None:
-        tls = self.config.tls
-        context = client_context(tls.cert, tls.key, tls.ca)
+    async def start_http(self, context: ssl.SSLContext) -> None:
+        """The client session for requests to peers, over TLS ``context``."""
         self.http = aiohttp.ClientSession(
             connector=SiteCheckingConnector(ssl=context, limit=16),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
@@ -400,7 +399,8 @@ async def serve(config: SiteConfig, config_path: Path | None,
                 password: PasswordSource | None) -> None:
     tls = config.tls
     peer_ssl: ssl.SSLContext = server_context(tls.cert, tls.key, tls.ca)
-    check_own_certificate(tls.cert, tls.key, tls.ca, config.name)
+    client_ssl = client_context(tls.cert, tls.key, tls.ca)
+    check_own_certificate(peer_ssl, client_ssl, tls.cert, tls.ca, config.name)
     store = Store.open(config.store, password, startup_key=config.startup_key,
                        allow_locked=True)
     if store.locked:
@@ -413,7 +413,7 @@ async def serve(config: SiteConfig, config_path: Path | None,
                     "one and restart", days, service.certificate_ends["site"].date(),
                     service.certificate_ends["ca"].date())
     store.announce(str(config.admin_socket))
-    await service.start_http()
+    await service.start_http(client_ssl)
     peer_runner = web.AppRunner(create_app(service), access_log=None)
     listening: asyncio.Server | None = None
     admin_server = admin.AdminServer(service)

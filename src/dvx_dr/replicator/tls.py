@@ -129,20 +129,21 @@ def _check_files(cert_path: Path, key_path: Path, ca_path: Path) -> None:
             )
 
 
-def check_own_certificate(cert_path: Path, key_path: Path, ca_path: Path, site: str) -> None:
+def check_own_certificate(server: ssl.SSLContext, client: ssl.SSLContext, cert_path: Path,
+                          ca_path: Path, site: str) -> None:
     """Refuse to serve with a certificate peers would not accept as this site's: one for
     another site (peers would take this site for that one: file its replicas under that name,
     or refuse it), one that does not chain to the CA, or one not usable both to serve and to
     connect. For the last two the site shakes hands with itself, in memory, with the
-    contexts it serves and connects with, so that OpenSSL applies the very checks its peers
-    will (the chain to ``ca``, the certificate's purposes, the host name ``site``)."""
+    contexts it serves and connects with (``server``, ``client``, made from ``cert_path`` and
+    ``ca_path``), so that OpenSSL applies the very checks its peers will (the chain to the
+    CA, the certificate's purposes, the host name ``site``)."""
     named = site_name_from_cert(_load_certs(cert_path, "TLS certificate")[0])
     if named != site:
         raise UserError(f"TLS certificate {cert_path} is for "
                         f"{'site ' + repr(named) if named else 'no dvx-dr site'}, not for this "
                         f"site {site!r}; issue one with 'dvx-dr pki issue-site DIR {site}'")
-    if problem := _handshake_with_itself(server_context(cert_path, key_path, ca_path),
-                                         client_context(cert_path, key_path, ca_path), site):
+    if problem := _handshake_with_itself(server, client, site):
         raise UserError(f"TLS certificate {cert_path} would be refused by this site's peers: "
                         f"{problem}; it must be issued by the CA in {ca_path} (as "
                         "'dvx-dr pki issue-site' does), for both server and client use")

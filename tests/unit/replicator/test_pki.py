@@ -508,13 +508,17 @@ def test_a_site_checks_that_its_peers_would_accept_its_certificate(pki: PKI,
                                                                    tmp_path: Path) -> None:
     """Its own certificate and key must chain to its CA and serve both ends of a connection:
     the site shakes hands with itself; OpenSSL's reason is in the message."""
+    def check(cert: Path, key: Path, ca: Path, site: str) -> None:
+        check_own_certificate(server_context(cert, key, ca), client_context(cert, key, ca),
+                              cert, ca, site)
+
     cert, key, ca = pki.files("site-a")
-    check_own_certificate(cert, key, ca, "site-a")
+    check(cert, key, ca, "site-a")
     rogue_cert, rogue_key, _ = pki.files("site-b", pki.rogue)
     with pytest.raises(UserError, match="would be refused by this site's peers: .*unable to "
                                         "get local issuer certificate"):
-        check_own_certificate(rogue_cert, rogue_key, ca, "site-b")
+        check(rogue_cert, rogue_key, ca, "site-b")
     server_cert, server_key = _server_only_certificate(pki.ca, "site-c", tmp_path)
     with pytest.raises(UserError, match="as the server of a test handshake, unsuitable "
                                         "certificate purpose"):
-        check_own_certificate(server_cert, server_key, ca, "site-c")
+        check(server_cert, server_key, ca, "site-c")

@@ -44,7 +44,7 @@ def open_session(rx: Receiver, snapshot: str, root: bytes, ask: list[bytes] | No
 
 
 def send(rx: Receiver, sid: str, *records: protocol.Record) -> None:
-    rx.receive("src", sid, protocol.encode_batch(records))
+    rx.receive("src", sid, rx.check_batch(protocol.encode_batch(records)))
 
 
 @pytest.fixture
