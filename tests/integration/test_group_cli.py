@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from tests.conftest import run_cli
@@ -99,3 +100,40 @@ def test_a_member_replicated_on_its_own_after_its_group_outlives_the_group(
     assert b"group replica received from another site" in sent_on.stderr
     b.cli("pg", "snapshot-delete", "site-a/app@s1")
     assert [s["snapshot"] for s in b.json("snapshot", "list")] == ["site-a/log@s1"]
+
+
+def test_members_holding_the_same_data_send_it_once(two_sites: Sites) -> None:
+    """Two members with the same blocks: the second member's walk asks the target about
+    blocks the first one's records carry but the target may not have stored yet, so they are
+    left out of its questions instead (they were sent twice)."""
+    a = two_sites.sites["site-a"]
+    data = random.Random(7).randbytes(5 * 65536)
+    for name, size in (("db", "1MiB"), ("copy", "2MiB")):
+        a.cli("volume", "create", name, "--size", size)
+        a.cli("volume", "write", name, "-", input=data)
+    a.cli("pg", "snapshot-create", "app", "db", "copy", "--name", "s1")
+
+    stats = a.json("replicate", "app@s1", "--group", "--to", "site-b")
+    assert stats["blocks_sent"] == 5
+    b = two_sites.sites["site-b"]
+    for name in ("db", "copy"):
+        assert b.cli("snapshot", "read", f"site-a/{name}@s1", "--length",
+                     str(len(data))).stdout == data
+    assert b.cli("datastore", "scrub").returncode == 0
+
+
+def test_a_replicate_that_would_be_refused_takes_no_snapshot(two_sites: Sites) -> None:
+    """``--volume`` snapshots first; a transfer refused anyway (a site that is not a peer,
+    the site itself, --group with --volume) must not leave a snapshot that no group's
+    retention removes."""
+    a = two_sites.sites["site-a"]
+    a.cli("volume", "create", "vm1", "--size", "1MiB")
+    for args, message in (
+            (["--to", "site-z"], b"unknown site 'site-z'"),
+            (["--to", "site-a"], b"unknown site 'site-a'"),
+            (["--to", "site-b", "--group"], b"give one of them")):
+        refused = a.cli("replicate", "--volume", "vm1", *args, check=False)
+        assert refused.returncode == 2, refused.stderr
+        assert message in refused.stderr
+        assert b"created snapshot" not in refused.stderr
+    assert a.json("snapshot", "list") == []

@@ -364,12 +364,17 @@ def test_locked_startup_and_startup_key(tmp_path: Path) -> None:
         user_error(dvx("volume", "export", "vm1", "-", "--store", site.store, check=False),
                    "locked")
         assert locked_status()
+        # The site's status says so too: nothing replicates while it is locked.
+        status = site.cli("status")
+        assert b"store is locked" in status.stderr
+        assert site.json("status")["locked"] is True
         wrong = write_password(tmp_path / "wrong", "not the password")
         user_error(dvx("datastore", "unlock", "--store", site.store, "--password-file", wrong,
                        check=False), "wrong password")
         assert locked_status()
         dvx("datastore", "unlock", "--store", site.store, "--password-file", site.password_file)
         assert not locked_status()
+        assert site.json("status")["locked"] is False
         assert b"vm1" in volume_list().stdout
         assert dvx("volume", "export", "vm1", "-", "--store", site.store).stdout == image
 

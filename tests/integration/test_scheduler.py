@@ -24,6 +24,7 @@ metrics listener) is checked through the real CLI and HTTP.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import random
 import re
@@ -903,3 +904,40 @@ def test_a_peer_removed_by_a_reload_gets_no_more_of_a_running_transfer(
     assert not target()["progress"]
     assert not any(g["snapshot"].startswith("site-a/g@") for g in op(b, "group.list", pg=None))
     assert "is no longer a peer: 1 of its replication sessions here dropped" in b.log()
+
+
+def test_two_commands_sending_one_snapshot_each_keep_their_own_transfer(
+        sites: Sites, tmp_path: Path) -> None:
+    """Two ``replicate`` commands for the same snapshot and target, the target down: the site
+    kept one status entry for both, so the first command to end (here: given up by its user)
+    took it away and the other's next retry failed with an internal KeyError. Each has its
+    own entry now, and the one left goes on retrying until the target is back."""
+    a, b = make_sites(sites, "site-a", "site-b")
+    a.start()
+    image = tmp_path / "img"
+    image.write_bytes(random.Random(11).randbytes(MiB))
+    a.cli("volume", "import", "vm1", image)
+    a.cli("snapshot", "create", "vm1", "--name", "s1")
+    first = a.popen("replicate", "vm1@s1", "--to", "site-b", "--json")
+    second = a.popen("replicate", "vm1@s1", "--to", "site-b", "--json")
+    try:
+        transfers = wait_for("both transfers in the site's status",
+                             lambda: len(status(a)["transfers"]) == 2 and status(a)["transfers"],
+                             timeout=20)
+        assert {t["snapshot"] for t in transfers} == {"vm1@s1"}
+        first.kill()  # its user gives up: the site cancels that transfer alone
+        first.wait(timeout=10)
+        wait_for("the first transfer to end", lambda: len(status(a)["transfers"]) == 1,
+                 timeout=20)
+        b.start()
+        out, err = second.communicate(timeout=120)
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert second.returncode == 0, err
+    assert json.loads(out)["replica"] == "site-a/vm1@s1"
+    assert status(a)["transfers"] == []
+    assert b.cli("snapshot", "read", "site-a/vm1@s1", "--length", str(MiB)).stdout == \
+        image.read_bytes()

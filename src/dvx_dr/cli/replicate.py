@@ -264,6 +264,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"site {status['site']} (pid {status['pid']}); peers: "
           f"{', '.join(status['peers']) or 'none'}")
+    if status.get("locked"):
+        print("dvx-dr: warning: the site's store is locked: it sends and receives no "
+              "replicas until 'dvx-dr datastore unlock'", file=sys.stderr)
     if tls := status.get("tls"):
         print(f"TLS certificate ends {tls['certificate_ends'][:10]}, its CA "
               f"{tls['ca_ends'][:10]} ({tls['days_left']} days left)")

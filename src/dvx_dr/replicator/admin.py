@@ -151,7 +151,7 @@ async def _serve_one(service: SiteService, reader: asyncio.StreamReader,
         try:
             call, params = _parse(line)
             if call == "replicate":
-                await _replicate(service, params, send)
+                await _replicate(service, params, send, _command_gone(reader, writer))
             else:
                 await send({"result": await _answer(service, call, params)})
         except DvxError as exc:
@@ -221,13 +221,45 @@ async def _answer(service: SiteService, call: str, params: dict[str, Any]) -> An
     return result
 
 
-async def _replicate(service: SiteService, params: dict[str, Any], send: Send) -> None:
+GROUP_AND_VOLUME = ("--volume snapshots one volume and --group sends a group snapshot "
+                    "(PG@NAME): give one of them (a group snapshot is taken with "
+                    "'dvx-dr pg snapshot-create')")
+
+
+async def _command_gone(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Return once the command closes its end of the connection. A ``replicate`` command
+    sends nothing after its request line, and may wait long without a line from the site
+    (while a transfer backs off between retries), when no send would find it gone. A client
+    that sends more is not listened to any further."""
+    transport = writer.transport
+    if isinstance(transport, asyncio.ReadTransport):
+        transport.resume_reading()
+        try:
+            if not await reader.read(1):
+                return
+        except ConnectionError:
+            return
+        transport.pause_reading()
+    await asyncio.Event().wait()  # unable to tell: a failed send is what finds it gone
+
+
+async def _replicate(service: SiteService, params: dict[str, Any], send: Send,
+                     gone: Awaitable[None]) -> None:
     """Snapshot first when asked, then one transfer; progress lines while it runs. The
     transfer is cancelled when the command goes away (it resumes when run again)."""
     lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    watch = asyncio.ensure_future(gone)
 
     async def run() -> Any:
         spec = params.get("snapshot")
+        # Whatever would refuse the transfer is checked before a snapshot is taken for it:
+        # a snapshot of a command that fails is named by no group, so no retention removes it.
+        if not isinstance(params.get("to"), str) or not (
+                isinstance(spec, str) or isinstance(params.get("volume"), str)):
+            raise UserError("a 'replicate' call names a 'snapshot' (or a 'volume') and 'to'")
+        if params.get("volume") and params.get("group"):
+            raise UserError(GROUP_AND_VOLUME)
+        service.check_transfer(params["to"])
         if params.get("volume"):
             snap = await service.store.run(ops.run, service.store.store, "snapshot.create",
                                            {"volume": params["volume"],
@@ -248,7 +280,9 @@ async def _replicate(service: SiteService, params: dict[str, Any], send: Send) -
     try:
         while not task.done() or not lines.empty():
             getter = asyncio.ensure_future(lines.get())
-            await asyncio.wait([getter, task], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([getter, task, watch], return_when=asyncio.FIRST_COMPLETED)
+            if watch.done():
+                raise ConnectionError("the replicate command went away")
             if getter.done():
                 await send(getter.result())
             else:
@@ -258,6 +292,8 @@ async def _replicate(service: SiteService, params: dict[str, Any], send: Send) -
         if getter is not None:
             getter.cancel()
         raise
+    finally:
+        watch.cancel()
     if task.cancelled():
         raise TransientError("the site stopped during the transfer; run the command again "
                              "once the site is back (what the target already holds is not "

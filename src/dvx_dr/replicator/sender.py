@@ -313,18 +313,23 @@ async def _transfer(
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=QUEUE_DEPTH)
     batcher = _Batcher(queue, stats)
 
+    sent = _Sent()  # shared by a group's members: identical blocks and pages go once
+
     async def produce() -> None:
         try:
             if top_id not in lacking:
                 return  # the target holds the top blob, so everything under it
             usable = await store.run(_usable_bases, store, bases, set(ask) - lacking)
             for root_id, root in roots:
+                if (root_id, treeblobs.ROOT) in sent.pages:
+                    continue  # a member identical to one before it
                 if group_blob is not None and not await have([root_id], treeblobs.ROOT):
                     continue
-                await _walk(store, root, have, batcher, usable.get(root_id))
+                await _walk(store, root, have, batcher, usable.get(root_id), sent)
                 packed = root.pack()
                 await batcher.add(protocol.KIND_ROOT, Payload(root_id, False, packed,
                                                               len(packed)))
+                sent.pages.add((root_id, treeblobs.ROOT))
             if group_blob is not None:
                 await batcher.add(protocol.KIND_GROUP, Payload(top_id, False, group_blob,
                                                                len(group_blob)))
@@ -426,15 +431,18 @@ Pair = tuple[bytes, bytes | None]  # a page or block id, and what the base has t
 
 
 async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
-                base: Root | None = None) -> None:
+                base: Root | None = None, sent: _Sent | None = None) -> None:
     """Send what the target lacks of ``root``'s tree, children before parents.
 
     ``base`` is a tree of the same shape that the target is known to hold whole (it holds
     its root). Descending both trees side by side, an id equal to the base's at the same
     place is known to be at the target and is not asked about, so after scattered changes
     only the changed blocks' ids cross the wire, not every id under each changed leaf.
+    ``sent`` holds what this transfer already sent (for an earlier member of a group): the
+    target may not have stored it yet when it is asked, so it is left out here instead.
     """
     blobs = store.store.blobs
+    sent = _Sent() if sent is None else sent
     if base is not None and (base.depth, base.nblocks) != (root.depth, root.nblocks):
         base = None
     # missing pages of levels >= 1, top level first: (pages, their base pages, level)
@@ -442,20 +450,22 @@ async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
     frontier: list[Pair] = [] if root.top == HOLE else [(root.top, base.top if base else None)]
     level = root.depth - 1
     while level >= 1 and frontier:
-        missing = await _missing_pairs(frontier, have, level)
+        missing = await _missing_pairs(sent.unsent_pages(frontier, level), have, level)
         page_bases = [b for _, b in missing]
         pages, frontier = await store.run(_pages_and_children, store,
                                           [p for p, _ in missing], page_bases)
         upper.append((pages, page_bases, level))
+        sent.pages.update((p, level) for p, _ in missing)
         level -= 1
+    frontier = sent.unsent_pages(frontier, 0)
     leaves = await _missing_pairs(frontier, have, 0) if frontier else []
-    sent: set[bytes] = set()
+    sent.pages.update((p, 0) for p, _ in leaves)
     step = FIRST_READ
     for start in range(0, len(leaves), LEAVES_PER_ROUND):
         chunk = leaves[start:start + LEAVES_PER_ROUND]
         leaf_pages, pairs = await store.run(_pages_and_children, store,
                                             [page for page, _ in chunk], [b for _, b in chunk])
-        wanted = list(dict.fromkeys(c for c, _ in pairs if c not in sent))
+        wanted = list(dict.fromkeys(c for c, _ in pairs if c not in sent.blocks))
         lacking: list[bytes] = await have(wanted) if wanted else []
         at = 0
         while at < len(lacking):
@@ -464,12 +474,25 @@ async def _walk(store: StoreThread, root: Root, have: Any, batcher: _Batcher,
             step = min(2 * step, MAX_READ)
             for p in await store.run(blobs.get_payloads, part):
                 await batcher.add(protocol.KIND_BLOCK, p)
-            sent.update(part)
+            sent.blocks.update(part)
         for p, (_, b) in zip(leaf_pages, chunk, strict=True):
             await batcher.add(protocol.KIND_PAGE, p, b)
     for pages, page_bases, page_level in reversed(upper):
         for p, b in zip(pages, page_bases, strict=True):
             await batcher.add(protocol.KIND_PAGE, p, b, page_level)
+
+
+class _Sent:
+    """The blocks and tree pages (with their level) one transfer has sent so far."""
+
+    def __init__(self) -> None:
+        self.blocks: set[bytes] = set()
+        self.pages: set[tuple[bytes, int]] = set()
+
+    def unsent_pages(self, pairs: list[Pair], level: int) -> list[Pair]:
+        """``pairs`` less the pages of ``level`` already sent, each with everything under it
+        (children go before their parents)."""
+        return [(p, b) for p, b in pairs if (p, level) not in self.pages]
 
 
 async def _missing_pairs(pairs: list[Pair], have: Any, level: int) -> list[Pair]:

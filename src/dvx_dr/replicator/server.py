@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import logging
 import os
 import signal
@@ -69,7 +70,8 @@ class SiteService:
         self.store = StoreThread(store)
         self.receiver = Receiver(store)
         self.http: aiohttp.ClientSession | None = None
-        self.transfers: dict[str, dict[str, Any]] = {}
+        self.transfers: dict[int, dict[str, Any]] = {}
+        self._transfer_ids = itertools.count(1)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.started = time.time()
         self.scheduler = Scheduler(self)
@@ -92,21 +94,29 @@ class SiteService:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
         )
 
+    def check_transfer(self, target: str) -> PeerClient:
+        """The peer a transfer to ``target`` would use; raises what would refuse it now (a
+        locked store, a site that is not a peer)."""
+        if self.store.store.locked:
+            raise StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
+        return self.peer(target)
+
     async def replicate(self, spec: str, target: str,
                         progress: Callable[[TransferStats], None] | None = None,
                         attempts: int = 8, group: bool = False) -> TransferStats:
         """Replicate a volume snapshot (VOLUME@NAME) or, with ``group``, a group snapshot
         (PG@NAME), retrying transient failures with backoff."""
-        if self.store.store.locked:
-            raise StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
-        peer = self.peer(target)
-        key = f"{spec} -> {target}"
+        peer = self.check_transfer(target)
+        label = f"{spec} -> {target}"
+        # Keyed by transfer, not by snapshot and target: two commands may send the same
+        # snapshot to the same site at once, and each reports (and ends) its own.
+        key = next(self._transfer_ids)
         self.transfers[key] = {"snapshot": spec, "target": target, "started": time.time(),
                                "attempt": 1, "last_error": None}
 
         def on_retry(n: int, delay: float, exc: TransientError) -> None:
-            log.warning("transfer %s: attempt %d failed (%s); retrying in %.1fs", key, n, exc,
-                        delay)
+            log.warning("transfer %s: attempt %d failed (%s); retrying in %.1fs", label, n,
+                        exc, delay)
             self.transfers[key].update(attempt=n + 1, last_error=str(exc))
 
         pg, _, name = spec.rpartition("@")
@@ -126,7 +136,8 @@ class SiteService:
 
     def status(self) -> dict[str, Any]:
         return {"site": self.config.name, "pid": os.getpid(), "started": self.started,
-                "peers": dict(self.config.peers), "transfers": list(self.transfers.values()),
+                "locked": self.store.store.locked, "peers": dict(self.config.peers),
+                "transfers": list(self.transfers.values()),
                 "sessions": len(self.receiver.sessions), "tls": self.tls_status()
                 } | self.scheduler.report()
 
