@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -849,3 +850,41 @@ def test_a_keystore_replaced_but_not_scrubbed_counts_as_changed(
     finally:
         s.close()
     assert opens_with(store, "a brand new password")
+
+
+_KILL_AFTER_RENAME = """
+import os, signal, sys
+from dvx_dr.cli import run
+replace = os.replace
+def killed_after(*args, **kwargs):
+    replace(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # between the keystore's rename and its scrub
+os.replace = killed_after
+sys.argv[0] = "dvx-dr"
+sys.exit(run())
+"""
+
+
+def test_what_a_killed_keystore_write_leaves_is_scrubbed_when_the_store_opens(
+        tmp_path: Path, password_file: Path) -> None:
+    """``change-password`` killed between putting the new keystore in place and scrubbing
+    the old one left ``keystore.json.old``, which the old password still opened, until the
+    next keystore write (maybe never). Now the next opening of the store scrubs it, and a
+    leftover ``.tmp`` (a write killed before its rename) too."""
+    store, cli, image = store_with_volume(tmp_path, password_file, 12, 4)
+    new = write_password(tmp_path / "new-password", "a brand new password")
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_AFTER_RENAME, "datastore", "encryption",
+         "change-password", "--new-password-file", new, "--store", store,
+         "--password-file", password_file], capture_output=True, env=child_env())
+    assert killed.returncode == -signal.SIGKILL
+    old = store / "keystore.json.old"
+    assert old.exists()
+    leftover = old.read_bytes()
+    (store / "keystore.json.tmp").write_bytes(leftover)  # as a write killed before its rename
+    assert cli.export(password_file=new) == image  # opens, with the new password
+    assert not old.exists() and not (store / "keystore.json.tmp").exists()
+    for path in store.rglob("*"):
+        if path.is_file():
+            assert leftover not in path.read_bytes(), f"{path} holds the old keystore"
+    assert not opens_with(store, password_file.read_text().strip())

@@ -38,7 +38,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"block size         {format_size(s['block_size'])}")
     print(f"volumes            {s['volumes']}")
     print(f"snapshots          {s['snapshots']}")
-    for key in ("logical_bytes", "unique_bytes", "stored_bytes", "metadata_bytes"):
+    for key in ("logical_bytes", "unique_bytes", "stored_bytes", "tree_unique_bytes",
+                "metadata_bytes"):
         label = key.replace("_", " ")
         print(f"{label:<18} {format_size(s[key])}  ({s[key]})")
     print(f"dedup ratio        {s['dedup_ratio']:.2f}x")

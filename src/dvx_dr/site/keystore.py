@@ -35,6 +35,7 @@ import errno
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -303,11 +304,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
-    if path.exists() and old.exists() and os.path.samefile(path, old):
-        # A crash between the link and the rename below: ``old`` is the live file itself,
-        # to be unlinked, never scrubbed.
-        os.unlink(old)
-    scrub_file(old)
+    scrub_leftovers(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
@@ -327,6 +324,22 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
             step()
         except OSError as exc:
             log.warning("%s was replaced, but %s: %s", path, what, exc.strerror or exc)
+
+
+def scrub_leftovers(path: Path) -> None:
+    """Scrub what a ``write_atomic`` of ``path`` killed midway left: ``<name>.tmp`` (new
+    content never put in place) and ``<name>.old`` (the superseded content, which the old
+    password still opens), unless ``.old`` is the live file itself (a crash between the link
+    and the rename), which is only unlinked. Store opening calls this too, so a keystore
+    replaced because its password leaked does not outlive the crash until the next write."""
+    old = path.with_name(path.name + ".old")
+    if path.exists() and old.exists() and os.path.samefile(path, old):
+        os.unlink(old)
+    for leftover in (old, path.with_name(path.name + ".tmp")):
+        with contextlib.suppress(FileNotFoundError):
+            # Not whatever else took the name (a directory; a link, whose target is not ours).
+            if stat.S_ISREG(os.lstat(leftover).st_mode):
+                scrub_file(leftover)
 
 
 def scrub_file(path: Path) -> None:

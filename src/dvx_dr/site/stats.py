@@ -25,10 +25,15 @@ class DatastoreStats:
     #: Non-hole bytes referenced by live volumes and by snapshots (what readers see).
     logical_bytes: int
     live_logical_bytes: int
-    #: Plaintext bytes of the distinct blobs (after dedup, before compression).
+    #: Plaintext bytes of the distinct data blocks (after dedup, before compression).
     unique_bytes: int
-    #: Bytes of live extents in segments (after compression and padding, with headers).
+    #: Bytes of live extents in segments (after compression and padding, with headers): data
+    #: blocks and tree blobs.
     extent_bytes: int
+    #: The same two for the snapshots' and volumes' Merkle trees (pages and roots): metadata
+    #: that holds no volume data, kept out of the dedup and compression ratios.
+    tree_unique_bytes: int
+    tree_extent_bytes: int
     #: Bytes of segment files on disk (extents plus garbage not yet collected).
     stored_bytes: int
     #: Bytes of the metadata database and its write-ahead log.
@@ -41,7 +46,8 @@ class DatastoreStats:
 
     @property
     def compression_ratio(self) -> float:
-        return self.unique_bytes / self.extent_bytes if self.extent_bytes else 1.0
+        data = self.extent_bytes - self.tree_extent_bytes
+        return self.unique_bytes / data if data else 1.0
 
     @property
     def reduction_ratio(self) -> float:
@@ -66,8 +72,13 @@ def collect(store: Store) -> DatastoreStats:
                              "WHERE v.state='ready'").fetchone()[0]
     snap_blocks = db.execute("SELECT COALESCE(SUM(mapped_blocks), 0) FROM snapshots"
                              ).fetchone()[0]
-    unique, extent_bytes = db.execute(
-        "SELECT COALESCE(SUM(plain_len), 0), COALESCE(SUM(length), 0) FROM blobs").fetchone()
+    # Tree blobs: every page and root under a snapshot is marked complete (``treeblobs``),
+    # and a volume's cached tree holds the pages built since.
+    sums = {bool(tree): (plain, stored) for tree, plain, stored in db.execute(
+        "SELECT row IN (SELECT row FROM tree_blobs UNION SELECT blob FROM tree_pages) AS tree, "
+        "SUM(plain_len), SUM(length) FROM blobs GROUP BY tree")}
+    unique, data_extents = sums.get(False, (0, 0))
+    tree_unique, tree_extents = sums.get(True, (0, 0))
     by_kv = [KeyVersionBytes(kv, n, b) for kv, n, b in db.execute(
         "SELECT key_version, COUNT(*), SUM(length) FROM blobs GROUP BY key_version "
         "ORDER BY key_version")]
@@ -82,7 +93,9 @@ def collect(store: Store) -> DatastoreStats:
         logical_bytes=(live_blocks + snap_blocks) * bs,
         live_logical_bytes=live_blocks * bs,
         unique_bytes=unique,
-        extent_bytes=extent_bytes,
+        extent_bytes=data_extents + tree_extents,
+        tree_unique_bytes=tree_unique,
+        tree_extent_bytes=tree_extents,
         stored_bytes=segs,
         metadata_bytes=meta,
         by_key_version=by_kv,

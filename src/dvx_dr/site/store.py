@@ -15,6 +15,7 @@ One process owns a store at a time. Everything that changes the store goes throu
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import sqlite3
@@ -43,8 +44,11 @@ from dvx_dr.site.keystore import (
     KeyMaterial,
     Keystore,
     check_password_strength,
+    scrub_leftovers,
 )
 from dvx_dr.site.segments import SegmentNumbers, SegmentReader, SegmentWriter
+
+log = logging.getLogger("dvx_dr.site")
 
 DB_NAME = "store.db"
 STARTUP_KEY_BYTES = 32
@@ -183,6 +187,7 @@ class Store:
                             "'dvx-dr site init'")
         lock_fd = lockfile.acquire(path)
         try:
+            _scrub_keystore_leftovers(path / KEYSTORE_NAME)
             db = dbmod.open_db(path / DB_NAME)
             keys = keystore = None
             destroyed = dbmod.get_meta(db, "keys_destroyed") == "1"
@@ -350,3 +355,14 @@ def _unwrap(keystore: Keystore, password: PasswordSource | None, startup_key: Pa
         raise StoreLockedError(f"store {path} is encrypted: give its password "
                                "(--password-file FILE, or type it at the prompt)")
     return keystore.unlock(password(), derivation)
+
+
+def _scrub_keystore_leftovers(path: Path) -> None:
+    """A keystore write killed midway leaves copies (``keystore.scrub_leftovers``); they go
+    when the store is next opened. Failing that (a full disk, say) does not stop the opening:
+    the next keystore write tries again."""
+    try:
+        scrub_leftovers(path)
+    except OSError as exc:
+        log.warning("could not scrub what an interrupted keystore write left next to %s: %s",
+                    path, exc.strerror or exc)
