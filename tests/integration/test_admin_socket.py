@@ -13,9 +13,11 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,8 @@ import pytest
 from dvx_dr.cli import remote
 from dvx_dr.errors import TransientError, UserError
 from dvx_dr.replicator.pki import issue_site
-from tests.integration.sites import Site, Sites, dvx
+from tests.integration.sites import Site, Sites, child_env, dvx
+from tests.integration.test_store_cli import export_with_a_write_error, extent_of, flip_byte
 
 MiB = 1024 * 1024
 
@@ -295,3 +298,154 @@ def test_status_and_metrics_say_when_the_tls_certificate_ends(tmp_path: Path) ->
         assert (f'dvx_dr_tls_certificate_end_timestamp_seconds{{certificate="site"}} '
                 f"{end.timestamp():.0f}") in metrics, metrics
         assert 'dvx_dr_tls_certificate_end_timestamp_seconds{certificate="ca"}' in metrics
+
+
+# -- volume and snapshot data through the site: streamed reads, paths it never opens ------
+
+
+def test_exports_and_reads_through_the_site_stream_any_size(site: Site) -> None:
+    """``export -`` and ``read`` through a running site were limited to 256 MiB (the user
+    was told to "use export"); offline they stream any size. /dev/stdout got the image and,
+    through the site, nothing at all (the site could not open the command's pipe)."""
+    size = 300 * MiB
+    head, tail = os.urandom(MiB), os.urandom(MiB)
+    site.cli("volume", "create", "big", "--size", str(size))
+    site.cli("volume", "write", "big", "-", input=head)
+    site.cli("volume", "write", "big", "--offset", str(size - MiB), "-", input=tail)
+    site.cli("snapshot", "create", "big", "--name", "s")
+
+    def check(image: bytes) -> None:
+        assert len(image) == size
+        assert image[:MiB] == head and image[-MiB:] == tail
+        assert image[MiB:-MiB].count(0) == size - 2 * MiB
+
+    for command in (("volume", "export", "big", "-"),
+                    ("snapshot", "export", "big@s", "/dev/stdout"),
+                    ("volume", "read", "big", "--length", str(size))):
+        check(site.cli(*command, timeout=120).stdout)
+    part = site.cli("volume", "read", "big", "--offset", str(size - MiB - 5), "--length", "10")
+    assert part.stdout == bytes(5) + tail[:5]
+
+
+def _in_thread(fn: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_site_never_blocks_on_a_fifo_a_command_names(site: Site, tmp_path: Path) -> None:
+    """``volume export w FIFO`` and ``volume write w FIFO`` through a running site made the
+    site open the FIFO in its store thread: every command hung, and SIGTERM did not stop it.
+    The command opens it now (waiting only itself, as offline), and the site refuses to open
+    anything but a regular file or a block device."""
+    data = os.urandom(3 * 4096)
+    site.cli("volume", "create", "w", "--size", str(len(data)))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    export = site.popen("volume", "export", "w", fifo)
+    time.sleep(1)  # the export waits for a reader of the FIFO
+    listed = site.cli("volume", "list", "--json", timeout=20)
+    assert [v["name"] for v in json.loads(listed.stdout)] == ["w"]
+    reader = _in_thread(lambda: got.append(fifo.read_bytes()))
+    assert export.wait(20) == 0, export.stderr.read() if export.stderr else ""
+    reader.join(20)
+    assert got == [bytes(len(data))]
+
+    writer = _in_thread(lambda: fifo.write_bytes(data))
+    site.cli("volume", "write", "w", fifo, timeout=20)
+    writer.join(20)
+    assert site.cli("volume", "read", "w", "--length", str(len(data))).stdout == data
+
+    # Another client naming the FIFO by path is refused at once, without opening it.
+    answers = exchange(site.admin_socket, json.dumps({
+        "v": 1, "call": "op", "params": {"name": "volume.write", "params": {
+            "name": "w", "offset": 0, "path": str(fifo)}}}).encode() + b"\n")
+    assert answers[0]["exit_code"] == 2
+    assert "not a regular file" in str(answers[0]["error"])
+    assert site.stop() == 0
+
+
+def test_writes_from_pipes_named_by_path_go_through_the_site(site: Site) -> None:
+    """/dev/stdin and <(...) name the command's own pipe, which the site cannot open ("cannot
+    read /proc/PID/fd/pipe:[N]"): the command reads them, as it reads '-'."""
+    site.cli("volume", "create", "w", "--size", "4096")
+    site.cli("volume", "write", "w", "/dev/stdin", input=b"abc")
+    r, w = os.pipe()
+    os.write(w, b"xyz")
+    os.close(w)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvx_dr", "volume", "write", "w", "--offset", "3",
+             f"/dev/fd/{r}", *map(str, site.site_args(("volume", "write")))],
+            capture_output=True, pass_fds=(r,), env=child_env(), timeout=60)
+    finally:
+        os.close(r)
+    assert proc.returncode == 0, proc.stderr
+    assert site.cli("volume", "read", "w", "--length", "6").stdout == b"abcxyz"
+
+
+def test_stdin_write_past_the_end_through_the_site_names_its_true_end(site: Site) -> None:
+    site.cli("volume", "create", "w", "--size", "10000")
+    proc = site.cli("volume", "write", "w", "-", input=bytes(5 * MiB), check=False)
+    assert proc.returncode == 2
+    assert "it is 10000 bytes, the write reaches byte 5242880;" in proc.stderr.decode()
+
+
+def test_export_through_the_site_that_cannot_write_is_one_line_and_keeps_nothing(
+        site: Site, tmp_path: Path) -> None:
+    """A full disk gave "internal error: OSError(28, ...)", exit 1, a traceback in the site's
+    log and the partial file; offline it was one line, exit 2, and the file removed."""
+    site.cli("volume", "import", "v", _random_image(tmp_path / "v.img", MiB))
+    proc = site.cli("volume", "export", "v", "/dev/full", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.decode().count("\n") == 1
+    assert "No space left on device" in proc.stderr.decode()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    err = export_with_a_write_error(
+        ["volume", "export", "v", out_dir / "v.raw",
+         *site.site_args(("volume", "export"))], out_dir / "v.raw")
+    assert "cannot write" in err
+    assert "admin request failed" not in site.log()
+
+
+def test_export_through_the_site_of_damaged_data_keeps_the_old_file(
+        site: Site, tmp_path: Path) -> None:
+    # Damage in the second batch of blocks read, after some of the image was written.
+    site.cli("volume", "import", "v", _random_image(tmp_path / "v.img", 5 * MiB))
+    site.cli("snapshot", "create", "v", "--name", "s")
+    flip_byte(site.store, *extent_of(site.store, "v", 70))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    old = out_dir / "old.raw"
+    for command in (("volume", "export", "v", old), ("snapshot", "export", "v@s", old),
+                    ("volume", "read", "v", "--length", str(5 * MiB), "-o", old)):
+        old.write_bytes(b"OLD IMAGE")
+        proc = site.cli(*command, check=False)
+        assert proc.returncode == 3, (command, proc.stderr)
+        assert "integrity" in proc.stderr.decode()
+        assert old.read_bytes() == b"OLD IMAGE", command
+        assert sorted(p.name for p in out_dir.iterdir()) == ["old.raw"], command
+
+
+def test_a_stalled_reader_of_an_export_does_not_hold_up_stopping(site: Site) -> None:
+    """The store thread hands an export to the command piece by piece: a command that stops
+    reading holds it, but SIGTERM still stops the site within seconds."""
+    site.cli("volume", "create", "big", "--size", str(256 * MiB))
+    site.cli("volume", "write", "big", "-", input=b"\1" * 32 * MiB)  # one block, deduplicated
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(site.admin_socket))
+        sock.sendall(json.dumps({"v": 1, "call": "read", "params": {"volume": "big"}}
+                                ).encode() + b"\n")
+        first = json.loads(sock.makefile("rb").readline())
+        assert isinstance(first.get("bytes"), int), first
+        started = time.monotonic()
+        assert site.stop() == 0
+        assert time.monotonic() - started < 15
+
+
+def _random_image(path: Path, size: int) -> Path:
+    path.write_bytes(os.urandom(size))
+    return path

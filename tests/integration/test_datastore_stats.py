@@ -43,3 +43,30 @@ def test_snapshot_trees_are_not_counted_as_unique_data(tmp_path: Path) -> None:
     again = stats(store)
     assert again["unique_bytes"] == 4 * KiB
     assert again["dedup_ratio"] == 3.0
+
+
+def test_snapshot_diff_shows_a_size_change(tmp_path: Path) -> None:
+    """Snapshots of 8 KiB and 16 KiB (a grow between them) had been reported identical ("0
+    bytes differ"): the space only the larger one has differs too, and the sizes are said."""
+    store = tmp_path / "store"
+    args = ["--store", store]
+    run_cli("site", "init", *args, "--name", "site-a", "--block-size", "4KiB",
+            "--no-encryption")
+    run_cli("volume", "create", "d", "--size", "8KiB", *args)
+    run_cli("snapshot", "create", "d", "--name", "a", *args)
+    run_cli("volume", "resize", "d", "--size", "16KiB", *args)
+    run_cli("snapshot", "create", "d", "--name", "b", *args)
+    run_cli("volume", "write", "d", "--offset", "5000", "-", *args, input=b"x")
+    run_cli("snapshot", "create", "d", "--name", "c", *args)
+
+    def diff(a: str, b: str) -> list[dict[str, int]]:
+        return list(json.loads(run_cli("snapshot", "diff", a, b, "--json", *args).stdout))
+
+    assert diff("d@a", "d@b") == [{"offset": 8 * KiB, "length": 8 * KiB}]
+    assert diff("d@b", "d@a") == [{"offset": 8 * KiB, "length": 8 * KiB}]
+    assert diff("d@b", "d@c") == [{"offset": 4 * KiB, "length": 4 * KiB}]  # a whole block
+    # Both at once: a block changed next to the grown space, merged into one range.
+    assert diff("d@a", "d@c") == [{"offset": 4 * KiB, "length": 12 * KiB}]
+    text = run_cli("snapshot", "diff", "d@a", "d@b", *args).stdout.decode()
+    assert "d@a is 8192 bytes (8.0 KiB), d@b 16384 bytes (16.0 KiB)" in text
+    assert "in whole blocks" in text

@@ -949,7 +949,7 @@ def test_exports_of_a_thin_volume_are_sparse_files(cli: Cli, store_dir: Path,
 
 
 def test_exports_through_a_running_site_are_sparse_files(tmp_path: Path) -> None:
-    """The same through a running site, which writes the file itself."""
+    """The same through a running site, which streams the data to the command."""
     with Sites(tmp_path / "sites") as sites:
         (site,) = sites.add_many("site-a")
         sites.start()
@@ -989,3 +989,121 @@ def test_export_of_a_thin_8_tib_volume_costs_what_its_data_costs(
             f.seek(size - 7)
             assert f.read() == b"\0hello\n"
         out.unlink()
+
+
+# -- output files: symlinks, standard output, damaged data, write errors --------------------
+
+
+def test_outputs_through_symlinks_into_the_store_are_refused(
+        site_with_volume: tuple[Site, bytes], tmp_path: Path) -> None:
+    """``read -o`` checked the path as given, not where it leads: a symlink to store.db, or
+    a path through a symlink to the segments directory, overwrote the store (data loss)."""
+    site, content = site_with_volume
+    site("snapshot", "create", "v", "--name", "s1")
+    (tmp_path / "db-link").symlink_to(site.path / "store.db")
+    (tmp_path / "seg-dir").symlink_to(site.path / "segments")
+    before = file_bytes(site.path, ["keystore.json", "store.db"]) | file_bytes(site.path)
+    for target in (tmp_path / "db-link", tmp_path / "seg-dir" / "00000001.seg",
+                   tmp_path / "seg-dir" / "new.raw"):
+        for command in (("volume", "read", "v", "--length", BS, "-o", target),
+                        ("snapshot", "read", "v@s1", "--length", BS, "-o", target),
+                        ("volume", "export", "v", target),
+                        ("snapshot", "export", "v@s1", target)):
+            err = assert_one_line_error(site(*command, check=False))
+            assert "is inside the dvx-dr store" in err, (command, err)
+    assert file_bytes(site.path, ["keystore.json", "store.db"]) | file_bytes(site.path) \
+        == before
+    assert site.export("v") == content
+
+
+def _to_stdout(site: Site, tmp_path: Path, *args: str) -> tuple[bytes, bytes]:
+    """``dvx-dr ARGS`` with its standard output redirected to a file, then to a pipe: what
+    each got."""
+    out = tmp_path / "stdout.bin"
+    argv = [sys.executable, "-m", "dvx_dr", *args, "--store", str(site.path),
+            "--password-file", str(site.password_file)]
+    with out.open("wb") as f:
+        subprocess.run(argv, stdout=f, check=True, env=cli_env(), timeout=60)
+    piped = subprocess.run(argv, capture_output=True, check=True, env=cli_env(), timeout=60)
+    return out.read_bytes(), piped.stdout
+
+
+def test_export_to_dev_stdout_is_the_image_only(site_with_volume: tuple[Site, bytes],
+                                                tmp_path: Path) -> None:
+    """An export to /dev/stdout also printed its status line on standard output: over the
+    image's first bytes in a file, after its end in a pipe."""
+    site, content = site_with_volume
+    site("snapshot", "create", "v", "--name", "s1")
+    for command in (("volume", "export", "v", "/dev/stdout"),
+                    ("snapshot", "export", "v@s1", "/dev/stdout"),
+                    ("volume", "read", "v", "--length", str(len(content)), "-o", "/dev/stdout")):
+        in_file, in_pipe = _to_stdout(site, tmp_path, *command)
+        assert in_file == content, command
+        assert in_pipe == content, command
+
+
+def test_failed_export_leaves_the_old_file_and_no_partial_one(
+        site_with_volume: tuple[Site, bytes], tmp_path: Path) -> None:
+    """An export or read that hits damaged data (exit 3) truncated the file it replaced and
+    left a partial image there; now the old file stays as it was and nothing else is left."""
+    site, _ = site_with_volume
+    # Damage in the second batch of blocks read, after some of the image was written.
+    (tmp_path / "big.img").write_bytes(os.urandom(5 * MiB))
+    site("volume", "import", "big", tmp_path / "big.img")
+    site("snapshot", "create", "big", "--name", "s1")
+    flip_byte(site.path, *extent_of(site.path, "big", 70))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    old = out_dir / "old.raw"
+    for command in (("volume", "export", "big", old), ("snapshot", "export", "big@s1", old),
+                    ("volume", "read", "big", "--length", 5 * MiB, "-o", old),
+                    ("snapshot", "read", "big@s1", "--length", 5 * MiB, "-o", old)):
+        old.write_bytes(b"OLD IMAGE")
+        err = assert_one_line_error(site(*command, check=False), code=3)
+        assert "integrity" in err, (command, err)
+        assert old.read_bytes() == b"OLD IMAGE", command
+        assert sorted(p.name for p in out_dir.iterdir()) == ["old.raw"], command
+        old.unlink()
+        assert_one_line_error(site(*command, check=False), code=3)
+        assert list(out_dir.iterdir()) == [], command
+
+
+def _limit_file_size() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+
+def export_with_a_write_error(argv: list[str | Path], out: Path) -> str:
+    """Run an export whose output file cannot grow past 256 KiB (a write error half-way, as
+    on a full disk); its one error line. The file there before stays as it was."""
+    out.write_bytes(b"OLD")
+    proc = subprocess.run([sys.executable, "-m", "dvx_dr", *map(str, argv)],
+                          capture_output=True, env=cli_env(), timeout=60,
+                          preexec_fn=_limit_file_size)
+    err = assert_one_line_error(proc)
+    assert out.read_bytes() == b"OLD"
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    return err
+
+
+def test_export_that_cannot_write_keeps_nothing(site_with_volume: tuple[Site, bytes],
+                                                tmp_path: Path) -> None:
+    site, _ = site_with_volume
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    err = export_with_a_write_error(["volume", "export", "v", out_dir / "v.raw", "--store",
+                                     site.path, "--password-file", site.password_file],
+                                    out_dir / "v.raw")
+    assert "cannot write" in err and "as it was" in err
+
+
+def test_write_from_stdin_past_the_end_claims_no_exact_end(
+        site_with_volume: tuple[Site, bytes]) -> None:
+    """From standard input the write's length is unknown: the message quoted the end of the
+    first batch read (byte 262144 here) as where the write reached."""
+    site, content = site_with_volume
+    site("volume", "create", "w", "--size", 10000)
+    err = assert_one_line_error(site("volume", "write", "w", "-", input=bytes(range(256)) * 4096,
+                                     check=False))
+    assert "it is 10000 bytes" in err and "at least" in err, err

@@ -100,10 +100,12 @@ def new_password(args: argparse.Namespace, file_attr: str = "password_file",
 
 
 def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
-           local: Callable[[Store], Any] | None = None, locked_ok: bool = False) -> Any:
+           local: Callable[[Store], Any] | None = None, locked_ok: bool = False,
+           remote_call: Callable[[str], Any] | None = None) -> Any:
     """Run a named store operation: in the running site that owns the store, through its
     admin socket, or else with the store opened here. ``local`` replaces the in-process
-    implementation when it can do more here (stream to a file, draw a progress bar).
+    implementation when it can do more here (stream to a file, draw a progress bar), and
+    ``remote_call`` (given the admin socket) the call to the running site.
     ``locked_ok`` opens an encrypted store without asking for its password."""
     path = store_path(args)
     derivation = None
@@ -122,15 +124,18 @@ def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
         store = Store.open(path, None if locked_ok else password_source(args),
                            allow_locked=locked_ok, derivation=derivation)
     except StoreBusyError as exc:
-        if exc.admin_socket:
-            materialise = getattr(params, "materialise", None)
-            return remote.call_op(exc.admin_socket, name,
-                                  materialise() if materialise else params)
-        raise
-    try:
-        return local(store) if local is not None else ops.run(store, name, params)
-    finally:
-        store.close()
+        if not exc.admin_socket:
+            raise
+        socket = exc.admin_socket
+    else:
+        try:
+            return local(store) if local is not None else ops.run(store, name, params)
+        finally:
+            store.close()
+    if remote_call is not None:
+        return remote_call(socket)
+    materialise = getattr(params, "materialise", None)
+    return remote.call_op(socket, name, materialise() if materialise else params)
 
 
 def current_password(args: argparse.Namespace) -> str | None:

@@ -18,7 +18,7 @@ from dvx_dr.replicator import adminwire
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not loaded at run time (see cli.replicate)
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from typing import Any
 
 
@@ -83,6 +83,59 @@ def call(socket: str, name: str, params: dict[str, Any] | None = None,
         sock.close()
     raise TransientError(f"the site at {socket} closed the connection before it answered "
                          "(it may have stopped; see its log)")
+
+
+class Read:
+    """A streamed read (``adminwire``: the ``read`` call): iterating it connects and yields
+    the data as it comes, bytes or an int (a run of that many zeros), in bounded memory;
+    ``result`` is the final line's result once all of it has come. The site's error, or a
+    connection that ends early, is raised from the iteration, so the data taken so far is
+    known to be incomplete."""
+
+    def __init__(self, socket: str, params: dict[str, Any]) -> None:
+        self.socket = socket
+        self.params = params
+        self.result: Any = None
+
+    def __iter__(self) -> Iterator[bytes | int]:
+        socket = self.socket
+        cut = TransientError(f"the site at {socket} closed the connection in the middle of "
+                             "its answer (it may have stopped; see its log)")
+        sock = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
+        try:
+            try:
+                sock.connect(socket)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(adminwire.request("read", self.params))
+                answers = sock.makefile("rb")
+                while raw := answers.readline():
+                    if not raw.endswith(b"\n"):
+                        raise cut
+                    answer = _decode(raw, socket)
+                    if "result" in answer:
+                        self.result = answer["result"]
+                        return
+                    if "error" in answer:
+                        _raise(answer)
+                    zeros, n = "zeros" in answer, answer.get("zeros", answer.get("bytes"))
+                    if not isinstance(n, int) or n < 0 or (
+                            not zeros and n > adminwire.MAX_PIECE):
+                        raise TransientError(f"the site at {socket} sent a line that is "
+                                             f"not part of a read: {raw[:200]!r}")
+                    if zeros:
+                        yield n
+                        continue
+                    data = answers.read(n)
+                    if len(data) != n:
+                        raise cut
+                    yield data
+            except OSError as exc:
+                raise TransientError(f"cannot reach the running site at {socket}: {exc}"
+                                     ) from None
+        finally:
+            sock.close()
+        raise TransientError(f"the site at {socket} closed the connection before it answered "
+                             "(it may have stopped; see its log)")
 
 
 def call_op(socket: str, name: str, params: dict[str, Any]) -> Any:

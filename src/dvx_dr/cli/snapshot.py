@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import base64
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dvx_dr.cli import remote
 from dvx_dr.cli.common import print_json, print_table
 from dvx_dr.cli.context import StoreCommands, progress_bar, run_op
 from dvx_dr.cli.volume import copy_out, counted
@@ -31,7 +30,8 @@ def register(groups: Any) -> None:
     c = cmd("delete", cmd_delete, "delete a snapshot")
     c.add_argument("snapshot", help="VOLUME@NAME")
 
-    c = cmd("diff", cmd_diff, "byte ranges that differ between two snapshots")
+    c = cmd("diff", cmd_diff, "byte ranges that differ between two snapshots, in whole "
+            "blocks (and the space only the larger one has)")
     c.add_argument("a", help="VOLUME@NAME")
     c.add_argument("b", help="VOLUME@NAME")
     c.add_argument("--json", action="store_true")
@@ -71,14 +71,19 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    ranges = run_op(args, "snapshot.diff", {"a": args.a, "b": args.b})
+    found = run_op(args, "snapshot.diff", {"a": args.a, "b": args.b})
+    ranges, sizes = found["ranges"], found["sizes"]
     if args.json:
         print_json(ranges)
         return 0
     for r in ranges:
         print(f"{r['offset']}\t{r['length']}")
     total = sum(r["length"] for r in ranges)
-    print(f"# {len(ranges)} ranges, {total} bytes ({format_size(total)}) differ")
+    print(f"# {len(ranges)} ranges, {total} bytes ({format_size(total)}) differ, in whole "
+          "blocks")
+    if sizes[0] != sizes[1]:
+        print(f"# {args.a} is {sizes[0]} bytes ({format_size(sizes[0])}), {args.b} "
+              f"{sizes[1]} bytes ({format_size(sizes[1])})")
     return 0
 
 
@@ -90,12 +95,12 @@ def cmd_read(args: argparse.Namespace) -> int:
         from dvx_dr.site import snapshots
 
         copy_out(snapshots.iter_range(store, args.snapshot, offset, length, True), args.output)
-        return None
 
-    result = run_op(args, "snapshot.read", {"snapshot": args.snapshot, "offset": offset,
-                                            "length": length}, local)
-    if result is not None:
-        copy_out([base64.b64decode(result["data"])], args.output)
+    def through_site(socket: str) -> Any:
+        copy_out(remote.Read(socket, {"snapshot": args.snapshot, "offset": offset,
+                                      "length": length}), args.output)
+
+    run_op(args, "snapshot.read", {}, local, remote_call=through_site)
     return 0
 
 
@@ -105,18 +110,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         size = snapshots.get(store, args.snapshot).size
         with progress_bar(size, f"export {args.snapshot}") as bar:
-            copy_out(counted(snapshots.iter_range(store, args.snapshot, 0, size, True), bar),
-                     args.file)
-        return {"size": size, "exported": True}
+            to_stdout = copy_out(counted(snapshots.iter_range(store, args.snapshot, 0, size,
+                                                              True), bar), args.file)
+        return {"size": size, "stdout": to_stdout}
 
-    if args.file == "-":
-        info = run_op(args, "snapshot.get", {"snapshot": args.snapshot}, local)
-        if not info.get("exported"):
-            data = run_op(args, "snapshot.read", {"snapshot": args.snapshot, "offset": 0,
-                                                  "length": info["size"]})
-            copy_out([base64.b64decode(data["data"])], "-")
-        return 0
-    target = str(Path(args.file).resolve())
-    result = run_op(args, "snapshot.export", {"snapshot": args.snapshot, "path": target}, local)
-    print(f"exported snapshot {args.snapshot} to {args.file} ({format_size(result['size'])})")
+    def through_site(socket: str) -> Any:
+        read = remote.Read(socket, {"snapshot": args.snapshot})
+        to_stdout = copy_out(read, args.file)
+        return {"size": read.result["size"], "stdout": to_stdout}
+
+    result = run_op(args, "snapshot.get", {"snapshot": args.snapshot}, local,
+                    remote_call=through_site)
+    if not result["stdout"]:
+        print(f"exported snapshot {args.snapshot} to {args.file} "
+              f"({format_size(result['size'])})")
     return 0

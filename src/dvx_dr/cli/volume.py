@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import base64
-import itertools
+import contextlib
 import os
+import stat
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from dvx_dr import sparse
+from dvx_dr.cli import remote
 from dvx_dr.cli.common import print_json, print_table
 from dvx_dr.cli.context import StoreCommands, progress_bar, run_op
 from dvx_dr.errors import UserError
@@ -92,41 +95,108 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_output(target: str) -> BinaryIO:
+def is_stdout(target: str) -> bool:
+    """Whether ``target`` is ``-`` or names the file that standard output already is
+    (``/dev/stdout``, ``/proc/self/fd/1``, or the file it was redirected to)."""
     if target == "-":
-        return sys.stdout.buffer
-    lockfile.check_output_path(Path(target))
+        return True
     try:
-        return open(target, "wb")  # noqa: SIM115 - closed by the caller
-    except OSError as exc:
-        raise UserError(f"cannot write {target}: {exc.strerror}") from None
+        named, out = os.stat(target), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    return (named.st_dev, named.st_ino) == (out.st_dev, out.st_ino)
 
 
-def copy_out(chunks: Iterable[bytes | int], target: str) -> None:
-    """Write ``chunks`` to ``target`` (a file, or ``-``); a new regular file is written
-    sparsely (``dvx_dr.sparse``: its zero runs are holes). The file is opened only once the
-    first chunk is at hand, so a read that fails at once (an unknown snapshot, a range past
-    the end) leaves an existing file as it was; a write that fails (a full disk) removes the
-    partial file and is reported in one line."""
-    chunks = iter(chunks)
-    first = next(chunks, b"")
-    out = open_output(target)
+def copy_out(chunks: Iterable[bytes | int], target: str) -> bool:
+    """Write ``chunks`` (bytes, or an int: that many zeros) to ``target``; whether it was
+    standard output (``-``, or the same file: it gets only the data, and a command prints
+    no status line there).
+
+    A regular file (or a new one) is written sparsely (``dvx_dr.sparse``) into a temporary
+    file next to it, synced, and renamed over it only once complete: a read that fails
+    (damaged data, a full disk, Ctrl-C) leaves the file that was there as it was, and no
+    partial one. A path that resolves into a store is refused (``lockfile``). A device, a
+    FIFO or standard output gets every byte in place: it cannot be renamed over, and a
+    disk may hold old data where a hole would be. The output is opened before the first
+    chunk is asked for: a FIFO without a reader makes this command wait, not a running site
+    that would be holding its store for the read meanwhile."""
+    data = iter(chunks)
     try:
-        sparse.write(out, itertools.chain([first], chunks),
-                     out is not sys.stdout.buffer and sparse.is_new_regular_file(out))
+        if is_stdout(target):
+            _write_through(sys.stdout.buffer, data, target)
+            return True
+        lockfile.check_output_path(target)
+        path = os.path.realpath(target)
+        try:
+            old = os.stat(path)
+        except FileNotFoundError:
+            old = None
+        except OSError as exc:
+            raise UserError(f"cannot write {target}: {exc.strerror}") from None
+        if old is None or stat.S_ISREG(old.st_mode):
+            _replace(path, old, data, target)
+            return False
+        try:
+            out = open(path, "wb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise UserError(f"cannot write {target}: {exc.strerror}") from None
+        with out:
+            _write_through(out, data, target)
+        return False
+    finally:
+        close = getattr(data, "close", None)
+        if close is not None:
+            close()  # a read through a running site: its connection ends here
+
+
+def _write_through(out: BinaryIO, data: Iterable[bytes | int], target: str) -> None:
+    """Every byte to a stream that is written in place (standard output, a device)."""
+    try:
+        sparse.write(out, data, False)
         out.flush()
     except OSError as exc:
-        if out is not sys.stdout.buffer:
-            out.close()
-            if os.path.isfile(target):
-                os.unlink(target)
         if isinstance(exc, BrokenPipeError):
             raise
-        raise UserError(f"cannot write {target}: {exc.strerror or exc}; nothing was kept"
-                        ) from None
-    finally:
-        if out is not sys.stdout.buffer:
-            out.close()
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
+def _replace(path: str, old: os.stat_result | None, data: Iterable[bytes | int],
+             target: str) -> None:
+    """Write a temporary file next to ``path`` and rename it over ``path`` once complete.
+    The temporary file has the replaced file's owner and mode when it can (else the usual
+    mode for a new file); on any failure it is removed."""
+    directory, name = os.path.split(path)
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".dvx-dr-part", dir=directory)
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror}") from None
+    try:
+        with open(fd, "wb") as out:
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    os.fchown(fd, old.st_uid, old.st_gid)
+                os.fchmod(fd, stat.S_IMODE(old.st_mode))
+            else:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.fchmod(fd, 0o666 & ~umask)
+            sparse.write(out, data, True)
+            out.flush()
+            os.fsync(fd)
+        os.replace(temp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        if isinstance(exc, OSError):
+            kept = f"{target} is as it was" if old is not None else "nothing was kept"
+            raise UserError(f"cannot write {target}: {exc.strerror or exc}; {kept}") from None
+        raise
+    with contextlib.suppress(OSError):  # the rename itself, durable
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -135,19 +205,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         info = volumes.get(store, args.name)
         with progress_bar(info.size, f"export {args.name}") as bar:
-            copy_out(counted(volumes.iter_range(store, info.id, info.size, 0, info.size, True),
-                             bar), args.file)
-        return {"size": info.size, "exported": True}
+            to_stdout = copy_out(counted(volumes.iter_range(store, info.id, info.size, 0,
+                                                            info.size, True), bar), args.file)
+        return {"size": info.size, "stdout": to_stdout}
 
-    if args.file == "-":
-        result = run_op(args, "volume.get", {"name": args.name}, local)
-        if not result.get("exported"):
-            data = run_op(args, "volume.read", {"name": args.name, "offset": 0,
-                                                "length": result["size"]})
-            copy_out([base64.b64decode(data["data"])], "-")
-    else:
-        target = str(Path(args.file).resolve())
-        result = run_op(args, "volume.export", {"name": args.name, "path": target}, local)
+    def through_site(socket: str) -> Any:
+        read = remote.Read(socket, {"volume": args.name})
+        to_stdout = copy_out(read, args.file)
+        return {"size": read.result["size"], "stdout": to_stdout}
+
+    result = run_op(args, "volume.get", {"name": args.name}, local, remote_call=through_site)
+    if not result["stdout"]:
         print(f"exported volume {args.name} to {args.file} ({format_size(result['size'])})")
     return 0
 
@@ -171,11 +239,16 @@ def cmd_write(args: argparse.Namespace) -> int:
             source = open(args.file, "rb")  # noqa: SIM115 - closed below
         except OSError as exc:
             raise UserError(f"cannot read {args.file}: {exc.strerror}") from None
+    # A running site reads a regular file or a block device by its path. A pipe, a FIFO, a
+    # terminal or standard input (also as /dev/stdin or <(...)) is read here and sent inline:
+    # the site cannot open another process's pipe, and must never wait on a FIFO.
+    mode = 0 if args.file == "-" else os.fstat(source.fileno()).st_mode
+    by_path = stat.S_ISREG(mode) or stat.S_ISBLK(mode)
 
     def local(store: Store) -> Any:
         from dvx_dr.site import volumes
 
-        if args.file != "-":
+        if stat.S_ISREG(mode):
             end = offset + os.fstat(source.fileno()).st_size
             size = volumes.get(store, args.name).size
             if end > size:
@@ -185,14 +258,15 @@ def cmd_write(args: argparse.Namespace) -> int:
         return {"written": volumes.write(store, args.name, offset, source)}
 
     def remote_params() -> dict[str, Any]:
-        if args.file != "-":
-            return {"name": args.name, "offset": offset, "path": str(Path(args.file).resolve())}
+        if by_path:
+            return {"name": args.name, "offset": offset, "path": os.path.realpath(args.file)}
         from dvx_dr.site.ops import MAX_INLINE
 
         data = source.read(MAX_INLINE + 1)
         if len(data) > MAX_INLINE:
-            raise UserError("a write through a running site is limited to "
-                            f"{MAX_INLINE} bytes")
+            raise UserError(f"a write through a running site from standard input, a pipe or "
+                            f"a device is limited to {MAX_INLINE} bytes; nothing was written "
+                            "(write it from a regular file, or stop the site)")
         return {"name": args.name, "offset": offset, "data": base64.b64encode(data).decode()}
 
     try:
@@ -228,12 +302,12 @@ def cmd_read(args: argparse.Namespace) -> int:
                             f"{info.size} bytes")
         copy_out(volumes.iter_range(store, info.id, info.size, offset, length, True),
                  args.output)
-        return None
 
-    result = run_op(args, "volume.read", {"name": args.name, "offset": offset,
-                                          "length": length}, local)
-    if result is not None:
-        copy_out([base64.b64decode(result["data"])], args.output)
+    def through_site(socket: str) -> Any:
+        copy_out(remote.Read(socket, {"volume": args.name, "offset": offset,
+                                      "length": length}), args.output)
+
+    run_op(args, "volume.read", {}, local, remote_call=through_site)
     return 0
 
 

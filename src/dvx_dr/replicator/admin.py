@@ -1,5 +1,7 @@
-"""The site's side of the admin socket (``adminwire``): named store operations, one-shot
-replication with progress, status, metrics and reload, for ``dvx-dr`` commands on this host.
+"""The site's side of the admin socket (``adminwire``): named store operations, streamed
+reads of volumes and snapshots, one-shot replication with progress, status, metrics and
+reload, for ``dvx-dr`` commands on this host. The site never opens a path a command names
+for writing: the command writes its output itself from the streamed read.
 
 A request that is not a JSON object of the expected shape, or larger than
 ``adminwire.MAX_REQUEST``, gets an error line naming what is wrong; the site goes on serving.
@@ -16,10 +18,12 @@ command that does not read its answer, is cut off.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
 import stat
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +46,14 @@ DRAIN_SECONDS = 30.0
 #: How long a stopping site waits for a command to take (the rest of) its answer.
 CLOSE_SECONDS = 3.0
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+#: How long a streamed ``read`` waits for its command to take the next piece before it gives
+#: up: the read runs in the store thread (one instant of the volume), which other commands
+#: wait for meanwhile, so a command that stops reading must not hold the site for long.
+STALL_SECONDS = 60.0
+#: Pieces of a streamed read waiting for the command (each at most ``BATCH_BLOCKS`` blocks).
+READ_QUEUE = 2
+
+Send = Callable[..., Awaitable[None]]
 
 
 async def _listening(path: Path) -> bool:
@@ -129,8 +140,10 @@ async def _serve_one(service: SiteService, reader: asyncio.StreamReader,
     task = asyncio.current_task()
     assert task is not None
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: dict[str, Any], payload: bytes = b"") -> None:
         writer.write(adminwire.encode(message))
+        if payload:
+            writer.write(payload)
         sending[task] = asyncio.get_running_loop().time()
         try:
             await writer.drain()
@@ -152,6 +165,8 @@ async def _serve_one(service: SiteService, reader: asyncio.StreamReader,
             call, params = _parse(line)
             if call == "replicate":
                 await _replicate(service, params, send, _command_gone(reader, writer))
+            elif call == "read":
+                await _read(service, params, send)
             else:
                 await send({"result": await _answer(service, call, params)})
         except DvxError as exc:
@@ -299,3 +314,79 @@ async def _replicate(service: SiteService, params: dict[str, Any], send: Send,
                              "once the site is back (what the target already holds is not "
                              "sent again)")
     await send({"result": task.result()})  # or the transfer's error, as the error line
+
+
+class _ReadStopped(Exception):
+    """The streamed read's connection ended: the store thread stops producing pieces."""
+
+
+async def _read(service: SiteService, params: dict[str, Any], send: Send) -> None:
+    """A streamed read (``adminwire``: ``read``). The store thread walks the range as one
+    operation, so the data is one instant of a live volume, and hands its pieces over a small
+    queue to this connection, which sends them as the command takes them: memory stays
+    bounded whatever the length. The store thread waits for the command while the queue is
+    full; it gives up (an error to the command) after ``STALL_SECONDS`` without progress,
+    and at once when the connection ends or the site stops."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[bytes | int] = asyncio.Queue(maxsize=READ_QUEUE)
+    stop = threading.Event()
+
+    def hand(piece: bytes | int) -> None:  # in the store thread
+        put = asyncio.run_coroutine_threadsafe(pieces.put(piece), loop)
+        waited = 0.0
+        while True:
+            try:
+                put.result(timeout=0.25)
+                return
+            except concurrent.futures.TimeoutError:
+                waited += 0.25
+                if stop.is_set() or waited >= STALL_SECONDS:
+                    put.cancel()
+                    if stop.is_set():
+                        raise _ReadStopped from None
+                    raise TransientError(
+                        f"the command took no data for {STALL_SECONDS:.0f} s; the site "
+                        "stopped the read so that other commands can run") from None
+
+    def produce(store: Any) -> dict[str, Any]:  # in the store thread
+        size, chunks = ops.open_read(store, **params)
+        length = 0
+        try:
+            for chunk in chunks:
+                hand(chunk)
+                length += chunk if isinstance(chunk, int) else len(chunk)
+        finally:
+            if hasattr(chunks, "close"):
+                chunks.close()
+        return {"size": size, "length": length}
+
+    async def send_piece(piece: bytes | int) -> None:
+        if isinstance(piece, int):
+            await send({"zeros": piece})
+        else:
+            await send({"bytes": len(piece)}, piece)
+
+    producer = asyncio.ensure_future(service.store.run(produce, service.store.store))
+    # Its error is taken below, or it ended because this connection did: never unretrieved.
+    producer.add_done_callback(lambda f: f.cancelled() or f.exception())
+    getter: asyncio.Future[bytes | int] | None = None
+    try:
+        while True:
+            getter = asyncio.ensure_future(pieces.get())
+            await asyncio.wait([getter, producer], return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                break
+            await send_piece(getter.result())
+        getter.cancel()  # not started, or woken and not yet resumed: the piece stays queued
+        if producer.exception() is None:
+            while not pieces.empty():
+                await send_piece(pieces.get_nowait())
+        try:
+            result = producer.result()
+        except TypeError as exc:  # parameters the operation does not take
+            raise UserError(f"a 'read' call has bad parameters ({exc})") from None
+        await send({"result": result})
+    finally:
+        stop.set()
+        if getter is not None:
+            getter.cancel()

@@ -12,6 +12,14 @@
   call ends with exactly one final line, ``{"result": VALUE}`` or ``{"error": MESSAGE,
   "exit_code": N}`` (the code the command exits with: 2 bad input, 3 integrity, 4 transient,
   5 protocol, 1 internal). The site then closes the connection.
+- **Streamed reads**: ``read`` (params: ``volume`` or ``snapshot``, optional ``offset`` and
+  ``length``, default the whole volume or snapshot) answers with the bytes in order, in
+  pieces: ``{"bytes": N}`` followed on the wire by exactly N raw bytes (not JSON), or
+  ``{"zeros": N}``, a run of N zero bytes (a hole; nothing follows it). Then the final line:
+  ``{"result": {"size": SIZE, "length": LENGTH}}``, or an error line (also after some
+  pieces: the data is then incomplete, and the command keeps none of it). ``volume read``,
+  ``volume export`` and their ``snapshot`` forms use it, so any length streams in bounded
+  memory and the command, not the site, writes the output.
 
 A request line is at most ``MAX_REQUEST`` bytes: a ``volume write`` sent through the site carries
 its data inline (base64, at most ``site.ops.MAX_INLINE`` bytes of data).
@@ -34,7 +42,9 @@ if TYPE_CHECKING:  # typing is not loaded at run time: the client's start-up (cl
 VERSION = 1
 #: Twice ``site.ops.MAX_INLINE`` (base64 grows data by a third), so any inline write fits.
 MAX_REQUEST = 512 * 1024 * 1024
-CALLS = ("status", "metrics", "reload", "replicate", "op")
+CALLS = ("status", "metrics", "reload", "replicate", "op", "read")
+#: The largest piece of a streamed ``read`` (``{"bytes": N}``) a client accepts.
+MAX_PIECE = 256 * 1024 * 1024
 
 
 def encode(message: dict[str, Any]) -> bytes:

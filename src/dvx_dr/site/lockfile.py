@@ -67,8 +67,10 @@ def announce(fd: int, admin_socket: str) -> None:
 
 def check_output_path(path: StorePath) -> None:
     """Refuse an export or read target inside a dvx-dr store directory (one holding this
-    lock file and its segments): writing there would overwrite the store's own files."""
-    parent = os.path.abspath(path)
+    lock file and its segments): writing there would overwrite the store's own files. The
+    path is resolved first (``realpath``): a symlink, or a path through a symlinked
+    directory, that leads into a store is refused like the store's own path."""
+    parent = os.path.realpath(path)
     while (up := os.path.dirname(parent)) != parent:
         parent = up
         if (os.path.isfile(os.path.join(parent, NAME))

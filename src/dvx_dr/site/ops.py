@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Callable
+import os
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dvx_dr.errors import KeysDestroyedError, NotFoundError, StoreLockedError, UserError
 from dvx_dr.site import gc, groups, keys, scrub, snapshots, stats, volumes
-from dvx_dr.site.lockfile import check_output_path
 from dvx_dr.site.store import Store
 
-#: Reads and writes that travel inside a JSON message through the admin socket are capped.
+#: Reads and writes that travel inside a JSON message through the admin socket are capped
+#: (``open_read`` streams reads of any length; a command sends a write from a file by path).
 MAX_INLINE = 256 * 1024 * 1024
 
 Op = Callable[..., Any]
@@ -39,15 +41,20 @@ def run(store: Store, name: str, params: dict[str, Any]) -> Any:
     if fn is None:
         raise NotFoundError(f"unknown operation {name!r}")
     if name not in LOCKED_OK:
-        if store.meta("keys_destroyed") == "1":
-            raise KeysDestroyedError("keys destroyed: this store's keys were crypto-erased; "
-                                     "its encrypted data cannot be read")
-        if store.locked:
-            raise StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
+        check_usable(store)
     try:
         return fn(store, **params)
     except TypeError as exc:
         raise UserError(f"operation {name}: bad parameters ({exc})") from None
+
+
+def check_usable(store: Store) -> None:
+    """Refuse an operation on a store whose keys are destroyed or not unwrapped yet."""
+    if store.meta("keys_destroyed") == "1":
+        raise KeysDestroyedError("keys destroyed: this store's keys were crypto-erased; "
+                                 "its encrypted data cannot be read")
+    if store.locked:
+        raise StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
 
 
 def _volume_json(store: Store, v: volumes.VolumeInfo) -> dict[str, Any]:
@@ -82,27 +89,77 @@ def volume_import(store: Store, name: str, path: str) -> dict[str, Any]:
     return _volume_json(store, volumes.get(store, name))
 
 
-@op("volume.export")
-def volume_export(store: Store, name: str, path: str) -> dict[str, Any]:
-    volumes.get(store, name)  # an unknown volume leaves the file as it was
-    with _open_out(path) as out:
-        size = volumes.export(store, name, out)
-    return {"name": name, "path": path, "size": size}
-
-
 @op("volume.write")
 def volume_write(store: Store, name: str, offset: int, data: str | None = None,
                  path: str | None = None) -> dict[str, Any]:
-    """Write inline ``data`` (base64) or the file at ``path`` at ``offset``, atomically."""
-    if path is not None:
+    """Write inline ``data`` (base64) or the file at ``path`` at ``offset``, atomically.
+
+    ``path`` must be a regular file or a block device. It is opened without blocking and
+    checked before anything is read: a running site must never wait on a path a command
+    names (opening a FIFO waits for a writer, and the site's store thread would wait with
+    it). A command sends what it reads from a pipe, a FIFO or a terminal inline instead."""
+    if path is None:
+        raw = base64.b64decode(data or "")
+        _check_write_end(store, name, offset, len(raw))
+        n = volumes.write(store, name, offset, io.BytesIO(raw))
+        return {"name": name, "offset": offset, "written": n}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    with open(fd, "rb") as source:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise UserError(f"cannot read {path}: not a regular file or block device; a "
+                            "running site does not open pipes, FIFOs or terminals: send the "
+                            "data on standard input ('-'), or stop the site")
+        if stat.S_ISREG(st.st_mode):
+            _check_write_end(store, name, offset, st.st_size)
         try:
-            with open(path, "rb") as source:
-                n = volumes.write(store, name, offset, source)
+            n = volumes.write(store, name, offset, source)
         except OSError as exc:
             raise UserError(f"cannot read {path}: {exc.strerror}") from None
-    else:
-        n = volumes.write(store, name, offset, io.BytesIO(base64.b64decode(data or "")))
     return {"name": name, "offset": offset, "written": n}
+
+
+def _check_write_end(store: Store, name: str, offset: int, length: int) -> None:
+    """Refuse, before reading any of it, a write of ``length`` bytes that would run past the
+    volume's end, naming where it would reach."""
+    size = volumes.get(store, name).size
+    if offset + length > size:
+        raise UserError(f"write past the end of volume {name!r}: it is {size} bytes, the write "
+                        f"reaches byte {offset + length}; nothing was written (resize it "
+                        "first)")
+
+
+def open_read(store: Store, volume: str | None = None, snapshot: str | None = None,
+              offset: int = 0, length: int | None = None
+              ) -> tuple[int, Iterator[bytes | int]]:
+    """What the admin socket's ``read`` call streams: ``length`` bytes (default: to the end)
+    from ``offset`` of a live volume or a snapshot, as ``volumes.iter_range`` and
+    ``snapshots.iter_range`` give them with zero runs (an int: that many zero bytes). Returns
+    the size of the volume or snapshot and the chunks; the range is checked here, so an
+    error comes before any data. The chunks are to be taken in the store's thread."""
+    check_usable(store)
+    if (volume is None) == (snapshot is None):
+        raise UserError("a 'read' call names a 'volume' or a 'snapshot'")
+    for field, value in (("offset", offset), ("length", length)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 0):
+            raise UserError(f"a 'read' call's {field!r} must be a non-negative integer")
+    if volume is not None:
+        info = volumes.get(store, volume)
+        size, what = info.size, f"volume {volume!r}"
+    else:
+        assert snapshot is not None
+        size, what = snapshots.get(store, snapshot).size, f"snapshot {snapshot!r}"
+    length = size - offset if length is None else length
+    if offset + length > size:
+        raise UserError(f"range {offset}+{length} is outside {what} of {size} bytes")
+    if volume is not None:
+        return size, volumes.iter_range(store, info.id, info.size, offset, length, True)
+    assert snapshot is not None
+    return size, snapshots.iter_range(store, snapshot, offset, length, True)
 
 
 @op("volume.read")
@@ -155,22 +212,15 @@ def snapshot_delete(store: Store, snapshot: str) -> dict[str, Any]:
 
 
 @op("snapshot.diff")
-def snapshot_diff(store: Store, a: str, b: str) -> list[dict[str, int]]:
-    return [{"offset": o, "length": n} for o, n in snapshots.diff(store, a, b)]
+def snapshot_diff(store: Store, a: str, b: str) -> dict[str, Any]:
+    return {"ranges": [{"offset": o, "length": n} for o, n in snapshots.diff(store, a, b)],
+            "sizes": [snapshots.get(store, s).size for s in (a, b)]}
 
 
 @op("snapshot.read")
 def snapshot_read(store: Store, snapshot: str, offset: int, length: int) -> dict[str, Any]:
     _check_inline(length)
     return {"data": base64.b64encode(snapshots.read(store, snapshot, offset, length)).decode()}
-
-
-@op("snapshot.export")
-def snapshot_export(store: Store, snapshot: str, path: str) -> dict[str, Any]:
-    snapshots.get(store, snapshot)  # an unknown snapshot leaves the file as it was
-    with _open_out(path) as out:
-        size = snapshots.export(store, snapshot, out)
-    return {"snapshot": snapshot, "path": path, "size": size}
 
 
 def _group_json(store: Store, g: groups.GroupInfo) -> dict[str, Any]:
@@ -279,13 +329,6 @@ def _startup_path(store: Store, given: str | None) -> Path | None:
 
 def _check_inline(length: int) -> None:
     if length > MAX_INLINE:
-        raise UserError(f"a read through a running site is limited to {MAX_INLINE} bytes; "
-                        "use export for more")
-
-
-def _open_out(path: str) -> io.BufferedWriter:
-    check_output_path(Path(path))
-    try:
-        return open(path, "wb")
-    except OSError as exc:
-        raise UserError(f"cannot write {path}: {exc.strerror}") from None
+        raise UserError(f"an inline read is limited to {MAX_INLINE} bytes; the admin "
+                        "socket's 'read' call streams any length (as 'dvx-dr volume read' "
+                        "and 'export' do)")

@@ -14,9 +14,8 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import BinaryIO, Literal, overload
+from typing import Literal, overload
 
-from dvx_dr import sparse
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site import tree, treeblobs, volumes
@@ -316,28 +315,30 @@ def read(store: Store, spec: str, offset: int, length: int) -> bytes:
     return b"".join(iter_range(store, spec, offset, length))
 
 
-def export(store: Store, spec: str, out: BinaryIO, progress: volumes.Progress | None = None
-           ) -> int:
-    """Write the whole snapshot to ``out``; sparsely (``dvx_dr.sparse``) when ``out`` is a
-    regular file just created or truncated."""
-    size = get(store, spec).size
-    return sparse.write(out, iter_range(store, spec, 0, size, True),
-                        sparse.is_new_regular_file(out), progress)
-
-
 def diff(store: Store, spec_a: str, spec_b: str) -> list[tuple[int, int]]:
-    """Byte ranges ``(offset, length)`` that differ between two snapshots, merged."""
+    """Byte ranges ``(offset, length)`` that differ between two snapshots, merged, in whole
+    blocks (as changed-block tracking reports them: a block with any byte changed counts
+    whole). When the sizes differ, the bytes only the larger one has differ too (a grown
+    volume's new space reads as zeros, which the smaller one does not have)."""
     ra = root_of(store, get(store, spec_a))
     rb = root_of(store, get(store, spec_b))
     bs = store.block_size
+    small, size = sorted((ra.size, rb.size))
     ranges: list[tuple[int, int]] = []
-    for blk in tree.diff_blocks(ra, rb, store.blobs.get):
-        start = blk * bs
-        if ranges and ranges[-1][0] + ranges[-1][1] == start:
-            ranges[-1] = (ranges[-1][0], ranges[-1][1] + bs)
+
+    def add(start: int, length: int) -> None:
+        if ranges and ranges[-1][0] + ranges[-1][1] >= start:
+            end = max(ranges[-1][0] + ranges[-1][1], start + length)
+            ranges[-1] = (ranges[-1][0], end - ranges[-1][0])
         else:
-            ranges.append((start, bs))
-    size = max(ra.size, rb.size)
+            ranges.append((start, length))
+
+    for blk in tree.diff_blocks(ra, rb, store.blobs.get):
+        if blk * bs >= small:
+            break  # from here on, the larger one's tail
+        add(blk * bs, bs)
+    if size > small:
+        add(small, size - small)
     return [(o, min(n, size - o)) for o, n in ranges if o < size]
 
 

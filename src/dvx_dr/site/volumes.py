@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, overload
 
-from dvx_dr import sparse
 from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site.store import Store, drop_import, now_iso
@@ -236,7 +235,8 @@ def write(store: Store, name: str, offset: int, source: BinaryIO,
             if pos + len(chunk) > info.size:
                 raise UserError(
                     f"write past the end of volume {name!r}: it is {info.size} bytes, the write "
-                    f"reaches byte {pos + len(chunk)}; nothing was written (resize it first)"
+                    f"reaches byte {pos + len(chunk)} at least; nothing was written (resize it "
+                    "first)"
                 )
             _write_in_txn(store, info.id, info.size, pos, chunk)
             pos += len(chunk)
@@ -399,11 +399,3 @@ def read(store: Store, name: str, offset: int, length: int) -> bytes:
 def _check_range(name: str, size: int, offset: int, length: int) -> None:
     if offset < 0 or length < 0 or offset + length > size:
         raise UserError(f"range {offset}+{length} is outside volume {name!r} of {size} bytes")
-
-
-def export(store: Store, name: str, out: BinaryIO, progress: Progress | None = None) -> int:
-    """Write the whole volume to ``out``; sparsely (``dvx_dr.sparse``) when ``out`` is a
-    regular file just created or truncated."""
-    info = get(store, name)
-    return sparse.write(out, iter_range(store, info.id, info.size, 0, info.size, True),
-                        sparse.is_new_regular_file(out), progress)
