@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -449,3 +450,34 @@ def test_a_stalled_reader_of_an_export_does_not_hold_up_stopping(site: Site) -> 
 def _random_image(path: Path, size: int) -> Path:
     path.write_bytes(os.urandom(size))
     return path
+
+
+def test_an_import_interrupted_at_the_command_leaves_no_volume_in_the_site(
+        site: Site, tmp_path: Path) -> None:
+    """Ctrl-C of ``volume import`` through a running site: the command said "interrupted",
+    but the site went on to finish the import, so the name stayed taken. The site now stops
+    the import when its command goes away and drops the volume, as an offline import does."""
+    image = tmp_path / "img"
+    with image.open("wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(8 * MiB))
+    proc = site.popen("volume", "import", "big", image)
+    try:
+        time.sleep(1.0)  # under way: 512 MiB of random data take the site several seconds
+        proc.send_signal(signal.SIGINT)  # as Ctrl-C
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    # The site notices at its next batch; what it holds then is dropped.
+    deadline = time.monotonic() + 20
+    while "was stopped: its command went away" not in site.log():
+        assert time.monotonic() < deadline, site.log()[-2000:]
+        time.sleep(0.1)
+    names = [v["name"] for v in remote.call_op(str(site.admin_socket), "volume.list", {})]
+    assert "big" not in names
+    site.cli("volume", "import", "big", image)  # the name is free again
+    assert [v["name"] for v in remote.call_op(str(site.admin_socket), "volume.list", {})] \
+        == ["big"]

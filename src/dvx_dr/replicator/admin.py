@@ -24,7 +24,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -168,7 +168,8 @@ async def _serve_one(service: SiteService, reader: asyncio.StreamReader,
             elif call == "read":
                 await _read(service, params, send)
             else:
-                await send({"result": await _answer(service, call, params)})
+                await send({"result": await _answer(service, call, params,
+                                                    _command_gone(reader, writer))})
         except DvxError as exc:
             if isinstance(exc, IntegrityError):
                 log.warning("admin request failed: %s", exc)
@@ -217,7 +218,34 @@ def _parse(line: bytes) -> tuple[str, dict[str, Any]]:
     return call, params
 
 
-async def _answer(service: SiteService, call: str, params: dict[str, Any]) -> Any:
+async def _answer(service: SiteService, call: str, params: dict[str, Any],
+                  gone: Coroutine[Any, Any, None]) -> Any:
+    """The answer to a call other than ``replicate`` and ``read``. An operation that
+    ``ops.STOPPABLE`` names stops when its command goes away (``gone`` returns): an import
+    interrupted at the command (Ctrl-C) is dropped here too, as it is offline."""
+    name = params.get("name") if call == "op" else None
+    if name not in ops.STOPPABLE:
+        gone.close()
+        return await _answer_now(service, call, params)
+    stopped = threading.Event()
+    watch = asyncio.ensure_future(gone)
+
+    def went_away(future: asyncio.Future[None]) -> None:
+        if not future.cancelled():
+            stopped.set()
+
+    watch.add_done_callback(went_away)
+    try:
+        return await _answer_now(service, call, params, stopped.is_set)
+    except ops.CommandGone as exc:
+        log.info("%s", exc)
+        raise
+    finally:
+        watch.cancel()
+
+
+async def _answer_now(service: SiteService, call: str, params: dict[str, Any],
+                      stopped: Callable[[], bool] | None = None) -> Any:
     if call == "status":
         return service.status()
     if call == "metrics":
@@ -230,7 +258,7 @@ async def _answer(service: SiteService, call: str, params: dict[str, Any]) -> An
     if name in _STARTUP_KEY_OPS and not op_params.get("startup_key") \
             and service.config.startup_key is not None:
         op_params["startup_key"] = str(service.config.startup_key)
-    result = await service.store.run(ops.run, service.store.store, name, op_params)
+    result = await service.store.run(ops.run, service.store.store, name, op_params, stopped)
     if name == "datastore.unlock":
         log.info("store unlocked")
     return result

@@ -36,14 +36,21 @@ def op(name: str) -> Callable[[Op], Op]:
 LOCKED_OK = {"encryption.status", "datastore.unlock", "encryption.crypto_erase"}
 
 
-def run(store: Store, name: str, params: dict[str, Any]) -> Any:
+#: Operations that stop when ``run``'s ``stopped`` says so (a running site: when their
+#: command went away), as they stop at Ctrl-C offline.
+STOPPABLE = {"volume.import"}
+
+
+def run(store: Store, name: str, params: dict[str, Any],
+        stopped: Callable[[], bool] | None = None) -> Any:
     fn = OPS.get(name)
     if fn is None:
         raise NotFoundError(f"unknown operation {name!r}")
     if name not in LOCKED_OK:
         check_usable(store)
+    extra = {"stopped": stopped} if stopped is not None and name in STOPPABLE else {}
     try:
-        return fn(store, **params)
+        return fn(store, **params, **extra)
     except TypeError as exc:
         raise UserError(f"operation {name}: bad parameters ({exc})") from None
 
@@ -83,9 +90,19 @@ def volume_list(store: Store) -> list[dict[str, Any]]:
     return [_volume_json(store, v) for v in volumes.list_volumes(store)]
 
 
+class CommandGone(UserError):
+    """A running site's operation stopped because its command went away."""
+
+
 @op("volume.import")
-def volume_import(store: Store, name: str, path: str) -> dict[str, Any]:
-    volumes.import_file(store, name, Path(path))
+def volume_import(store: Store, name: str, path: str,
+                  stopped: Callable[[], bool] | None = None) -> dict[str, Any]:
+    def progress(_: int) -> None:
+        if stopped is not None and stopped():
+            raise CommandGone(f"the import of volume {name!r} was stopped: its command went "
+                              "away (interrupted); the volume was dropped")
+
+    volumes.import_file(store, name, Path(path), progress if stopped is not None else None)
     return _volume_json(store, volumes.get(store, name))
 
 
