@@ -5,29 +5,75 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
+import signal
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from dvx_dr.site.store import RESERVE_BYTES, RESERVE_NAME
+from tests.conftest import cli_env, run_cli
 from tests.integration.sites import Sites
+
+MiB = 1024 * 1024
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 24 MiB tmpfs: a real file system that really runs out of space."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """``tmpfs(mib)``: a tmpfs of that many MiB, a real file system that really runs out of
+    space."""
+    mounted: list[Path] = []
+
+    def mount(mib: int) -> Path:
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs",
+                               str(path)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(path)
+        return path
+
     try:
         yield mount
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        for path in mounted:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmpfs: Callable[[int], Path]) -> Path:
+    """A 24 MiB tmpfs."""
+    return tmpfs(24)
+
+
+def free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """A file of zeros that leaves ``leave`` bytes free on ``disk``."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, max(1, free(disk) - leave))
+    finally:
+        os.close(fd)
+    return filler
+
+
+def random_file(path: Path, size: int, seed: int) -> Path:
+    path.write_bytes(random.Random(seed).randbytes(size))
+    return path
+
+
+def segments(store: Path) -> dict[str, int]:
+    """Segment file name -> size."""
+    return {p.name: p.stat().st_size for p in (store / "segments").glob("*.seg")}
 
 
 def test_a_full_disk_fails_the_write_cleanly_and_loses_nothing(
@@ -91,6 +137,9 @@ def test_key_changes_on_a_full_disk_say_so_and_keep_the_old_password(
     data = random.Random(5).randbytes(1024 * 1024)
     (tmp_path / "v.img").write_bytes(data)
     run_cli("volume", "import", "v", tmp_path / "v.img", *args)
+    # Without its reserve (a store too full to open gives it up, and takes it back only once
+    # the space is free): else the change would be made in the reserve's space.
+    (store / RESERVE_NAME).unlink()
     filler = small_disk / "filler"
     with open(filler, "wb") as f, contextlib.suppress(OSError):  # until the disk is full
         while True:
@@ -129,3 +178,197 @@ def test_an_import_that_fills_the_disk_of_a_running_site_can_be_retried(
         site.cli("volume", "import", "big", small)
         assert site.cli("volume", "read", "big", "--length", str(1024 * 1024)).stdout \
             == small.read_bytes()
+
+
+def test_gc_frees_a_disk_the_store_filled_with_data_since_deleted(
+    tmpfs: Callable[[int], Path], password_file: Path
+) -> None:
+    """The store's own writes fill its disk; the volume is deleted. gc had failed with "no
+    space left" (its one sweep transaction needed more write-ahead log than was free) and
+    told the operator to run gc: stuck for good. Now it sweeps in small transactions, with
+    the store's reserve, and the store takes writes again."""
+    disk = tmpfs(8)
+    store = disk / "store"
+    args = ["--store", store, "--password-file", password_file]
+    run_cli("site", "init", "--name", "site-a", *args)
+    run_cli("volume", "create", "v", "--size", "16MiB", *args)
+    rng = random.Random(8)
+    offset = 0
+    for step in (MiB, 64 * 1024):  # acknowledged writes until one is refused
+        while True:
+            done = run_cli("volume", "write", "v", "--offset", offset, "-", *args,
+                           input=rng.randbytes(step), check=False)
+            if done.returncode:
+                assert "no space left" in done.stderr.decode()
+                break
+            offset += step
+    assert offset >= 2 * MiB and free(disk) < 256 * 1024
+    run_cli("volume", "delete", "v", *args)
+
+    out = run_cli("datastore", "gc", *args).stdout.decode()
+    assert "deleted" in out and free(disk) > offset - MiB, out
+    reserve = store / RESERVE_NAME
+    assert reserve.stat().st_size == RESERVE_BYTES  # taken back once the space was free
+    assert reserve.read_bytes() == bytes(RESERVE_BYTES)
+    data = random_file(disk.parent / "w.img", 2 * MiB, 9)
+    run_cli("volume", "import", "w", data, *args)
+    assert run_cli("volume", "read", "w", "--length", 2 * MiB, *args).stdout \
+        == data.read_bytes()
+    assert run_cli("datastore", "scrub", *args).returncode == 0
+
+
+def test_a_store_too_full_to_open_gives_up_its_reserve_so_gc_still_runs(
+    tmpfs: Callable[[int], Path], tmp_path: Path, password_file: Path
+) -> None:
+    """A disk at 0 bytes free: SQLite cannot even open the store's database (it needs room
+    for its log's index). The store gives up its reserve to open, so gc still reclaims the
+    deleted volume, and the reserve is made again once the space is free."""
+    disk = tmpfs(8)
+    store = disk / "store"
+    args = ["--store", store, "--password-file", password_file]
+    run_cli("site", "init", "--name", "site-a", *args)
+    run_cli("volume", "import", "v", random_file(tmp_path / "v.img", 2 * MiB, 13), *args)
+    run_cli("volume", "delete", "v", *args)
+    filler = fill(disk, 0)
+    assert free(disk) == 0
+    out = run_cli("datastore", "gc", *args).stdout.decode()
+    assert "deleted 1 segment files" in out and free(disk) >= 2 * MiB, out
+    filler.unlink()
+    run_cli("volume", "list", *args)
+    assert (store / RESERVE_NAME).stat().st_size == RESERVE_BYTES
+
+
+def test_gc_deletes_dead_segments_when_a_compaction_does_not_fit(
+    tmpfs: Callable[[int], Path], tmp_path: Path, password_file: Path
+) -> None:
+    """gc had compacted before deleting dead segment files, so a compaction that did not fit
+    stopped it, and the dead segments stayed ("nothing of this operation was committed",
+    though the sweep was). Now the dead segment goes first, and the compaction waits."""
+    disk = tmpfs(64)
+    store = disk / "store"
+    args = ["--store", store, "--password-file", password_file]
+    run_cli("site", "init", "--name", "site-a", *args)
+    mix = random_file(tmp_path / "mix.img", 24 * MiB, 10)
+    run_cli("volume", "import", "mix", mix, *args)  # one segment, one process
+    over = random_file(tmp_path / "over.img", 13 * MiB, 11)
+    run_cli("volume", "write", "mix", over, *args)  # its first segment is now 11/24 live
+    run_cli("volume", "import", "big", random_file(tmp_path / "big.img", 4 * MiB, 12), *args)
+    (big_segment,) = set(segments(store)) - {"00000001.seg", "00000002.seg"}
+    run_cli("volume", "delete", "big", *args)
+    filler = fill(disk, MiB)
+
+    done = run_cli("datastore", "gc", *args)
+    out = done.stdout.decode()
+    assert big_segment not in segments(store), out
+    assert "00000001.seg" in segments(store)  # 11 MiB to copy: no room
+    assert "not compacted for lack of free space" in out, out
+    assert free(disk) >= 4 * MiB
+
+    filler.unlink()
+    out = run_cli("datastore", "gc", *args).stdout.decode()
+    assert "compacted 1 segments" in out and "00000001.seg" not in segments(store), out
+    expected = over.read_bytes() + mix.read_bytes()[13 * MiB:]
+    assert run_cli("volume", "read", "mix", "--length", 24 * MiB, *args).stdout == expected
+    assert run_cli("datastore", "scrub", *args).returncode == 0
+
+
+def test_convert_needs_room_for_one_segment_and_says_how_far_it_got(
+    tmpfs: Callable[[int], Path], tmp_path: Path, password_file: Path
+) -> None:
+    """convert had rewritten every segment before deleting any old one: it needed room for a
+    second copy of the store, and when it ran out it left the copies it had made on disk and
+    said nothing was committed. Now each old segment goes once its copy is committed."""
+    disk = tmpfs(72)
+    store = disk / "store"
+    run_cli("site", "init", "--name", "site-a", "--no-encryption", "--store", store)
+    images = {f"v{i}": random_file(tmp_path / f"v{i}.img", 6 * MiB, 20 + i) for i in range(5)}
+    images["large"] = random_file(tmp_path / "large.img", 14 * MiB, 30)
+    for name, image in images.items():  # a segment each
+        run_cli("volume", "import", name, image, "--store", store)
+    args = ["--store", store, "--password-file", password_file]
+    run_cli("datastore", "encryption", "enable", "--new-password-file", password_file, "--yes",
+            *args)
+    stored = sum(segments(store).values())
+    filler = fill(disk, 12 * MiB)  # room for one 6 MiB segment (and its log), not 44 MiB
+
+    failed = run_cli("datastore", "encryption", "convert", "--to", "encrypted", *args,
+                     check=False)
+    err = failed.stderr.decode()
+    assert failed.returncode == 2 and len(err.strip().splitlines()) == 1, err
+    assert "convert rewrote 5 segments (30.0 MiB" in err and "run convert again" in err, err
+    assert "nothing of this operation was committed" not in err
+    # No dead copies: the old file of every rewritten segment is gone.
+    assert sum(segments(store).values()) <= stored + 64 * 1024
+    for name, image in images.items():
+        assert run_cli("volume", "read", name, "--length", image.stat().st_size,
+                       *args).stdout == image.read_bytes()
+
+    filler.unlink()
+    fill(disk, 20 * MiB)  # room for the 14 MiB segment
+    out = run_cli("datastore", "encryption", "convert", "--to", "encrypted", *args)
+    assert "(1 segments rewritten, 0 extents left)" in out.stdout.decode()
+    assert sum(segments(store).values()) <= stored + 64 * 1024
+    assert run_cli("datastore", "scrub", *args).returncode == 0
+
+
+#: Runs ``dvx-dr ARGS...`` and kills itself (SIGKILL) before or after its Nth unlink of a
+#: segment file: ``python -c KILL_AT_UNLINK before|after N ARGS...``.
+KILL_AT_UNLINK = """
+import os, signal, sys
+from dvx_dr.cli import run
+when, nth, real, seen = sys.argv[1], int(sys.argv[2]), os.unlink, [0]
+def unlink(path, *a, **k):
+    seg = str(path).endswith(".seg")
+    seen[0] += seg
+    if seg and seen[0] == nth and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, *a, **k)
+    if seg and seen[0] == nth and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.unlink = unlink
+sys.argv = ["dvx-dr", *sys.argv[3:]]
+sys.exit(run())
+"""
+
+
+def test_gc_killed_between_its_steps_loses_nothing(tmp_path: Path, password_file: Path
+                                                   ) -> None:
+    """gc killed around each segment file it deletes: the dead volume's segment (after the
+    sweep commits) and then the compacted one (after its copies commit). The store opens,
+    reads back and scrubs clean, and the next gc finishes the job. Dead segments go before any
+    compaction begins (a kill at the first deletion finds no compaction's new segment)."""
+    origin = tmp_path / "origin"
+    args = ["--store", origin, "--password-file", password_file]
+    run_cli("site", "init", "--name", "site-a", *args)
+    keep = random_file(tmp_path / "keep.img", 2 * MiB, 40)
+    run_cli("volume", "import", "keep", keep, *args)
+    run_cli("snapshot", "create", "keep", "--name", "s", *args)
+    mix = random_file(tmp_path / "mix.img", 4 * MiB, 41)
+    run_cli("volume", "import", "mix", mix, *args)
+    over = random_file(tmp_path / "over.img", 3 * MiB, 42)
+    run_cli("volume", "write", "mix", over, *args)  # mix's first segment: 1/4 live
+    run_cli("volume", "import", "dead", random_file(tmp_path / "d.img", 2 * MiB, 43), *args)
+    run_cli("volume", "delete", "dead", *args)
+    before = set(segments(origin))
+    expected = over.read_bytes() + mix.read_bytes()[3 * MiB:]
+
+    for when, nth in [("before", 1), ("after", 1), ("before", 2), ("after", 2)]:
+        store = tmp_path / f"{when}-{nth}"
+        shutil.copytree(origin, store)
+        args = ["--store", store, "--password-file", password_file]
+        killed = subprocess.run([sys.executable, "-c", KILL_AT_UNLINK, when, str(nth),
+                                 "datastore", "gc", *map(str, args)],
+                                capture_output=True, env=cli_env(), timeout=60)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+        if nth == 1:  # the dead segment's file: no compaction has begun
+            assert set(segments(store)) <= before, (when, nth)
+
+        assert run_cli("snapshot", "read", "keep@s", "--length", 2 * MiB, *args).stdout \
+            == keep.read_bytes()
+        assert run_cli("volume", "read", "mix", "--length", 4 * MiB, *args).stdout == expected
+        assert run_cli("datastore", "scrub", *args).returncode == 0
+        run_cli("datastore", "gc", *args)
+        # Nothing dead is left: keep's 2 MiB, over's 3 and mix's live last MiB.
+        assert sum(segments(store).values()) < 6 * MiB + 256 * 1024, (when, nth)
+        assert run_cli("volume", "read", "keep", "--length", 2 * MiB, *args).stdout \
+            == keep.read_bytes()

@@ -88,4 +88,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if report.get("sessions_open"):
         print(f"gc: {report['sessions_open']} replication transfers were running at this site "
               "(sent or received), so no blob was deleted; run gc again when they have ended")
+    if report.get("segments_skipped"):
+        print(f"gc: {report['segments_skipped']} sparse segments were not compacted for lack "
+              f"of free space (the smallest needs {format_size(report['space_needed'])} free); "
+              "run gc again once there is more")
     return 0

@@ -15,7 +15,8 @@ the same ``ops`` names). What each one writes, and why a crash at any point is s
   A crash in between leaves an unused version in the keystore.
 - **convert**: rewrites every extent that is not in the current form (plain, or an older key
   version) into new segments, segment by segment, each committed before its old segment file
-  is deleted; rerunning after a crash continues where it stopped.
+  is deleted right after (``gc``), so it needs free space for about one segment; rerunning
+  after a crash, or after a full disk stopped it, continues where it stopped.
 - **startup mode**: *unlocked* writes a random 256-bit startup key to a 0600 file outside the
   store and wraps the keys under it as well, so the site starts without a password; *locked*
   removes that wrapping and overwrites the file.
@@ -36,13 +37,14 @@ from typing import Any
 
 from cryptography.hazmat.bindings._rust import openssl as rust_openssl
 
-from dvx_dr.errors import KeysDestroyedError, StoreLockedError, UserError
+from dvx_dr.errors import KeysDestroyedError, StoreFullError, StoreLockedError, UserError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site import gc
 from dvx_dr.site.crypto import IndexKeys, new_index_key, new_tek
 from dvx_dr.site.keystore import KeyMaterial, Keystore, scrub_file, write_atomic
 from dvx_dr.site.segments import fsync_dir
 from dvx_dr.site.store import KEYSTORE_NAME, STARTUP_KEY_BYTES, Store, read_startup_key
+from dvx_dr.units import format_size
 
 FIPS_MODES = ("off", "approved", "validated")
 
@@ -197,11 +199,41 @@ def convert(store: Store, to: str, progress: Callable[[int], None] | None = None
             "SELECT DISTINCT seg FROM blobs WHERE key_version != ?", (wanted,))}
         moved = store.db.execute("SELECT COALESCE(SUM(length), 0) FROM blobs "
                                  "WHERE key_version != ?", (wanted,)).fetchone()[0]
-        report = gc.gc(store, select=lambda seg, live, size: seg in odd, progress_bytes=progress)
+        # gc first deletes what is dead, then rewrites the segments holding the old form one
+        # at a time, deleting each old file once its copies are committed: the disk needs room
+        # for about one segment's live extents.
+        report = gc.GcReport()
+        try:
+            gc.gc(store, select=lambda seg, live, size: seg in odd, progress_bytes=progress,
+                  report=report)
+        except StoreFullError:
+            raise StoreFullError(store.full_message(
+                _converted(store, report, wanted), _CONVERT_AGAIN)) from None
+        if report.segments_skipped:
+            raise StoreFullError(store.full_message(
+                _converted(store, report, wanted),
+                f"the next segment needs {format_size(report.space_needed)} free: free space "
+                "(delete snapshots or volumes, then 'dvx-dr datastore gc') and run convert "
+                "again; it continues where it stopped"))
         left = store.db.execute("SELECT COUNT(*) FROM blobs WHERE key_version != ?",
                                 (wanted,)).fetchone()[0]
     return {"to": to, "key_version": wanted, "bytes_converted": moved,
             "segments_rewritten": report.segments_compacted, "extents_left": left}
+
+
+_CONVERT_AGAIN = ("free space (delete snapshots or volumes, then 'dvx-dr datastore gc') and run "
+                  "convert again; it continues where it stopped")
+
+
+def _converted(store: Store, report: gc.GcReport, wanted: int) -> str:
+    """What a convert stopped by a full disk had done."""
+    left_n, left_b = store.db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(length), 0) FROM blobs WHERE key_version != ?",
+        (wanted,)).fetchone()
+    return (f"convert rewrote {report.segments_compacted} segments "
+            f"({format_size(report.bytes_compacted)}; {left_n} extents, "
+            f"{format_size(left_b)} of the old form are left, and no old copy of what it "
+            f"rewrote stays on disk) and gc reclaimed {format_size(max(0, report.reclaimed))}")
 
 
 def set_modes(store: Store, fips_mode: str | None, password: str | None,

@@ -7,6 +7,13 @@ Layout of a store directory::
     segments/NNNNNNNN.seg    extents (see ``segments`` and ``extent``)
     segments/next            the segment number high-water mark
     lock                     held (flock) by the one process that owns the store (see ``lockfile``)
+    reserve                  RESERVE_BYTES of zeros, preallocated: room for gc on a full disk
+
+The *reserve* is a file of zeros that holds disk space for the one operation that frees space:
+gc gives it up when it starts, so that its sweep can record its deletions in SQLite's
+write-ahead log even on a disk the store has filled, and takes it back when it ends if the
+space is there (see ``gc``). An opening store makes a missing reserve, best effort: never at
+the cost of failing the open. Nothing in it is data; scrub, stats and the index ignore it.
 
 One process owns a store at a time. Everything that changes the store goes through one
 ``Store`` object, and through ``Store.transaction()``.
@@ -14,6 +21,7 @@ One process owns a store at a time. Everything that changes the store goes throu
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -51,6 +59,10 @@ from dvx_dr.site.segments import SegmentNumbers, SegmentReader, SegmentWriter
 log = logging.getLogger("dvx_dr.site")
 
 DB_NAME = "store.db"
+RESERVE_NAME = "reserve"
+#: 4 MiB: gc's sweep commits ``gc.SWEEP_BATCH`` (500) deletions per transaction, which measured
+#: at most 2.1 MiB of write-ahead log (plus its 32 KiB index file), twice over.
+RESERVE_BYTES = 4 * 1024 * 1024
 STARTUP_KEY_BYTES = 32
 MIN_BLOCK = 4096
 MAX_BLOCK = 1024 * 1024
@@ -188,7 +200,13 @@ class Store:
         lock_fd = lockfile.acquire(path)
         try:
             _scrub_keystore_leftovers(path / KEYSTORE_NAME)
-            db = dbmod.open_db(path / DB_NAME)
+            try:
+                db = dbmod.open_db(path / DB_NAME)
+            except StoreFullError:
+                # Too full for SQLite's log and its index: the reserve is there for this.
+                if not release_reserve(path):
+                    raise
+                db = dbmod.open_db(path / DB_NAME)
             keys = keystore = None
             destroyed = dbmod.get_meta(db, "keys_destroyed") == "1"
             if destroyed and not allow_locked:
@@ -209,6 +227,7 @@ class Store:
             os.close(lock_fd)
             raise
         store._drop_unfinished_imports()
+        make_reserve(path)
         return store
 
     def pin(self, key: str) -> None:
@@ -304,11 +323,18 @@ class Store:
                 for n in self.writer.discard_since(mark):
                     self.reader.forget(n)
                 if _is_disk_full(exc):
-                    raise StoreFullError(
-                        f"no space left on the device holding store {self.path}: nothing of "
-                        "this operation was committed; free space (delete snapshots or "
-                        "volumes, then 'dvx-dr datastore gc') and retry") from None
+                    raise StoreFullError(self.full_message()) from None
                 raise
+
+    def full_message(self, done: str | None = None, advice: str | None = None) -> str:
+        """What a full disk stopped. ``done``: what an operation of several transactions
+        committed before the one that failed (by default, a single-transaction operation:
+        nothing)."""
+        what = (f"{done} before it stopped, and that is committed; the step it was on was "
+                "rolled back" if done else "nothing of this operation was committed")
+        advice = advice or ("free space (delete snapshots or volumes, then 'dvx-dr datastore "
+                            "gc') and retry")
+        return f"no space left on the device holding store {self.path}: {what}; {advice}"
 
     def _drop_unfinished_imports(self) -> None:
         with self.transaction() as db:
@@ -322,6 +348,44 @@ def drop_import(db: sqlite3.Connection, vol: int) -> None:
     for table in ("blocks", "dirty_leaves", "dirty_blocks", "tree_pages"):
         db.execute(f"DELETE FROM {table} WHERE vol=?", (vol,))
     db.execute("DELETE FROM volumes WHERE vol=? AND state='importing'", (vol,))
+
+
+def make_reserve(path: Path) -> bool:
+    """Put the reserve in place in store directory ``path`` if it is not, when the disk has
+    the room; never raises. Whether it is in place."""
+    target = path / RESERVE_NAME
+    try:
+        st = target.stat()
+        if st.st_size == RESERVE_BYTES and st.st_blocks * 512 >= RESERVE_BYTES:
+            return True
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    try:
+        fs = os.statvfs(path)
+        if fs.f_bavail * fs.f_frsize < RESERVE_BYTES:
+            return False
+        # Truncated first: whatever a crash left, the reserve holds nothing but zeros.
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        finally:
+            os.close(fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            target.unlink()
+        return False
+    return True
+
+
+def release_reserve(path: Path) -> bool:
+    """Give the reserve's space back to the file system; whether there was one."""
+    try:
+        (path / RESERVE_NAME).unlink()
+    except OSError:
+        return False
+    return True
 
 
 def _is_disk_full(exc: BaseException) -> bool:

@@ -126,7 +126,7 @@ def test_store_matches_model_and_snapshots_never_change(ops: list[tuple], encryp
             ca, cb = snaps[a], snaps[b]
             n, small = max(len(ca), len(cb)), min(len(ca), len(cb))
             ca, cb = ca.ljust(n, b"\0"), cb.ljust(n, b"\0")
-            changed = {o // BS for o, ln in ranges for o in range(o, o + ln, BS)}
+            changed = {k for o, ln in ranges for k in range(o // BS, (o + ln - 1) // BS + 1)}
             # A block reaching past the smaller snapshot's end differs whatever it holds.
             expect = {i // BS for i in range(0, n, BS)
                       if ca[i:i + BS] != cb[i:i + BS] or (n > small and i + BS > small)}
