@@ -372,3 +372,29 @@ def test_gc_killed_between_its_steps_loses_nothing(tmp_path: Path, password_file
         assert sum(segments(store).values()) < 6 * MiB + 256 * 1024, (when, nth)
         assert run_cli("volume", "read", "keep", "--length", 2 * MiB, *args).stdout \
             == keep.read_bytes()
+
+
+def test_enable_on_a_full_disk_leaves_no_keystore(small_disk: Path, tmp_path: Path,
+                                                 password_file: Path) -> None:
+    """``encryption enable`` on a plain store whose disk fills while it re-indexes: it said
+    nothing was committed, and it was not, but a new keystore file was left next to the
+    plain store. Now that file is scrubbed, and enabling works once space is freed."""
+    store = small_disk / "store"
+    run_cli("site", "init", "--name", "site-a", "--store", store, "--block-size", "4KiB",
+            "--no-encryption")
+    image = random_file(tmp_path / "v.img", 4 * 1024 * 1024, 6)  # 1024 rows to re-index
+    run_cli("volume", "import", "v", image, "--store", store)
+    (store / RESERVE_NAME).unlink()  # (a store too full to open gives it up)
+    filler = fill(small_disk, 64 * 1024)  # room for a keystore, not for the re-index
+    failed = run_cli("datastore", "encryption", "enable", "--new-password-file", password_file,
+                     "--yes", "--store", store, check=False)
+    err = failed.stderr.decode()
+    assert failed.returncode == 2, err
+    assert "no space left" in err and "nothing of this operation was committed" in err, err
+    assert not (store / "keystore.json").exists()
+    filler.unlink()
+    assert run_cli("volume", "export", "v", "-", "--store", store).stdout == image.read_bytes()
+    run_cli("datastore", "encryption", "enable", "--new-password-file", password_file, "--yes",
+            "--store", store)
+    assert run_cli("volume", "export", "v", "-", "--store", store, "--password-file",
+                   password_file).stdout == image.read_bytes()

@@ -888,3 +888,33 @@ def test_what_a_killed_keystore_write_leaves_is_scrubbed_when_the_store_opens(
         if path.is_file():
             assert leftover not in path.read_bytes(), f"{path} holds the old keystore"
     assert not opens_with(store, password_file.read_text().strip())
+
+
+def test_an_enable_killed_before_its_commit_leaves_no_keystore(tmp_path: Path,
+                                                              password_file: Path) -> None:
+    """``encryption enable`` on a plain store killed after writing the new keystore but
+    before committing: the store stayed plain, next to a keystore of keys nothing was written
+    with (and the command had said to back it up). The next opening scrubs it."""
+    store = tmp_path / "store"
+    run_cli("site", "init", "--store", store, "--name", SITE, "--no-encryption")
+    image = random_blocks(random.Random(13), 4)
+    (tmp_path / "image").write_bytes(image)
+    run_cli("volume", "import", "vm1", tmp_path / "image", "--store", store)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_AFTER_RENAME, "datastore", "encryption", "enable",
+         "--new-password-file", password_file, "--yes", "--store", store],
+        capture_output=True, env=child_env())
+    assert killed.returncode == -signal.SIGKILL
+    keystore = store / "keystore.json"
+    written = keystore.read_bytes()
+    out = run_cli("volume", "export", "vm1", "-", "--store", store)
+    assert out.stdout == image  # still plain: no password asked
+    assert "left by an 'encryption enable' that did not finish" in out.stderr.decode()
+    assert not keystore.exists()
+    for path in store.rglob("*"):
+        if path.is_file():
+            assert written not in path.read_bytes(), f"{path} holds the stray keystore"
+    run_cli("datastore", "encryption", "enable", "--new-password-file", password_file,
+            "--yes", "--store", store)  # and enabling works
+    assert run_cli("volume", "export", "vm1", "-", "--store", store, "--password-file",
+                   password_file).stdout == image

@@ -30,6 +30,7 @@ the same ``ops`` names). What each one writes, and why a crash at any point is s
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -122,14 +123,22 @@ def enable(store: Store, new_password: str | None) -> dict[str, Any]:
     keystore = Keystore.create(store.path / KEYSTORE_NAME, store.store_id, store.site,
                                new_password, keys, fips=fips)
     index = IndexKeys(keys.index_key)
-    with store.transaction() as db:
-        rows = db.execute("SELECT row, sealed_id FROM blobs").fetchall()
-        for row, raw_id in rows:
-            name = index.name(raw_id)
-            db.execute("UPDATE blobs SET name=?, sealed_id=? WHERE row=?",
-                       (name, index.seal(name, raw_id), row))
-        for key, value in (("keyed", "1"), ("encryption", "on"), ("key_version", "1")):
-            dbmod.set_meta(db, key, value)
+    try:
+        with store.transaction() as db:
+            rows = db.execute("SELECT row, sealed_id FROM blobs").fetchall()
+            for row, raw_id in rows:
+                name = index.name(raw_id)
+                db.execute("UPDATE blobs SET name=?, sealed_id=? WHERE row=?",
+                           (name, index.seal(name, raw_id), row))
+            for key, value in (("keyed", "1"), ("encryption", "on"), ("key_version", "1")):
+                dbmod.set_meta(db, key, value)
+    except BaseException:
+        # The store stays unencrypted: the new keys protect nothing, and a keystore file
+        # would only mislead (the warning said to back it up). A kill here leaves it to the
+        # next opening, which scrubs it.
+        with contextlib.suppress(OSError):
+            scrub_file(store.path / KEYSTORE_NAME)
+        raise
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store.keystore = keystore
     store.install_keys(keys)

@@ -52,6 +52,7 @@ from dvx_dr.site.keystore import (
     KeyMaterial,
     Keystore,
     check_password_strength,
+    scrub_file,
     scrub_leftovers,
 )
 from dvx_dr.site.segments import SegmentNumbers, SegmentReader, SegmentWriter
@@ -222,6 +223,12 @@ class Store:
                     startup_key = Path(recorded)
                 keys = _unwrap(keystore, password, startup_key, allow_locked, path,
                                derivation)
+            elif dbmod.get_meta(db, "keyed") != "1" and (path / KEYSTORE_NAME).exists():
+                # Only an 'encryption enable' stopped before its commit leaves a keystore on
+                # a store never keyed: keys that nothing was written with, to be scrubbed.
+                log.warning("scrubbing %s, left by an 'encryption enable' that did not "
+                            "finish (the store stayed unencrypted)", path / KEYSTORE_NAME)
+                _scrub_keystore_leftovers(path / KEYSTORE_NAME, live=True)
             store = cls(path, db, lock_fd, keys, keystore)
         except BaseException:
             os.close(lock_fd)
@@ -421,12 +428,14 @@ def _unwrap(keystore: Keystore, password: PasswordSource | None, startup_key: Pa
     return keystore.unlock(password(), derivation)
 
 
-def _scrub_keystore_leftovers(path: Path) -> None:
+def _scrub_keystore_leftovers(path: Path, live: bool = False) -> None:
     """A keystore write killed midway leaves copies (``keystore.scrub_leftovers``); they go
-    when the store is next opened. Failing that (a full disk, say) does not stop the opening:
-    the next keystore write tries again."""
+    when the store is next opened (with ``live``, the keystore itself too). Failing that (a
+    full disk, say) does not stop the opening: the next keystore write tries again."""
     try:
         scrub_leftovers(path)
+        if live:
+            scrub_file(path)
     except OSError as exc:
         log.warning("could not scrub what an interrupted keystore write left next to %s: %s",
                     path, exc.strerror or exc)
