@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from dvx_dr.errors import IntegrityError, NotFoundError, ProtocolError, TransientError, UserError
+from dvx_dr.errors import (
+    IntegrityError,
+    NotFoundError,
+    ProtocolError,
+    StoreFullError,
+    TransientError,
+    UserError,
+)
 from dvx_dr.policies.model import Retention
 from dvx_dr.replicator import protocol
 from dvx_dr.replicator.retention import prune_groups
@@ -224,15 +231,22 @@ class Receiver:
             raise ProtocolError(f"batch sends a tree page or root before {len(lacking)} of the "
                                 "blobs it names; pages must follow their children")
         node_level = {protocol.KIND_ROOT: treeblobs.ROOT, protocol.KIND_GROUP: treeblobs.GROUP}
-        with self.store.transaction() as db:
-            rows = self.store.blobs.put_payloads(payloads, verified=True)
-            nodes: dict[int, list[int]] = defaultdict(list)  # level -> rows now complete
-            for r in records:
-                if r.kind != protocol.KIND_BLOCK:
-                    nodes[r.level if r.kind == protocol.KIND_PAGE
-                          else node_level[r.kind]].append(rows[r.id])
-            for level, marked in nodes.items():
-                treeblobs.mark(db, marked, level)
+        try:
+            with self.store.transaction() as db:
+                rows = self.store.blobs.put_payloads(payloads, verified=True)
+                nodes: dict[int, list[int]] = defaultdict(list)  # level -> rows now complete
+                for r in records:
+                    if r.kind != protocol.KIND_BLOCK:
+                        nodes[r.level if r.kind == protocol.KIND_PAGE
+                              else node_level[r.kind]].append(rows[r.id])
+                for level, marked in nodes.items():
+                    treeblobs.mark(db, marked, level)
+        except StoreFullError:
+            # The batches before this one stay durable: a rerun sends only what is missing.
+            raise StoreFullError(self.store.full_message(
+                f"this transfer's session had stored {s.blobs} blobs" if s.blobs else None,
+                "free space at this site (delete snapshots or volumes, then 'dvx-dr datastore "
+                "gc'); the transfer's next run sends only what is still missing")) from None
         for r, plain in zip(records, plains, strict=True):
             if r.kind == protocol.KIND_PAGE and plain is not None:
                 self.store.blobs.pages.put(r.id, plain)  # the next replica's base pages

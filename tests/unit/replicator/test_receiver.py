@@ -7,12 +7,13 @@ means its whole subtree is stored" is what every later transfer relies on.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from collections.abc import Callable
 
 import pytest
 
-from dvx_dr.errors import ProtocolError, TransientError
+from dvx_dr.errors import ProtocolError, StoreFullError, TransientError
 from dvx_dr.replicator import protocol
 from dvx_dr.replicator.receiver import Receiver
 from dvx_dr.site import gc, snapshots
@@ -234,3 +235,26 @@ def test_a_session_waiting_behind_a_long_operation_does_not_lapse(
         assert gc.gc(rx.store).sessions_open == 1
         send(rx, sid, rec(protocol.KIND_BLOCK, changed))
     assert gc.gc(rx.store).sessions_open == 0  # idle again, and no request: it lapses
+
+
+def test_a_full_disk_says_the_batches_before_stay_stored(
+        rx: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that does not fit said "nothing of this operation was committed", though
+    the transfer's earlier batches are durable and a rerun does not send them again. (The
+    full disk is simulated here; tests/integration/test_disk_full.py fills real ones.)"""
+    data = blocks(4, 40)
+    leaf = b"".join(sha(b) for b in data)
+    sid, _ = open_session(rx, "s1", sha(root_of(leaf)))
+    send(rx, sid, *[rec(protocol.KIND_BLOCK, b) for b in data[:2]])
+
+    def full(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rx.store.blobs, "put_payloads", full)
+    with pytest.raises(StoreFullError) as failed:
+        send(rx, sid, *[rec(protocol.KIND_BLOCK, b) for b in data[2:]])
+    message = str(failed.value)
+    assert "had stored 2 blobs before it stopped, and that is committed" in message
+    assert "nothing of this operation was committed" not in message
+    assert "sends only what is still missing" in message
+    assert set(rx.store.blobs.lookup([sha(b) for b in data])) == {sha(b) for b in data[:2]}
