@@ -481,3 +481,22 @@ def test_an_import_interrupted_at_the_command_leaves_no_volume_in_the_site(
     site.cli("volume", "import", "big", image)  # the name is free again
     assert [v["name"] for v in remote.call_op(str(site.admin_socket), "volume.list", {})] \
         == ["big"]
+
+
+def test_a_site_and_a_command_reading_a_password_cannot_dump_core(site: Site,
+                                                                  tmp_path: Path) -> None:
+    """A crash of a site wrote its memory, with the keys and any password sent to it, to a
+    core file. A site now forbids core dumps first thing (limit 0, not dumpable), and so
+    does a command that reads a password."""
+    assert site.proc is not None
+    limits = Path(f"/proc/{site.proc.pid}/limits").read_text()
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"], core
+    probe = (
+        "import sys; from pathlib import Path; from dvx_dr.nocore import dumpable; "
+        "from dvx_dr.cli.context import read_password_file; "
+        "before = dumpable(); read_password_file(Path(sys.argv[1])); "
+        "print(before, dumpable())")
+    out = subprocess.run([sys.executable, "-c", probe, str(site.password_file)],
+                         capture_output=True, env=child_env(), check=True)
+    assert out.stdout.split() == [b"True", b"False"]

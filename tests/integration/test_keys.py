@@ -389,6 +389,17 @@ def test_locked_startup_and_startup_key(tmp_path: Path) -> None:
         listed = volume_list()
         assert listed.returncode == 0 and b"vm1" in listed.stdout, listed.stderr
 
+        # A startup key file others may read is not used (it had been, silently): the site
+        # starts locked and its log says why.
+        site.stop()
+        key.chmod(0o644)
+        site.start()
+        user_error(volume_list(), "locked")
+        assert f"startup key {key} is not used: its mode is 0644" in site.log()
+        key.chmod(0o600)
+        site.restart()
+        assert not locked_status()
+
         # Startup key file gone: back to a locked start, and the password still unlocks.
         site.stop()
         key.unlink()
@@ -787,6 +798,9 @@ def test_startup_key_paths_that_are_not_keys_are_refused(tmp_path: Path,
     other = tmp_path / "other.key"
     other.write_bytes(os.urandom(32))
     keystore = (store / "keystore.json").read_bytes()
+    user_error(cli("datastore", "encryption", "rotate-key", "--startup-key", other,
+                   check=False), "its mode is 0644, which lets others read it")
+    other.chmod(0o600)
     user_error(cli("datastore", "encryption", "rotate-key", "--startup-key", other,
                    check=False), "is not this store's startup key")
     assert (store / "keystore.json").read_bytes() == keystore

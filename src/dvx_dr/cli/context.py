@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from dvx_dr.cli import remote
 from dvx_dr.cli.common import STORE_ENV
 from dvx_dr.errors import StoreBusyError, UserError
+from dvx_dr.nocore import forbid_core_dumps
 
 if TYPE_CHECKING:
     from dvx_dr.site.store import Store
@@ -58,6 +59,7 @@ def store_path(args: argparse.Namespace) -> Path:
 
 
 def read_password_file(path: Path) -> str:
+    forbid_core_dumps()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -78,6 +80,7 @@ def password_source(args: argparse.Namespace, prompt: str = "Store password: "
         if not sys.stdin.isatty():
             raise UserError("the store is encrypted and no terminal is attached to ask for its "
                             "password: pass --password-file FILE")
+        forbid_core_dumps()
         return getpass.getpass(prompt)
     return get
 
@@ -91,6 +94,7 @@ def new_password(args: argparse.Namespace, file_attr: str = "password_file",
     if not sys.stdin.isatty():
         flag = "--" + file_attr.replace("_", "-")
         raise UserError(f"no terminal to ask for a new password: pass {flag} FILE")
+    forbid_core_dumps()
     ask = getpass.getpass if hide else input
     first = ask("New password (at least 8 characters): ")
     second = ask("Repeat it: ")
@@ -143,6 +147,7 @@ def current_password(args: argparse.Namespace) -> str | None:
     if args.password_file is not None:
         return read_password_file(args.password_file)
     if sys.stdin.isatty():
+        forbid_core_dumps()
         return getpass.getpass("Current password: ")
     return None
 

@@ -59,6 +59,9 @@ def register_serve(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dvx_dr.nocore import forbid_core_dumps
+
+    forbid_core_dumps()  # before it holds a password or a key
     from dvx_dr.replicator import server
     from dvx_dr.site.config import load_site_config
 

@@ -178,7 +178,10 @@ async def _serve_one(service: SiteService, reader: asyncio.StreamReader,
             raise
         except Exception as exc:  # a bug: log it whole, answer with exit code 1
             log.exception("admin request failed")
-            await send({"error": f"internal error: {exc!r}", "exit_code": 1})
+            # The kind of error only: its text can hold what the request carried (a
+            # password, say); the site's log has the traceback.
+            await send({"error": f"internal error ({exc.__class__.__name__}) in the site; its "
+                                 "log has the details", "exit_code": 1})
     except ConnectionError:
         pass  # the command went away (interrupted); nothing more to tell it
     except asyncio.CancelledError:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from dvx_dr.errors import FormatError
+from dvx_dr.errors import DvxError, FormatError, UserError
 
 #: The keystore's file name in the store directory.
 NAME = "keystore.json"
@@ -57,8 +57,20 @@ def _check_params(params: dict[str, Any]) -> None:
             raise FormatError(f"PBKDF2 iterations {it!r} are out of range")
 
 
+def password_bytes(password: str) -> bytes:
+    """The password as the KDF takes it (UTF-8). A password with bytes that the terminal's
+    character set did not decode (Python keeps them as lone surrogates) is refused here in
+    one line: an encoding error would carry the whole password in its text."""
+    try:
+        return password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("the password is not valid text: it holds bytes the terminal's "
+                        "character set (LC_ALL, LANG) could not decode; type it in a UTF-8 "
+                        "terminal, or give it with --password-file") from None
+
+
 def derive_kek(password: str, params: dict[str, Any]) -> bytes:
-    secret = password.encode("utf-8")
+    secret = password_bytes(password)
     salt = base64.b64decode(params["salt"], validate=True)
     _check_params(params)
     if params["name"] == "scrypt":
@@ -102,7 +114,7 @@ class KekDerivation:
     def _derive(self, password: str) -> None:
         try:
             self._kek = derive_kek(password, self._params)
-        except (FormatError, KeyError, TypeError, ValueError, MemoryError, OverflowError):
+        except (DvxError, KeyError, TypeError, ValueError, MemoryError, OverflowError):
             self._kek = None  # unlock derives again and reports the error
         finally:
             self._done.set()

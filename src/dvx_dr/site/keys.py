@@ -166,7 +166,7 @@ def rotate_key(store: Store, password: str | None,
     keys = _require_keys(store)
     pw = _check_password(store, password)
     assert store.keystore is not None
-    startup = read_startup_key(startup_key) if startup_key else None
+    startup = read_startup_key(startup_key, strict=True) if startup_key else None
     if store.keystore.has_startup_slot:
         if startup is None:
             raise UserError("the store is in unlocked startup mode but its startup key file "

@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 from dvx_dr.errors import FormatError, StoreFullError, UserError, WrongPasswordError
 from dvx_dr.site.crypto import IndexKeys
-from dvx_dr.site.kdf import KekDerivation, derive_kek, kdf_params
+from dvx_dr.site.kdf import KekDerivation, derive_kek, kdf_params, password_bytes
 from dvx_dr.site.segments import fsync_dir
 
 log = logging.getLogger("dvx_dr.keystore")
@@ -65,6 +65,7 @@ def _unb64(text: str) -> bytes:
 
 
 def check_password_strength(password: str) -> None:
+    password_bytes(password)  # text the KDF can take, or one line saying why not
     if len(password) < MIN_PASSWORD:
         raise UserError(f"the password must have at least {MIN_PASSWORD} characters")
 
@@ -305,17 +306,24 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
     scrub_leftovers(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if path.exists():
-        os.link(path, old)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if path.exists():
+            os.link(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        # Not put in place: the new content (under a new password, maybe) goes now, not at
+        # the next opening; ``.old`` is still the live file's second name, only unlinked.
+        with contextlib.suppress(OSError):
+            scrub_leftovers(path)
+        raise
     # The new content is in place: a failure from here on is reported, not raised, since a
     # caller told "failed" would go on with the old content the file no longer has.
     for step, what in ((lambda: fsync_dir(path.parent), "its directory could not be synced"),

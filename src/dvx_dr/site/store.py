@@ -401,12 +401,32 @@ def _is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
 
 
-def read_startup_key(path: Path) -> bytes | None:
-    """The startup key in ``path``, or None when it is missing or not a startup key file."""
+def read_startup_key(path: Path, strict: bool = False) -> bytes | None:
+    """The startup key in ``path``, or None when it is missing or not a startup key file,
+    or when others than its owner may read it or its owner is another user: it opens the
+    store without a password, and a key others could have copied is not used (as ssh does
+    not use such a private key). The site then starts locked, and its log says why; with
+    ``strict`` (a key named on the command line) that is an error instead."""
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077 or st.st_uid != os.geteuid():
+            why = (f"its mode is {st.st_mode & 0o7777:04o}, which lets others read it"
+                   if st.st_mode & 0o077 else f"it belongs to user id {st.st_uid}")
+            message = (f"startup key {path} is not used: {why}; 'chmod 600' it (and make "
+                       "the site's user its owner)")
+            if strict:
+                raise UserError(message + "; nothing was changed")
+            log.warning("%s, or unlock the site with its password", message)
+            return None
+        data = os.read(fd, STARTUP_KEY_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return data if len(data) == STARTUP_KEY_BYTES else None
 
 
