@@ -16,6 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -384,6 +385,17 @@ def test_writes_from_pipes_named_by_path_go_through_the_site(site: Site) -> None
         os.close(r)
     assert proc.returncode == 0, proc.stderr
     assert site.cli("volume", "read", "w", "--length", "6").stdout == b"abcxyz"
+    # Standard input that is a deleted file (a shell's large here-document) has a path the
+    # site cannot open either: the command reads it too.
+    with tempfile.TemporaryFile(dir=site.root) as f:
+        f.write(b"def")
+        f.seek(0)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvx_dr", "volume", "write", "w", "--offset", "6",
+             "/dev/stdin", *map(str, site.site_args(("volume", "write")))],
+            stdin=f, capture_output=True, env=child_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert site.cli("volume", "read", "w", "--length", "9").stdout == b"abcxyzdef"
 
 
 def test_stdin_write_past_the_end_through_the_site_names_its_true_end(site: Site) -> None:
@@ -500,3 +512,48 @@ def test_a_site_and_a_command_reading_a_password_cannot_dump_core(site: Site,
     out = subprocess.run([sys.executable, "-c", probe, str(site.password_file)],
                          capture_output=True, env=child_env(), check=True)
     assert out.stdout.split() == [b"True", b"False"]
+
+
+def _slow_read(site: Site, params: dict[str, object]) -> socket.socket:
+    """A streamed read whose command then takes nothing (a stalled pipe, say)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(site.admin_socket))
+    sock.sendall(json.dumps({"v": 1, "call": "read", "params": params}).encode() + b"\n")
+    time.sleep(1.0)  # the site fills the socket and its queue, then waits
+    return sock
+
+
+def _drain(sock: socket.socket) -> bytes:
+    sock.settimeout(60)
+    data = bytearray()
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    return bytes(data)
+
+
+def test_a_slow_reader_of_an_export_does_not_stop_the_site(site: Site, tmp_path: Path) -> None:
+    """An export through the site whose command read slowly held the store thread for the
+    whole export: every other command, scheduled snapshot and transfer waited (a reader of
+    1 MiB every 2 s held a 'snapshot create' for 28 s). A snapshot is now read in turns,
+    with other work in between; a live volume (read as of one instant, holding the store)
+    is given up, with advice, once other work has waited on its slow reader for 2 s."""
+    image = tmp_path / "img"
+    image.write_bytes(os.urandom(64 * MiB))
+    site.cli("volume", "import", "v", image)
+    site.cli("snapshot", "create", "v", "--name", "s")
+
+    sock = _slow_read(site, {"snapshot": "v@s"})
+    with sock:
+        started = time.monotonic()
+        remote.call_op(str(site.admin_socket), "snapshot.create", {"volume": "v", "name": "t"})
+        assert time.monotonic() - started < 5  # not held up by the stalled read
+        data = _drain(sock)  # and the read goes on to its end
+    assert data.endswith(b'"length": 67108864}}\n') or b'"length":67108864' in data, data[-200:]
+
+    sock = _slow_read(site, {"volume": "v"})
+    with sock:
+        started = time.monotonic()
+        remote.call_op(str(site.admin_socket), "snapshot.create", {"volume": "v", "name": "u"})
+        assert time.monotonic() - started < 10
+        data = _drain(sock)
+    assert b"export a snapshot instead" in data[-1000:], data[-1000:]

@@ -1042,6 +1042,26 @@ def test_export_to_dev_stdout_is_the_image_only(site_with_volume: tuple[Site, by
         assert in_pipe == content, command
 
 
+def test_export_over_a_file_in_a_directory_that_takes_no_new_file(
+        site_with_volume: tuple[Site, bytes], tmp_path: Path) -> None:
+    """The export writes a temporary file and renames it over the target; in a directory
+    where no file can be made (immutable, read-only) it failed, though the target itself
+    could be written, as it had been before: it is written in place then."""
+    site, content = site_with_volume
+    directory = tmp_path / "fixed"
+    directory.mkdir()
+    target = directory / "out.img"
+    target.write_bytes(b"old image")
+    if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        site("volume", "export", "v", target)
+        assert target.read_bytes() == content
+        assert sorted(p.name for p in directory.iterdir()) == ["out.img"]
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
 def test_failed_export_leaves_the_old_file_and_no_partial_one(
         site_with_volume: tuple[Site, bytes], tmp_path: Path) -> None:
     """An export or read that hits damaged data (exit 3) truncated the file it replaced and

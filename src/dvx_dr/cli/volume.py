@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import errno
 import os
 import stat
 import sys
@@ -160,6 +161,20 @@ def _write_through(out: BinaryIO, data: Iterable[bytes | int], target: str) -> N
         raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
+def _overwrite(path: str, data: Iterable[bytes | int], target: str) -> None:
+    """Write over the existing file ``path`` in place (sparsely: it is truncated first), for
+    a directory where no temporary file can be made; a failure then leaves a partial file."""
+    try:
+        with open(path, "wb") as out:
+            sparse.write(out, data, sparse.is_new_regular_file(out))
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}; it was being written "
+                        "in place (its directory takes no new file), so it holds part of the "
+                        "image now: delete it or write it again") from None
+
+
 def _replace(path: str, old: os.stat_result | None, data: Iterable[bytes | int],
              target: str) -> None:
     """Write a temporary file next to ``path`` and rename it over ``path`` once complete.
@@ -169,6 +184,9 @@ def _replace(path: str, old: os.stat_result | None, data: Iterable[bytes | int],
     try:
         fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".dvx-dr-part", dir=directory)
     except OSError as exc:
+        if old is not None and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            _overwrite(path, data, target)  # a file that may be written, in a directory
+            return                          # that takes no new one
         raise UserError(f"cannot write {target}: {exc.strerror}") from None
     try:
         with open(fd, "wb") as out:
@@ -197,6 +215,16 @@ def _replace(path: str, old: os.stat_result | None, data: Iterable[bytes | int],
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _same_file(path: str, opened: os.stat_result | None) -> bool:
+    """Whether the site, opening ``path`` itself, finds the file this command opened: not so
+    for standard input that is a deleted file (a shell's here-document, named /dev/stdin)."""
+    try:
+        st = os.stat(os.path.realpath(path))
+    except OSError:
+        return False
+    return opened is not None and (st.st_dev, st.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -242,8 +270,9 @@ def cmd_write(args: argparse.Namespace) -> int:
     # A running site reads a regular file or a block device by its path. A pipe, a FIFO, a
     # terminal or standard input (also as /dev/stdin or <(...)) is read here and sent inline:
     # the site cannot open another process's pipe, and must never wait on a FIFO.
-    mode = 0 if args.file == "-" else os.fstat(source.fileno()).st_mode
-    by_path = stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+    opened = None if args.file == "-" else os.fstat(source.fileno())
+    mode = opened.st_mode if opened else 0
+    by_path = (stat.S_ISREG(mode) or stat.S_ISBLK(mode)) and _same_file(args.file, opened)
 
     def local(store: Store) -> Any:
         from dvx_dr.site import volumes

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import json
 import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -347,17 +349,61 @@ async def _replicate(service: SiteService, params: dict[str, Any], send: Send,
     await send({"result": task.result()})  # or the transfer's error, as the error line
 
 
+#: How long a read of a live volume may keep other work waiting for the store while its
+#: command takes no data.
+YIELD_SECONDS = 2.0
+#: Pieces a read of a snapshot takes per turn in the store thread (each at most
+#: ``BATCH_BLOCKS`` blocks); other work runs between turns.
+SLICE_PIECES = 4
+
+
+async def _read_sliced(service: SiteService, params: dict[str, Any], send: Send) -> None:
+    """A read of a snapshot, which cannot change: taken in turns of ``SLICE_PIECES`` pieces
+    in the store thread, each sent before the next is read, so that a slow command holds up
+    nothing else. A pin keeps gc from deleting the snapshot's blobs meanwhile (the snapshot
+    may be deleted while it is read)."""
+    store = service.store
+    key = f"read-{id(params)}"
+    size, chunks = await store.run(ops.open_read, store.store, **params)
+    store.store.pin(key)
+    length = 0
+    try:
+        while True:
+            store.store.pin(key)  # renewed each turn: a slow reader does not let it lapse
+            pieces = await store.run(lambda: list(itertools.islice(chunks, SLICE_PIECES)))
+            for piece in pieces:
+                if isinstance(piece, int):
+                    await send({"zeros": piece})
+                else:
+                    await send({"bytes": len(piece)}, piece)
+                length += piece if isinstance(piece, int) else len(piece)
+            if len(pieces) < SLICE_PIECES:
+                break
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            await asyncio.shield(store.run(close))  # its code runs in the store thread
+        store.store.unpin(key)
+    await send({"result": {"size": size, "length": length}})
+
+
 class _ReadStopped(Exception):
     """The streamed read's connection ended: the store thread stops producing pieces."""
 
 
 async def _read(service: SiteService, params: dict[str, Any], send: Send) -> None:
-    """A streamed read (``adminwire``: ``read``). The store thread walks the range as one
-    operation, so the data is one instant of a live volume, and hands its pieces over a small
-    queue to this connection, which sends them as the command takes them: memory stays
-    bounded whatever the length. The store thread waits for the command while the queue is
-    full; it gives up (an error to the command) after ``STALL_SECONDS`` without progress,
-    and at once when the connection ends or the site stops."""
+    """A streamed read (``adminwire``: ``read``): of a snapshot, in slices (``_read_sliced``);
+    of a live volume, as one store operation, so that the data is one instant of it. The
+    store thread walks the range and hands its pieces over a small queue to this connection,
+    which sends them as the command takes them: memory stays bounded whatever the length.
+    The store thread waits for the command while the queue is full, which holds up every
+    other use of the store (commands, scheduled snapshots, transfers); so it gives up (an
+    error to the command, advising a snapshot's export) once the command has kept it
+    waiting for ``YIELD_SECONDS`` while other work waited, after ``STALL_SECONDS`` without
+    progress in any case, and at once when the connection ends or the site stops."""
+    if params.get("snapshot") is not None:
+        await _read_sliced(service, params, send)
+        return
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[bytes | int] = asyncio.Queue(maxsize=READ_QUEUE)
     stop = threading.Event()
@@ -371,13 +417,34 @@ async def _read(service: SiteService, params: dict[str, Any], send: Send) -> Non
                 return
             except concurrent.futures.TimeoutError:
                 waited += 0.25
-                if stop.is_set() or waited >= STALL_SECONDS:
+                held = held_up()
+                if stop.is_set() or waited >= STALL_SECONDS or held >= YIELD_SECONDS:
                     put.cancel()
                     if stop.is_set():
                         raise _ReadStopped from None
+                    why = (f"the command took no data for {waited:.0f} s"
+                           if waited >= STALL_SECONDS else
+                           f"the command took the data more slowly than the site read it while "
+                           f"other work (commands, scheduled snapshots, transfers) waited "
+                           f"{held:.0f} s for the store")
                     raise TransientError(
-                        f"the command took no data for {STALL_SECONDS:.0f} s; the site "
-                        "stopped the read so that other commands can run") from None
+                        f"the site stopped reading volume {params.get('volume')!r}: {why}. A "
+                        "read of a live volume holds the store to give one instant of it; "
+                        "export a snapshot instead ('dvx-dr snapshot create', then 'snapshot "
+                        "export'), which holds up nothing") from None
+
+    waiting_since: list[float] = []
+
+    def held_up() -> float:
+        """How long other work has been waiting behind this read's full queue, without a
+        break (in the store thread)."""
+        if not service.store.pending:
+            waiting_since.clear()
+            return 0.0
+        now = time.monotonic()
+        if not waiting_since:
+            waiting_since.append(now)
+        return now - waiting_since[0]
 
     def produce(store: Any) -> dict[str, Any]:  # in the store thread
         size, chunks = ops.open_read(store, **params)

@@ -19,7 +19,15 @@
   ``{"result": {"size": SIZE, "length": LENGTH}}``, or an error line (also after some
   pieces: the data is then incomplete, and the command keeps none of it). ``volume read``,
   ``volume export`` and their ``snapshot`` forms use it, so any length streams in bounded
-  memory and the command, not the site, writes the output.
+  memory and the command, not the site, writes the output. A snapshot is read in turns,
+  with the site's other work in between; a live volume is read as of one instant, holding
+  the site's store, so the site gives the read up when a slow command keeps other work
+  waiting (see ``admin._read``).
+- **A command's end of the connection**: a command sends nothing after its request line and
+  keeps its end open until it has the final line. The site takes the end of its input (the
+  command closed the connection, or shut down its sending side) as the command gone: a
+  ``replicate`` transfer and a ``volume.import`` then stop (an import is dropped, as at
+  Ctrl-C offline); other calls run to their end.
 
 A request line is at most ``MAX_REQUEST`` bytes: a ``volume write`` sent through the site carries
 its data inline (base64, at most ``site.ops.MAX_INLINE`` bytes of data).

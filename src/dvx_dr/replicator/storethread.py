@@ -9,7 +9,7 @@ worker pool, so the event loop only ever awaits.
 from __future__ import annotations
 
 import asyncio
-import functools
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -23,10 +23,31 @@ class StoreThread:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dvx-store")
+        #: Calls waiting for the thread (submitted, not started): an operation that waits on
+        #: its command can tell whether it is holding anything up.
+        self.pending = 0
+        self._count = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        waiting = [True]
+        with self._count:
+            self.pending += 1
+
+        def taken() -> None:  # once: when the thread takes the call, or it is dropped
+            with self._count:
+                if waiting[0]:
+                    waiting[0] = False
+                    self.pending -= 1
+
+        def call() -> T:
+            taken()
+            return fn(*args, **kwargs)
+
+        try:
+            return await loop.run_in_executor(self._executor, call)
+        finally:
+            taken()
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -135,9 +135,11 @@ def enable(store: Store, new_password: str | None) -> dict[str, Any]:
     except BaseException:
         # The store stays unencrypted: the new keys protect nothing, and a keystore file
         # would only mislead (the warning said to back it up). A kill here leaves it to the
-        # next opening, which scrubs it.
-        with contextlib.suppress(OSError):
-            scrub_file(store.path / KEYSTORE_NAME)
+        # next opening, which scrubs it. Unless the commit did happen (an interrupt just
+        # after it): then the keystore is the store's, and stays.
+        with contextlib.suppress(Exception):
+            if dbmod.get_meta(store.db, "keyed") != "1":
+                scrub_file(store.path / KEYSTORE_NAME)
         raise
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store.keystore = keystore
