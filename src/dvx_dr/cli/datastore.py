@@ -86,8 +86,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
           f"{report['segments_compacted']} segments, deleted {report['segments_deleted']} "
           f"segment files; reclaimed {format_size(report['reclaimed'])}")
     if report.get("sessions_open"):
-        print(f"gc: {report['sessions_open']} replication transfers were running at this site "
-              "(sent or received), so no blob was deleted; run gc again when they have ended")
+        print(f"gc: {report['sessions_open']} replication transfers (sent or received) or "
+              "snapshot reads through the site were running, so no blob was deleted; run gc "
+              "again when they have ended")
     if report.get("segments_skipped"):
         print(f"gc: {report['segments_skipped']} sparse segments were not compacted for lack "
               f"of free space (the smallest needs {format_size(report['space_needed'])} free); "
