@@ -264,7 +264,7 @@ async def _answer_now(service: SiteService, call: str, params: dict[str, Any],
             and service.config.startup_key is not None:
         op_params["startup_key"] = str(service.config.startup_key)
     result = await service.store.run(ops.run, service.store.store, name, op_params, stopped)
-    if name == "datastore.unlock":
+    if name == "datastore.unlock" and isinstance(result, dict) and result.get("was_locked"):
         log.info("store unlocked")
     return result
 
