@@ -409,6 +409,7 @@ def test_locked_startup_and_startup_key(tmp_path: Path) -> None:
         key.unlink()
         site.start()
         user_error(volume_list(), "locked")
+        assert f"startup key {key} cannot be read (No such file or directory)" in site.log()
         dvx("datastore", "unlock", "--store", site.store, "--password-file", site.password_file)
         assert dvx("volume", "export", "vm1", "-", "--store", site.store).stdout == image
     assert internal_errors(site.log()) == []

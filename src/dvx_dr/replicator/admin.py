@@ -25,8 +25,7 @@ import logging
 import os
 import stat
 import threading
-import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -349,9 +348,10 @@ async def _replicate(service: SiteService, params: dict[str, Any], send: Send,
     await send({"result": task.result()})  # or the transfer's error, as the error line
 
 
-#: How long a read of a live volume may keep other work waiting for the store while its
-#: command takes no data.
-YIELD_SECONDS = 2.0
+#: How long, in all, a read of a live volume may keep other work waiting for the store while
+#: its command does not take the data (a reader that pauses now and then, as a disk does,
+#: costs others little; one that stalls, or reads far slower than the store, is given up).
+YIELD_SECONDS = 10.0
 #: Pieces a read of a snapshot takes per turn in the store thread (each at most
 #: ``BATCH_BLOCKS`` blocks); other work runs between turns.
 SLICE_PIECES = 4
@@ -364,21 +364,42 @@ async def _read_sliced(service: SiteService, params: dict[str, Any], send: Send)
     may be deleted while it is read)."""
     store = service.store
     key = f"read-{id(params)}"
-    size, chunks = await store.run(ops.open_read, store.store, **params)
-    store.store.pin(key)
+
+    def first_turn() -> tuple[int, Iterator[bytes | int], list[bytes | int]]:
+        # The snapshot is found, pinned and its first pieces read in one turn: what is read
+        # is the snapshot of that name when the read began, whatever is deleted or taken
+        # under the name afterwards.
+        try:
+            size, chunks = ops.open_read(store.store, **params)
+        except TypeError as exc:  # parameters the operation does not take
+            raise UserError(f"a 'read' call has bad parameters ({exc})") from None
+        store.store.pin(key)
+        return size, chunks, next_turn(chunks)
+
+    def next_turn(chunks: Iterator[bytes | int]) -> list[bytes | int]:
+        store.store.pin(key)  # renewed each turn
+        return list(itertools.islice(chunks, SLICE_PIECES))
+
+    async def send_piece(piece: bytes | int) -> None:
+        sending = send({"zeros": piece}) if isinstance(piece, int) else \
+            send({"bytes": len(piece)}, piece)
+        try:  # a command that takes nothing must not hold gc off (the pin) for long
+            await asyncio.wait_for(sending, STALL_SECONDS)
+        except TimeoutError:
+            raise TransientError(f"the command took no data for {STALL_SECONDS:.0f} s; the "
+                                 "site stopped the read") from None
+
+    chunks: Iterator[bytes | int] | None = None
     length = 0
     try:
+        size, chunks, pieces = await store.run(first_turn)
         while True:
-            store.store.pin(key)  # renewed each turn: a slow reader does not let it lapse
-            pieces = await store.run(lambda: list(itertools.islice(chunks, SLICE_PIECES)))
             for piece in pieces:
-                if isinstance(piece, int):
-                    await send({"zeros": piece})
-                else:
-                    await send({"bytes": len(piece)}, piece)
+                await send_piece(piece)
                 length += piece if isinstance(piece, int) else len(piece)
             if len(pieces) < SLICE_PIECES:
                 break
+            pieces = await store.run(next_turn, chunks)
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:
@@ -417,34 +438,24 @@ async def _read(service: SiteService, params: dict[str, Any], send: Send) -> Non
                 return
             except concurrent.futures.TimeoutError:
                 waited += 0.25
-                held = held_up()
-                if stop.is_set() or waited >= STALL_SECONDS or held >= YIELD_SECONDS:
+                if service.store.pending:
+                    held[0] += 0.25
+                if stop.is_set() or waited >= STALL_SECONDS or held[0] >= YIELD_SECONDS:
                     put.cancel()
                     if stop.is_set():
                         raise _ReadStopped from None
                     why = (f"the command took no data for {waited:.0f} s"
                            if waited >= STALL_SECONDS else
-                           f"the command took the data more slowly than the site read it while "
-                           f"other work (commands, scheduled snapshots, transfers) waited "
-                           f"{held:.0f} s for the store")
+                           f"the command took the data more slowly than the site read it, "
+                           f"which kept other work (commands, scheduled snapshots, transfers) "
+                           f"waiting {held[0]:.0f} s longer for the store")
                     raise TransientError(
                         f"the site stopped reading volume {params.get('volume')!r}: {why}. A "
                         "read of a live volume holds the store to give one instant of it; "
                         "export a snapshot instead ('dvx-dr snapshot create', then 'snapshot "
                         "export'), which holds up nothing") from None
 
-    waiting_since: list[float] = []
-
-    def held_up() -> float:
-        """How long other work has been waiting behind this read's full queue, without a
-        break (in the store thread)."""
-        if not service.store.pending:
-            waiting_since.clear()
-            return 0.0
-        now = time.monotonic()
-        if not waiting_since:
-            waiting_since.append(now)
-        return now - waiting_since[0]
+    held = [0.0]  # how long, in all, other work waited on this read's full queue
 
     def produce(store: Any) -> dict[str, Any]:  # in the store thread
         size, chunks = ops.open_read(store, **params)

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -408,11 +409,19 @@ def read_startup_key(path: Path, strict: bool = False) -> bytes | None:
     not use such a private key). The site then starts locked, and its log says why; with
     ``strict`` (a key named on the command line) that is an error instead."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO there must not hang it
+    except OSError as exc:
+        if not strict:
+            log.warning("startup key %s cannot be read (%s): the store opens locked; unlock "
+                        "it with its password", path, exc.strerror or exc)
         return None
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            if not strict:
+                log.warning("startup key %s is not a regular file: the store opens locked",
+                            path)
+            return None
         if st.st_mode & 0o077 or st.st_uid != os.geteuid():
             why = (f"its mode is {st.st_mode & 0o7777:04o}, which lets others read it"
                    if st.st_mode & 0o077 else f"it belongs to user id {st.st_uid}")
