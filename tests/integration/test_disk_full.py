@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -398,3 +399,46 @@ def test_enable_on_a_full_disk_leaves_no_keystore(small_disk: Path, tmp_path: Pa
             "--store", store)
     assert run_cli("volume", "export", "v", "-", "--store", store, "--password-file",
                    password_file).stdout == image.read_bytes()
+
+
+def test_a_large_volume_can_be_deleted_on_a_disk_filled_to_the_last_byte(
+        small_disk: Path, tmp_path: Path) -> None:
+    """Deleting a volume removed its whole block map in one transaction, whose log grows with
+    the volume: on a full disk it failed, and only gc (which frees nothing while the volume
+    lives) could use the reserve. Now the deletion is marked in one small transaction (with
+    the reserve when even that does not fit) and the map goes in bounded ones."""
+    store = small_disk / "store"
+    run_cli("site", "init", "--name", "site-a", "--store", store, "--block-size", "4KiB",
+            "--no-encryption")
+    block = random.Random(8).randbytes(4096)
+    image = tmp_path / "same.img"
+    with image.open("wb") as f:  # 512k blocks, all alike: a large map, one stored block
+        for _ in range(512):
+            f.write(block * 1024)
+    run_cli("volume", "import", "v", image, "--store", store)
+    filler = fill(small_disk, 0)
+    assert free(small_disk) < 64 * 1024
+    done = run_cli("volume", "delete", "v", "--store", store, check=False)
+    assert done.returncode == 0, done.stderr
+    filler.unlink()
+    assert run_cli("volume", "list", "--store", store, "--json").stdout.strip() == b"[]"
+    run_cli("volume", "import", "v", image, "--store", store)  # the name is free again
+    assert run_cli("datastore", "scrub", "--store", store).returncode == 0
+
+
+def test_a_deletion_a_crash_interrupted_is_finished_when_the_store_opens(tmp_path: Path
+                                                                        ) -> None:
+    store = tmp_path / "store"
+    run_cli("site", "init", "--name", "site-a", "--store", store, "--no-encryption")
+    run_cli("volume", "create", "v", "--size", "1MiB", "--store", store)
+    run_cli("volume", "write", "v", "-", "--store", store, input=b"x" * 70_000)
+    # What a kill after the marking transaction leaves.
+    db = sqlite3.connect(store / "store.db")
+    with db:
+        db.execute("UPDATE volumes SET state='deleting', name='(deleting 1)'")
+    db.close()
+    assert run_cli("volume", "list", "--store", store, "--json").stdout.strip() == b"[]"
+    db = sqlite3.connect(store / "store.db")
+    assert db.execute("SELECT COUNT(*) FROM volumes").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM blocks").fetchone()[0] == 0
+    db.close()

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, overload
 
-from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
+from dvx_dr.errors import AlreadyExistsError, NotFoundError, StoreFullError, UserError
 from dvx_dr.site import db as dbmod
-from dvx_dr.site.store import Store, drop_import, now_iso
+from dvx_dr.site.store import Store, drop_import, drop_volume, now_iso, release_reserve
 from dvx_dr.site.tree import FANOUT, level_counts
 
 #: Blocks handed to the pipeline at once (4 MiB at the default block size).
@@ -99,15 +99,24 @@ def create(store: Store, name: str, size: int) -> VolumeInfo:
 
 
 def delete(store: Store, name: str) -> None:
+    """Delete a volume: marked 'deleting' under a hidden name in one small transaction (the
+    name is free at once), then removed in bounded transactions (``store.drop_volume``). On
+    a disk too full even to mark it, the gc reserve is given up for it: deleting is how an
+    operator frees space."""
     vol = get(store, name).id
-    with store.transaction() as db:
-        _drop(db, vol)
 
+    def mark() -> None:
+        with store.transaction() as db:
+            db.execute("UPDATE volumes SET state='deleting', name=? WHERE vol=?",
+                       (f"(deleting {vol})", vol))
 
-def _drop(db: sqlite3.Connection, vol: int) -> None:
-    for table in ("blocks", "dirty_leaves", "dirty_blocks", "tree_pages"):
-        db.execute(f"DELETE FROM {table} WHERE vol=?", (vol,))
-    db.execute("DELETE FROM volumes WHERE vol=?", (vol,))
+    try:
+        mark()
+    except StoreFullError:
+        if not release_reserve(store.path):
+            raise
+        mark()
+    drop_volume(store, vol)
 
 
 def resize(store: Store, name: str, size: int) -> None:
