@@ -14,7 +14,6 @@ import contextlib
 import resource
 
 PR_SET_DUMPABLE = 4
-PR_GET_DUMPABLE = 3
 
 
 def forbid_core_dumps() -> None:
@@ -24,12 +23,3 @@ def forbid_core_dumps() -> None:
     with contextlib.suppress(OSError, AttributeError):  # not Linux: the limit alone
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
-
-def dumpable() -> bool:
-    """Whether this process may dump core (``prctl(PR_GET_DUMPABLE)``)."""
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
-    except (OSError, AttributeError):
-        return resource.getrlimit(resource.RLIMIT_CORE)[0] != 0

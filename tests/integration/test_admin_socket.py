@@ -504,9 +504,10 @@ def test_a_site_and_a_command_reading_a_password_cannot_dump_core(site: Site,
     limits = Path(f"/proc/{site.proc.pid}/limits").read_text()
     core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
     assert core.split()[4:6] == ["0", "0"], core
-    probe = (
-        "import sys; from pathlib import Path; from dvx_dr.nocore import dumpable; "
+    probe = (  # prctl(PR_GET_DUMPABLE) before and after reading the password
+        "import ctypes, sys; from pathlib import Path; "
         "from dvx_dr.cli.context import read_password_file; "
+        "dumpable = lambda: bool(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)); "
         "before = dumpable(); read_password_file(Path(sys.argv[1])); "
         "print(before, dumpable())")
     out = subprocess.run([sys.executable, "-c", probe, str(site.password_file)],

@@ -25,7 +25,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -169,8 +169,8 @@ async def _serve_one(service: SiteService, reader: asyncio.StreamReader,
             elif call == "read":
                 await _read(service, params, send)
             else:
-                await send({"result": await _answer(service, call, params,
-                                                    _command_gone(reader, writer))})
+                await send({"result": await _answer(
+                    service, call, params, lambda: _command_gone(reader, writer))})
         except DvxError as exc:
             if isinstance(exc, IntegrityError):
                 log.warning("admin request failed: %s", exc)
@@ -223,16 +223,16 @@ def _parse(line: bytes) -> tuple[str, dict[str, Any]]:
 
 
 async def _answer(service: SiteService, call: str, params: dict[str, Any],
-                  gone: Coroutine[Any, Any, None]) -> Any:
+                  gone: Callable[[], Awaitable[None]]) -> Any:
     """The answer to a call other than ``replicate`` and ``read``. An operation that
-    ``ops.STOPPABLE`` names stops when its command goes away (``gone`` returns): an import
-    interrupted at the command (Ctrl-C) is dropped here too, as it is offline."""
+    ``ops.STOPPABLE`` names stops when its command goes away (what ``gone()`` awaits
+    returns): an import interrupted at the command (Ctrl-C) is dropped here too, as it is
+    offline."""
     name = params.get("name") if call == "op" else None
     if name not in ops.STOPPABLE:
-        gone.close()
         return await _answer_now(service, call, params)
     stopped = threading.Event()
-    watch = asyncio.ensure_future(gone)
+    watch = asyncio.ensure_future(gone())
 
     def went_away(future: asyncio.Future[None]) -> None:
         if not future.cancelled():
@@ -380,14 +380,6 @@ async def _read_sliced(service: SiteService, params: dict[str, Any], send: Send)
         store.store.pin(key)  # renewed each turn
         return list(itertools.islice(chunks, SLICE_PIECES))
 
-    async def send_piece(piece: bytes | int) -> None:
-        sending = send({"zeros": piece}) if isinstance(piece, int) else \
-            send({"bytes": len(piece)}, piece)
-        try:  # a command that takes nothing must not hold gc off (the pin) for long
-            await asyncio.wait_for(sending, STALL_SECONDS)
-        except TimeoutError:
-            raise TransientError(f"the command took no data for {STALL_SECONDS:.0f} s; the "
-                                 "site stopped the read") from None
 
     chunks: Iterator[bytes | int] | None = None
     length = 0
@@ -395,7 +387,11 @@ async def _read_sliced(service: SiteService, params: dict[str, Any], send: Send)
         size, chunks, pieces = await store.run(first_turn)
         while True:
             for piece in pieces:
-                await send_piece(piece)
+                try:  # a command that takes nothing must not hold gc off (the pin) for long
+                    await asyncio.wait_for(_send_piece(send, piece), STALL_SECONDS)
+                except TimeoutError:
+                    raise TransientError(f"the command took no data for {STALL_SECONDS:.0f} "
+                                         "s; the site stopped the read") from None
                 length += piece if isinstance(piece, int) else len(piece)
             if len(pieces) < SLICE_PIECES:
                 break
@@ -406,6 +402,14 @@ async def _read_sliced(service: SiteService, params: dict[str, Any], send: Send)
             await asyncio.shield(store.run(close))  # its code runs in the store thread
         store.store.unpin(key)
     await send({"result": {"size": size, "length": length}})
+
+
+async def _send_piece(send: Send, piece: bytes | int) -> None:
+    """One piece of a streamed read: raw bytes, or a run of zeros (an int)."""
+    if isinstance(piece, int):
+        await send({"zeros": piece})
+    else:
+        await send({"bytes": len(piece)}, piece)
 
 
 class _ReadStopped(Exception):
@@ -469,11 +473,6 @@ async def _read(service: SiteService, params: dict[str, Any], send: Send) -> Non
                 chunks.close()
         return {"size": size, "length": length}
 
-    async def send_piece(piece: bytes | int) -> None:
-        if isinstance(piece, int):
-            await send({"zeros": piece})
-        else:
-            await send({"bytes": len(piece)}, piece)
 
     producer = asyncio.ensure_future(service.store.run(produce, service.store.store))
     # Its error is taken below, or it ended because this connection did: never unretrieved.
@@ -485,11 +484,11 @@ async def _read(service: SiteService, params: dict[str, Any], send: Send) -> Non
             await asyncio.wait([getter, producer], return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():
                 break
-            await send_piece(getter.result())
+            await _send_piece(send, getter.result())
         getter.cancel()  # not started, or woken and not yet resumed: the piece stays queued
         if producer.exception() is None:
             while not pieces.empty():
-                await send_piece(pieces.get_nowait())
+                await _send_piece(send, pieces.get_nowait())
         try:
             result = producer.result()
         except TypeError as exc:  # parameters the operation does not take

@@ -40,7 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from dvx_dr.errors import AlreadyExistsError, UserError
 from dvx_dr.site.config import check_site_name, site_name_error
-from dvx_dr.site.segments import fsync_dir
+from dvx_dr.site.segments import fsync_dir, write_all
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -328,9 +328,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         try:
             os.fchmod(fd, mode)  # the umask could only have narrowed it; make it exact
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

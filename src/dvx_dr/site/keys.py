@@ -223,9 +223,8 @@ def convert(store: Store, to: str, progress: Callable[[int], None] | None = None
         if report.segments_skipped:
             raise StoreFullError(store.full_message(
                 _converted(store, report, wanted),
-                f"the next segment needs {format_size(report.space_needed)} free: free space "
-                "(delete snapshots or volumes, then 'dvx-dr datastore gc') and run convert "
-                "again; it continues where it stopped"))
+                f"the next segment needs {format_size(report.space_needed)} free: "
+                + _CONVERT_AGAIN))
         left = store.db.execute("SELECT COUNT(*) FROM blobs WHERE key_version != ?",
                                 (wanted,)).fetchone()[0]
     return {"to": to, "key_version": wanted, "bytes_converted": moved,

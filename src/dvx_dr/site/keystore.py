@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 from dvx_dr.errors import FormatError, StoreFullError, UserError, WrongPasswordError
 from dvx_dr.site.crypto import IndexKeys
 from dvx_dr.site.kdf import KekDerivation, derive_kek, kdf_params, password_bytes
-from dvx_dr.site.segments import fsync_dir
+from dvx_dr.site.segments import fsync_dir, write_all
 
 log = logging.getLogger("dvx_dr.keystore")
 
@@ -309,9 +309,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

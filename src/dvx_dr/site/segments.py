@@ -25,6 +25,13 @@ def segment_path(directory: Path, number: int) -> Path:
     return directory / f"{number:08d}.seg"
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """``os.write`` until all of ``data`` is written (a write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -114,11 +121,8 @@ class SegmentWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._fd is not None
-        view = memoryview(data)
         try:
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+            write_all(self._fd, data)
         except OSError:
             # A partial write (a full disk) leaves bytes the planned offsets do not account
             # for: seal this segment, so the next extent starts in a new one.

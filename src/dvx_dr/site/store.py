@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from dvx_dr.errors import (
     KeysDestroyedError,
@@ -59,6 +60,7 @@ from dvx_dr.site.keystore import (
 from dvx_dr.site.segments import SegmentNumbers, SegmentReader, SegmentWriter
 
 log = logging.getLogger("dvx_dr.site")
+T = TypeVar("T")
 
 DB_NAME = "store.db"
 RESERVE_NAME = "reserve"
@@ -202,13 +204,8 @@ class Store:
         lock_fd = lockfile.acquire(path)
         try:
             _scrub_keystore_leftovers(path / KEYSTORE_NAME)
-            try:
-                db = dbmod.open_db(path / DB_NAME)
-            except StoreFullError:
-                # Too full for SQLite's log and its index: the reserve is there for this.
-                if not release_reserve(path):
-                    raise
-                db = dbmod.open_db(path / DB_NAME)
+            # Too full for SQLite's log and its index: the reserve is there for this.
+            db = using_reserve(path, lambda: dbmod.open_db(path / DB_NAME))
             keys = keystore = None
             destroyed = dbmod.get_meta(db, "keys_destroyed") == "1"
             if destroyed and not allow_locked:
@@ -392,13 +389,13 @@ def make_reserve(path: Path) -> bool:
     the room; never raises. Whether it is in place."""
     target = path / RESERVE_NAME
     try:
-        st = target.stat()
-        if st.st_size == RESERVE_BYTES and st.st_blocks * 512 >= RESERVE_BYTES:
-            return True
+        st: os.stat_result | None = target.stat()
     except FileNotFoundError:
-        pass
+        st = None
     except OSError:
         return False
+    if st is not None and st.st_size == RESERVE_BYTES and st.st_blocks * 512 >= RESERVE_BYTES:
+        return True
     try:
         fs = os.statvfs(path)
         if fs.f_bavail * fs.f_frsize < RESERVE_BYTES:
@@ -414,6 +411,18 @@ def make_reserve(path: Path) -> bool:
             target.unlink()
         return False
     return True
+
+
+def using_reserve(path: Path, step: Callable[[], T]) -> T:
+    """``step()``; when the disk is full (``StoreFullError``), once more after giving up the
+    reserve of store directory ``path``, if it has one. For the steps that free space or let
+    gc run: opening the store, marking a volume deleted."""
+    try:
+        return step()
+    except StoreFullError:
+        if not release_reserve(path):
+            raise
+    return step()
 
 
 def release_reserve(path: Path) -> bool:

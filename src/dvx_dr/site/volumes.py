@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, overload
 
-from dvx_dr.errors import AlreadyExistsError, NotFoundError, StoreFullError, UserError
+from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
 from dvx_dr.site import db as dbmod
-from dvx_dr.site.store import Store, drop_import, drop_volume, now_iso, release_reserve
+from dvx_dr.site.store import Store, drop_import, drop_volume, now_iso, using_reserve
 from dvx_dr.site.tree import FANOUT, level_counts
 
 #: Blocks handed to the pipeline at once (4 MiB at the default block size).
@@ -110,12 +110,7 @@ def delete(store: Store, name: str) -> None:
             db.execute("UPDATE volumes SET state='deleting', name=? WHERE vol=?",
                        (f"(deleting {vol})", vol))
 
-    try:
-        mark()
-    except StoreFullError:
-        if not release_reserve(store.path):
-            raise
-        mark()
+    using_reserve(store.path, mark)
     drop_volume(store, vol)
 
 
