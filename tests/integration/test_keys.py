@@ -738,7 +738,7 @@ def test_a_crash_between_link_and_rename_does_not_cost_the_keystore(
     (store / "keystore.json.tmp").mkdir()
     new = write_password(tmp_path / "new-password", "a brand new password")
     user_error(cli("datastore", "encryption", "change-password", "--new-password-file", new,
-                   check=False), "cannot write keystore", "nothing was changed")
+                   check=False), "keystore.json.tmp is in the way", "nothing was changed")
     assert cli.export() == image  # the old password still opens it
     (store / "keystore.json.tmp").rmdir()
     cli("datastore", "encryption", "change-password", "--new-password-file", new)

@@ -234,7 +234,7 @@ def test_group_replicas_are_crash_consistent_and_retention_holds(sites: Sites) -
         policy("db", '["db-*"]', targets=(("site-b", "1m", 2),)))
     applied = pg_apply(a)
     assert applied.returncode == 0, applied.stderr
-    assert b"loaded 1 protection groups: db" in applied.stdout
+    assert b"loaded 1 protection group: db" in applied.stdout
 
     # The writer writes N into db-data, then into db-log, then N+1 ...: at any one instant
     # db-data holds N and db-log N or N-1. A group snapshot taken at one instant shows exactly
@@ -490,7 +490,7 @@ def test_policy_errors_name_file_line_and_field(sites: Sites, tmp_path: Path) ->
     paths = [files / name for name in BAD_POLICIES]
     out = dvx("pg", "validate", good, *paths, "--site", "site-b", check=False)
     assert out.returncode == 2, out
-    assert out.stdout.decode() == f"{good}: ok (group good, 1 targets)\n"
+    assert out.stdout.decode() == f"{good}: ok (group good, 1 target)\n"
     lines = error_lines(out.stderr)
     assert len(lines) == len(BAD_POLICIES), lines
     for name, (_, line, field, message) in BAD_POLICIES.items():
@@ -516,7 +516,7 @@ def test_policy_errors_name_file_line_and_field(sites: Sites, tmp_path: Path) ->
         (policies / f"30-{name}").write_text(text)
     applied = pg_apply(a)
     assert applied.returncode == 2
-    assert applied.stdout.decode() == "loaded 1 protection groups: good\n"
+    assert applied.stdout.decode() == "loaded 1 protection group: good\n"
     lines = error_lines(applied.stderr)
     assert len(lines) == len(BAD_POLICIES) + 1, lines
     claim = expect_error(lines, policies / "20-claims.yaml", 2, "members[1]",
@@ -542,6 +542,45 @@ def test_policy_errors_name_file_line_and_field(sites: Sites, tmp_path: Path) ->
 
 
 # -- hooks ------------------------------------------------------------------------------------
+
+
+def test_validate_checks_targets_against_the_site_config(sites: Sites) -> None:
+    (a,) = make_sites(sites, "site-a")
+    a.peers["site-b"] = f"https://{HOST}:{free_port()}"
+    configure(a, a.root / "policies")
+    policies = a.root / "policies"
+    (policies / "good.yaml").write_text(policy("good", '["db-*"]', targets=(("site-b", "1m", 2),)))
+    (policies / "elsewhere.yaml").write_text(
+        policy("elsewhere", '["web-*"]', targets=(("site-z", "1m", 2),)))
+
+    # Without --config or --site the target names cannot be checked, and it says so.
+    out = dvx("pg", "validate", policies / "elsewhere.yaml")
+    assert out.stdout.decode() == (f"{policies / 'elsewhere.yaml'}: ok (group elsewhere, "
+                                   "1 target; target site names not checked: pass --config)\n")
+
+    # With --config, the policy directory's files against the configured peers: the unknown
+    # target is the error 'pg apply' would give.
+    out = dvx("pg", "validate", "--config", a.config, check=False)
+    assert out.returncode == 2, out
+    assert out.stdout.decode() == f"{policies / 'good.yaml'}: ok (group good, 1 target)\n"
+    (line,) = error_lines(out.stderr)
+    assert line.startswith(f"policy {policies / 'elsewhere.yaml'} line "), line
+    assert "replication[0].site: expected one of the peer sites (site-b), got 'site-z'" in line
+
+
+def test_a_group_lists_its_members_before_its_first_snapshot(sites: Sites) -> None:
+    (a,) = make_sites(sites, "site-a")
+    configure(a, a.root / "policies")
+    sites.start("site-a")
+    for volume in ("db-data", "db-log", "web"):
+        op(a, "volume.create", name=volume, size=256 * KiB)
+    (a.root / "policies" / "db.yaml").write_text(policy("db", '["db-*"]', schedule="1h"))
+    assert pg_apply(a).returncode == 0
+    group = status(a)["groups"]["db"]
+    assert group["last_snapshot"] is None
+    assert group["members"] == ["db-data", "db-log"]
+    listed = dvx("pg", "list", "--config", a.config).stdout.decode().splitlines()
+    assert listed[1].split()[:2] == ["db", "2"], listed
 
 
 def hook(command: str, timeout: str, which: str = "pre_snapshot") -> str:

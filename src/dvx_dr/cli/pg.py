@@ -13,7 +13,7 @@ from dvx_dr.cli import remote
 from dvx_dr.cli.common import print_json, print_table
 from dvx_dr.cli.context import add_store_args, run_op
 from dvx_dr.cli.replicate import add_site_args, admin_socket
-from dvx_dr.errors import DvxError
+from dvx_dr.errors import DvxError, UserError
 
 
 def register(groups: Any) -> None:
@@ -21,10 +21,13 @@ def register(groups: Any) -> None:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     c = sub.add_parser("validate", help="check policy files without a running site")
-    c.add_argument("files", nargs="+", type=Path)
+    c.add_argument("files", nargs="*", type=Path,
+                   help="policy files (default with --config: its policy directory's files)")
+    c.add_argument("--config", type=Path, default=None,
+                   help="check target sites against this site.yaml's peers")
     c.add_argument("--site", action="append", default=[], metavar="NAME",
-                   help="a peer site name the policies may replicate to (repeatable; default: "
-                        "accept any target site name)")
+                   help="a peer site name the policies may replicate to (repeatable; without "
+                        "it or --config, target site names are not checked)")
     c.set_defaults(func=cmd_validate)
 
     c = sub.add_parser("apply", help="(re)load the policy directory into the running site")
@@ -62,15 +65,33 @@ def register(groups: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from dvx_dr.policies.loader import load_policy_file
+    from dvx_dr.policies.loader import POLICY_SUFFIXES, load_policy_file
 
+    peers = set(args.site)
+    files = list(args.files)
+    if args.config is not None:
+        from dvx_dr.site.config import load_site_config
+
+        config = load_site_config(args.config)
+        peers |= set(config.peers)
+        if not files:
+            if config.policy_dir is None or not config.policy_dir.is_dir():
+                raise UserError(f"{args.config} names no policy directory that exists "
+                                f"({config.policy_dir}); name the policy files to check")
+            files = sorted(p for p in config.policy_dir.iterdir()
+                           if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".")
+                           and p.is_file())
+    elif not files:
+        raise UserError("name the policy files to check, or pass --config site.yaml to check "
+                        "its policy directory")
+    checked = bool(peers) or args.config is not None
     failed = 0
-    for path in args.files:
+    for path in files:
         try:
-            sites = set(args.site)
-            if not sites:
-                # Without --site, any target name is accepted: read the names from the file.
-                # Anything odd is left to the loader below, which names it.
+            sites = peers
+            if not checked:
+                # Without --site or --config, any target name is accepted: read the names
+                # from the file. Anything odd is left to the loader below, which names it.
                 try:
                     doc = yaml.safe_load(path.read_bytes())
                 except (OSError, yaml.YAMLError, RecursionError):
@@ -83,15 +104,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"dvx-dr: error: {exc}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{path}: ok (group {policy.name}, {len(policy.replication)} targets)")
+        unchecked = "" if checked else "; target site names not checked: pass --config"
+        print(f"{path}: ok (group {policy.name}, {_count(len(policy.replication), 'target')}"
+              f"{unchecked})")
     return 2 if failed else 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     result = remote.call(admin_socket(args), "reload")
     for error in result["errors"]:
         print(f"dvx-dr: error: {error}", file=sys.stderr)
-    print(f"loaded {len(result['loaded'])} protection groups: {', '.join(result['loaded'])}")
+    loaded = result["loaded"]
+    print(f"loaded {_count(len(loaded), 'protection group')}"
+          + (f": {', '.join(loaded)}" if loaded else ""))
     return 2 if result["errors"] else 0
 
 

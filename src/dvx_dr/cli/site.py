@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dvx_dr.cli.context import add_store_args, new_password, password_source, store_path
+from dvx_dr.errors import UserError
 from dvx_dr.site.store import DEFAULT_BLOCK, Store
 from dvx_dr.units import parse_size
 
@@ -25,7 +26,8 @@ def register(groups: Any) -> None:
 
     init = sub.add_parser("init", help="create a new store")
     add_store_args(init)
-    init.add_argument("--name", required=True, help="site name (lowercase, digits, '-')")
+    init.add_argument("--name", help="site name (lowercase, digits, '-'; default with "
+                                     "--config: site.yaml's name)")
     init.add_argument("--block-size", default="64KiB",
                       help="volume block size, a power of two from 4KiB to 1MiB (default 64KiB)")
     init.add_argument("--no-encryption", action="store_true",
@@ -36,24 +38,43 @@ def register(groups: Any) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     block_size = parse_size(args.block_size, "--block-size") if args.block_size else DEFAULT_BLOCK
+    _site_name(args)  # a mistake here is told before any password is asked
     password = None
     if not args.no_encryption:
         if args.password_file is None:
             print(LOST_PASSWORD_WARNING, file=sys.stderr)
         password = new_password(args)
+    name = _site_name(args)
     path = store_path(args)
-    store = Store.init(path, args.name, block_size, password)
+    store = Store.init(path, name, block_size, password)
     store.close()
     mode = "encrypted (AES-256-XTS)" if password else "unencrypted"
-    print(f"created {mode} store for site {args.name} at {path} (block size {block_size})")
+    print(f"created {mode} store for site {name} at {path} (block size {block_size})")
     return 0
+
+
+def _site_name(args: argparse.Namespace) -> str:
+    """``--name``, or site.yaml's name with ``--config``; the two must agree."""
+    if args.config is None:
+        if args.name is None:
+            raise UserError("give the site's name: --name NAME (or --config site.yaml)")
+        return str(args.name)
+    from dvx_dr.site.config import load_site_config
+
+    configured = load_site_config(Path(args.config)).name
+    if args.name is not None and args.name != configured:
+        raise UserError(f"--name {args.name} differs from the name in {args.config} "
+                        f"({configured}); leave --name out to use {configured}")
+    return configured
 
 
 def register_serve(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the site: peer API over mutual TLS, admin socket")
     serve.add_argument("--config", type=Path, required=True, help="site.yaml")
     serve.add_argument("--password-file", type=Path, default=None,
-                       help="store password (encrypted stores; else asked at the terminal)")
+                       help="store password (encrypted stores; without it the site opens with "
+                            "its startup key, or starts locked until 'dvx-dr datastore "
+                            "unlock')")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=cmd_serve)
 

@@ -46,7 +46,7 @@ from dvx_dr.replicator.peer import with_retries
 from dvx_dr.replicator.retention import prune_groups
 from dvx_dr.replicator.sender import TransferStats, send_group
 from dvx_dr.site import db as dbmod
-from dvx_dr.site import groups, volumes
+from dvx_dr.site import groups, keys, volumes
 from dvx_dr.site.store import Store, now_iso
 
 if TYPE_CHECKING:
@@ -184,6 +184,9 @@ class Scheduler:
                 log.error("policy not loaded: %s", self.errors[-1])
                 continue
             self.policies[name] = policy
+            # What the globs match now, so that 'pg list' and 'pg show' answer "did my glob
+            # match?" right after a reload; each group snapshot evaluates them again.
+            self.status[name].members = members_of(policy, names)
         self.files = {name: files[name] for name in self.policies}
         configured = await self.service.store.run(
             _configured_since, self.store,
@@ -271,8 +274,7 @@ class Scheduler:
         status = self.status[name]
         async with lock:
             try:
-                if self.store.locked:
-                    raise StoreLockedError("store is locked: no snapshot until it is unlocked")
+                _check_usable(self.store, "no snapshot until it is unlocked")
                 snap = await self._take_snapshot(name, policy)
             except asyncio.CancelledError:  # the site stops; APScheduler would log a traceback
                 log.info("group %s: snapshot interrupted: the site is stopping", name)
@@ -349,8 +351,7 @@ class Scheduler:
         status = self.status[name].targets[site]
         status.running = True
         try:
-            if self.store.locked:
-                raise StoreLockedError("store is locked: nothing replicates until unlocked")
+            _check_usable(self.store, "nothing replicates until unlocked")
             stats = await self._replicate(name, target)
         except asyncio.CancelledError:  # the site stops; the transfer resumes next start
             log.info("group %s -> %s: transfer interrupted: the site is stopping", name, site)
@@ -639,3 +640,11 @@ def _prune_local(store: Store, pg: str, policy: Policy, sites: list[str],
         protect.add(existing[-1].name)  # the newest, which targets may still need
     return prune_groups(store, pg, policy.snapshot.retention, protect)[1]
 
+
+def _check_usable(store: Store, until: str) -> None:
+    """Raise if the store's keys were crypto-erased, or it is locked (saying ``until``)."""
+    refused = keys.refusal(store)
+    if isinstance(refused, StoreLockedError):
+        raise StoreLockedError(f"store is locked: {until}")
+    if refused is not None:
+        raise refused

@@ -34,6 +34,7 @@ from aiohttp import web
 from dvx_dr.errors import (
     DvxError,
     IntegrityError,
+    KeysDestroyedError,
     NotFoundError,
     ProtocolError,
     StoreLockedError,
@@ -55,6 +56,7 @@ from dvx_dr.replicator.tls import (
     client_context,
     server_context,
 )
+from dvx_dr.site import keys
 from dvx_dr.site.config import SiteConfig, load_site_config
 from dvx_dr.site.store import PasswordSource, Store
 
@@ -97,8 +99,8 @@ class SiteService:
     def check_transfer(self, target: str) -> PeerClient:
         """The peer a transfer to ``target`` would use; raises what would refuse it now (a
         locked store, a site that is not a peer)."""
-        if self.store.store.locked:
-            raise StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
+        if (refused := keys.refusal(self.store.store)) is not None:
+            raise refused
         return self.peer(target)
 
     async def replicate(self, spec: str, target: str,
@@ -256,9 +258,13 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
         peername = request.transport.get_extra_info("peername") if request.transport else None
         log.warning("rejected connection from %s: %s", peername, exc)
         return error_response(exc)
-    if service.store.store.locked:
+    refused = keys.refusal(service.store.store)
+    if isinstance(refused, StoreLockedError):
         return error_response(StoreLockedError(
             f"site {service.config.name} is locked: its operator must unlock it first"))
+    if refused is not None:
+        return error_response(KeysDestroyedError(
+            f"site {service.config.name} had its keys crypto-erased: it takes no replicas"))
     return await handler(request)
 
 
@@ -414,7 +420,14 @@ async def serve(config: SiteConfig, config_path: Path | None,
     check_own_certificate(peer_ssl, client_ssl, tls.cert, tls.ca, config.name)
     store = Store.open(config.store, password, startup_key=config.startup_key,
                        allow_locked=True)
-    if store.locked:
+    if store.site != config.name:
+        store.close()
+        raise UserError(f"the store at {config.store} belongs to site {store.site}, but "
+                        f"{config_path or 'site.yaml'} names site {config.name}: point 'store' "
+                        "at this site's own store, or fix 'name'")
+    if isinstance(keys.refusal(store), KeysDestroyedError):
+        log.warning("the store's keys were crypto-erased: serving only status")
+    elif store.locked:
         log.warning("store is locked: serving only status and unlock until "
                     "'dvx-dr datastore unlock' gives the password")
     service = SiteService(config, config_path, store)

@@ -34,7 +34,7 @@ import zstandard
 from dvx_dr.errors import IntegrityError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site import extent
-from dvx_dr.site.crypto import ExtentCipher, IndexKeys, PlainIndex
+from dvx_dr.site.crypto import ExtentCipher, IndexKeys, NoIndexKeys, PlainIndex
 from dvx_dr.site.segments import SegmentReader, SegmentWriter
 
 ZSTD_LEVEL = 3
@@ -186,7 +186,7 @@ class BlobStore:
         db: sqlite3.Connection,
         writer: SegmentWriter,
         reader: SegmentReader,
-        index: IndexKeys | PlainIndex,
+        index: IndexKeys | PlainIndex | NoIndexKeys,
         cipher: ExtentCipher | None,
         pool: Executor,
     ) -> None:

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import os
 import struct
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from dvx_dr.errors import IntegrityError
+from dvx_dr.errors import DvxError, IntegrityError
 
 TEK_BYTES = 64
 INDEX_KEY_BYTES = 32
@@ -138,6 +139,24 @@ class IndexKeys:
     def mac(self, data: bytes) -> bytes:
         """A MAC for metadata files (the keystore) under a key derived from the index key."""
         return hmac.new(self._name_key, b"dvx-dr metadata mac\0" + data, hashlib.sha256).digest()
+
+
+class NoIndexKeys:
+    """The index of a keyed store whose keys are not in memory (locked, or crypto-erased):
+    every use raises ``refusal()``, so that nothing is looked up, named or written without the
+    keys. (Named by raw ids instead, a write would put plaintext-derived ids on disk.)"""
+
+    def __init__(self, refusal: Callable[[], DvxError]) -> None:
+        self.refusal = refusal
+
+    def name(self, blob_id: bytes) -> bytes:
+        raise self.refusal()
+
+    def seal(self, name: bytes, blob_id: bytes) -> bytes:
+        raise self.refusal()
+
+    def unseal(self, name: bytes, sealed: bytes) -> bytes:
+        raise self.refusal()
 
 
 class PlainIndex:

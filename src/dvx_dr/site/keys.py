@@ -41,8 +41,8 @@ from cryptography.hazmat.bindings._rust import openssl as rust_openssl
 from dvx_dr.errors import KeysDestroyedError, StoreFullError, StoreLockedError, UserError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site import gc
-from dvx_dr.site.crypto import IndexKeys, new_index_key, new_tek
-from dvx_dr.site.keystore import KeyMaterial, Keystore, scrub_file, write_atomic
+from dvx_dr.site.crypto import IndexKeys, NoIndexKeys, new_index_key, new_tek
+from dvx_dr.site.keystore import KeyMaterial, Keystore, scrub_file, scrub_leftovers, write_atomic
 from dvx_dr.site.segments import fsync_dir
 from dvx_dr.site.store import KEYSTORE_NAME, STARTUP_KEY_BYTES, Store, read_startup_key
 from dvx_dr.units import format_size
@@ -54,11 +54,19 @@ def fips_provider_active() -> bool:
     return bool(rust_openssl.is_fips_enabled())
 
 
-def _require_keys(store: Store) -> KeyMaterial:
+def refusal(store: Store) -> KeysDestroyedError | StoreLockedError | None:
+    """Why the store cannot be used now: its keys were crypto-erased, or it is locked."""
     if store.meta("keys_destroyed") == "1":
-        raise KeysDestroyedError("keys destroyed: this store's keys were crypto-erased")
+        return KeysDestroyedError("keys destroyed: this store's keys were crypto-erased; its "
+                                  "encrypted data cannot be read and it takes no new data")
     if store.locked:
-        raise StoreLockedError("store is locked: unlock it first ('dvx-dr datastore unlock')")
+        return StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
+    return None
+
+
+def _require_keys(store: Store) -> KeyMaterial:
+    if (refused := refusal(store)) is not None:
+        raise refused
     if store.keys is None or store.keystore is None:
         raise UserError("encryption has never been enabled on this store; "
                         "'dvx-dr datastore encryption enable' does that")
@@ -119,7 +127,7 @@ def enable(store: Store, new_password: str | None) -> dict[str, Any]:
         raise UserError("enabling encryption needs a new password (--new-password-file or the "
                         "prompt)")
     keys = KeyMaterial(new_index_key(), {1: new_tek()})
-    fips = (store.meta("fips_mode") or "off") != "off"
+    fips = _fips(store)
     keystore = Keystore.create(store.path / KEYSTORE_NAME, store.store_id, store.site,
                                new_password, keys, fips=fips)
     index = IndexKeys(keys.index_key)
@@ -159,8 +167,13 @@ def change_password(store: Store, password: str | None, new_password: str) -> di
     keys = _require_keys(store)
     _check_password(store, password)
     assert store.keystore is not None
-    store.keystore.rewrap(keys, new_password)
+    store.keystore.rewrap(keys, new_password, fips=_fips(store))
     return {"changed": True}
+
+
+def _fips(store: Store) -> bool:
+    """Whether the store's FIPS mode asks for approved algorithms (the password's KDF)."""
+    return store.meta("fips_mode") in ("approved", "validated")
 
 
 def rotate_key(store: Store, password: str | None,
@@ -181,7 +194,7 @@ def rotate_key(store: Store, password: str | None,
             raise UserError(f"{startup_key} is not this store's startup key; nothing was "
                             "changed") from None
     version = max([*keys.teks, int(store.meta("key_version") or 0)]) + 1
-    store.keystore.add_tek(keys, version, new_tek(), pw, startup)
+    store.keystore.add_tek(keys, version, new_tek(), pw, startup, fips=_fips(store))
     store.install_keys(keys)
     with store.transaction() as db:
         dbmod.set_meta(db, "key_version", str(version))
@@ -311,7 +324,7 @@ def _apply_startup_mode(store: Store, mode: str, startup_key: Path | None, doome
     else:
         store.keystore.set_startup_key(keys, None)
         for path in doomed:
-            destroy_file(path)
+            destroy_file(path, STARTUP_KEY_BYTES)
         with store.transaction() as db:
             dbmod.delete_meta(db, "startup_key")
     return {"startup_mode": mode, "startup_key": str(startup_key) if mode == "unlocked" else None}
@@ -336,11 +349,20 @@ def _check_fips_mode(store: Store, mode: str, password: str | None) -> str | Non
 
 def _apply_fips_mode(store: Store, mode: str, password: str | None) -> dict[str, Any]:
     """``password`` is the one ``_check_fips_mode`` checked (None for a store without keys)."""
-    if password is not None:
-        assert store.keystore is not None and store.keys is not None
-        store.keystore.rewrap(store.keys, password, fips=mode != "off")
+    # In the order a crash can only leave the safe way round: an approved password KDF under
+    # a mode that does not ask for one, never the other way. Key operations after it follow
+    # the recorded mode (``_fips``), whatever KDF the keystore was last written with.
+    def rewrap() -> None:
+        if password is not None:
+            assert store.keystore is not None and store.keys is not None
+            store.keystore.rewrap(store.keys, password, fips=mode != "off")
+
+    if mode != "off":
+        rewrap()
     with store.transaction() as db:
         dbmod.set_meta(db, "fips_mode", mode)
+    if mode == "off":
+        rewrap()
     return {"fips_mode": mode, "fips_provider_active": fips_provider_active()}
 
 
@@ -357,12 +379,16 @@ def crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,
         with store.transaction() as db:
             dbmod.set_meta(db, "keys_destroyed", "1")
             dbmod.set_meta(db, "encryption", "off")
-        for path in {store.path / KEYSTORE_NAME, *doomed}:
-            destroy_file(path)
+        # From here on the store names, writes and reads nothing: an inbound transfer or an
+        # import still under way fails at its next batch instead of going on in the clear.
         store.keys = None
         store.keystore = None
         store.blobs.cipher = None
+        store.blobs.index = NoIndexKeys(lambda: KeysDestroyedError(
+            "keys destroyed: this store's keys were crypto-erased; it takes no new data"))
         store.blobs.pages.clear()  # what was encrypted is not to be read from memory either
+        for path in sorted({store.path / KEYSTORE_NAME, *doomed}):
+            destroy_file(path, None if path.name == KEYSTORE_NAME else STARTUP_KEY_BYTES)
         deleted = 0
         if delete_plain:
             deleted = _delete_all_data(store)
@@ -398,11 +424,11 @@ def _refuse_unless_startup_key(store: Store, path: Path, fate: str) -> None:
                         f"startup key is {recorded or 'none'}")
 
 
-def destroy_file(path: Path) -> None:
-    """Overwrite a key file with random bytes, fsync, delete; also its leftovers."""
-    for leftover in (path, path.with_name(path.name + ".old"),
-                     path.with_name(path.name + ".tmp")):
-        scrub_file(leftover)
+def destroy_file(path: Path, size: int | None) -> None:
+    """Overwrite a key file with random bytes, fsync, delete; also the leftovers of an
+    interrupted write of it that are regular files (of ``size`` bytes, when given)."""
+    scrub_file(path)
+    scrub_leftovers(path, size)
 
 
 def _delete_all_data(store: Store) -> int:

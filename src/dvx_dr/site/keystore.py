@@ -231,11 +231,11 @@ class Keystore:
             self.save(keys)
 
     def add_tek(self, keys: KeyMaterial, version: int, key: bytes, password: str,
-                startup_key: bytes | None) -> None:
+                startup_key: bytes | None, fips: bool | None = None) -> None:
         """Add a new key version, wrapped under the password (and startup key if in use)."""
         keys.teks[version] = key
         try:
-            self.rewrap(keys, password,
+            self.rewrap(keys, password, fips=fips,
                         startup_key=startup_key if self.has_startup_slot else None)
         except BaseException:
             del keys.teks[version]
@@ -306,15 +306,27 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
     scrub_leftovers(path)
+    linked = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        # Never through a link or over something else that took the name (scrub_leftovers
+        # removed only regular files): such a name is refused, not followed.
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        except FileExistsError:
+            raise UserError(f"{tmp} is in the way (not a file dvx-dr left): move it away and "
+                            "retry; nothing was changed") from None
         try:
             write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         if path.exists():
-            os.link(path, old)
+            try:
+                os.link(path, old)
+            except FileExistsError:
+                raise UserError(f"{old} is in the way (not a file dvx-dr left): move it away "
+                                "and retry; nothing was changed") from None
+            linked = True
         os.replace(tmp, path)
     except BaseException:
         # Not put in place: the new content (under a new password, maybe) goes now, not at
@@ -324,37 +336,48 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         raise
     # The new content is in place: a failure from here on is reported, not raised, since a
     # caller told "failed" would go on with the old content the file no longer has.
-    for step, what in ((lambda: fsync_dir(path.parent), "its directory could not be synced"),
-                       (lambda: scrub_file(old), f"the old content in {old} was not scrubbed")):
+    steps = [(lambda: fsync_dir(path.parent), "its directory could not be synced")]
+    if linked:
+        steps.append((lambda: scrub_file(old), f"the old content in {old} was not scrubbed"))
+    for step, what in steps:
         try:
             step()
         except OSError as exc:
             log.warning("%s was replaced, but %s: %s", path, what, exc.strerror or exc)
 
 
-def scrub_leftovers(path: Path) -> None:
+def scrub_leftovers(path: Path, size: int | None = None) -> None:
     """Scrub what a ``write_atomic`` of ``path`` killed midway left: ``<name>.tmp`` (new
     content never put in place) and ``<name>.old`` (the superseded content, which the old
     password still opens), unless ``.old`` is the live file itself (a crash between the link
     and the rename), which is only unlinked. Store opening calls this too, so a keystore
-    replaced because its password leaked does not outlive the crash until the next write."""
+    replaced because its password leaked does not outlive the crash until the next write.
+    Only regular files are scrubbed, and only of ``size`` bytes when it is given (a startup
+    key's leftovers are keys too: an operator's file of another size is not one)."""
     old = path.with_name(path.name + ".old")
     if path.exists() and old.exists() and os.path.samefile(path, old):
         os.unlink(old)
     for leftover in (old, path.with_name(path.name + ".tmp")):
         with contextlib.suppress(FileNotFoundError):
             # Not whatever else took the name (a directory; a link, whose target is not ours).
-            if stat.S_ISREG(os.lstat(leftover).st_mode):
+            st = os.lstat(leftover)
+            if stat.S_ISREG(st.st_mode) and size in (None, st.st_size):
                 scrub_file(leftover)
 
 
 def scrub_file(path: Path) -> None:
-    """Overwrite a file with random bytes, fsync, delete it and fsync its directory."""
+    """Overwrite a file with random bytes, fsync, delete it and fsync its directory. Only a
+    regular file: a link is not followed (its target is not a key of ours), nor is anything
+    else overwritten."""
     try:
-        size = path.stat().st_size
+        st = os.lstat(path)
     except FileNotFoundError:
         return
-    fd = os.open(path, os.O_WRONLY)
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{path} is not a regular file (a link or something else took its "
+                        "name), so it was not overwritten; remove it by hand if it is a key")
+    size = st.st_size
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
     try:
         os.pwrite(fd, os.urandom(max(size, 1)), 0)
         os.fsync(fd)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dvx_dr.errors import KeysDestroyedError, NotFoundError, StoreLockedError, UserError
+from dvx_dr.errors import NotFoundError, UserError
 from dvx_dr.site import gc, groups, keys, scrub, snapshots, stats, volumes
 from dvx_dr.site.store import Store
 
@@ -57,11 +57,8 @@ def run(store: Store, name: str, params: dict[str, Any],
 
 def check_usable(store: Store) -> None:
     """Refuse an operation on a store whose keys are destroyed or not unwrapped yet."""
-    if store.meta("keys_destroyed") == "1":
-        raise KeysDestroyedError("keys destroyed: this store's keys were crypto-erased; "
-                                 "its encrypted data cannot be read")
-    if store.locked:
-        raise StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
+    if (refused := keys.refusal(store)) is not None:
+        raise refused
 
 
 def _volume_json(store: Store, v: volumes.VolumeInfo) -> dict[str, Any]:

@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import pytest
 
-from dvx_dr.errors import ProtocolError, StoreFullError, TransientError
+from dvx_dr.errors import KeysDestroyedError, ProtocolError, StoreFullError, TransientError
 from dvx_dr.replicator import protocol
 from dvx_dr.replicator.receiver import Receiver
-from dvx_dr.site import gc, snapshots
+from dvx_dr.site import gc, keys, snapshots
 from dvx_dr.site import store as storemod
 from dvx_dr.site.store import Store
 from dvx_dr.site.tree import Root
@@ -258,3 +258,23 @@ def test_a_full_disk_says_the_batches_before_stay_stored(
     assert "nothing of this operation was committed" not in message
     assert "sends only what is still missing" in message
     assert set(rx.store.blobs.lookup([sha(b) for b in data])) == {sha(b) for b in data[:2]}
+
+
+def test_a_session_under_way_when_the_keys_are_erased_writes_nothing_more(
+        rx: Receiver) -> None:
+    store = rx.store
+    data = [b"marker of the peer's data " + bytes([i]) * (BS - 26) for i in range(8)]
+    leaf = b"".join(sha(b) for b in data)
+    sid, _ = open_session(rx, "s1", sha(root_of(leaf)))
+    send(rx, sid, *[rec(protocol.KIND_BLOCK, b) for b in data[:4]])
+    segments = {p: p.read_bytes() for p in (store.path / "segments").glob("*.seg")}
+
+    keys.crypto_erase(store, "site-a")
+    with pytest.raises(KeysDestroyedError):
+        send(rx, sid, *[rec(protocol.KIND_BLOCK, b) for b in data[4:]])
+    with pytest.raises(KeysDestroyedError):
+        rx.commit("src", sid)
+    # Not one byte more on disk, and above all no extent in the clear.
+    after = {p: p.read_bytes() for p in (store.path / "segments").glob("*.seg")}
+    assert after == segments
+    assert store.db.execute("SELECT COUNT(*) FROM blobs WHERE key_version=0").fetchone()[0] == 0
