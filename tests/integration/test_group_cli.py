@@ -17,6 +17,11 @@ def test_group_snapshot_create_list_and_delete(store_dir: Path, password_file: P
     for name, fill in (("db", b"D"), ("log", b"L")):
         run_cli("volume", "create", name, "--size", "1MiB", *args)
         run_cli("volume", "write", name, "-", *args, input=fill * 4096)
+    twice = run_cli("pg", "snapshot-create", "app", "db", "log", "db", "--name", "s1", *args,
+                    check=False)
+    assert twice.returncode == 2
+    assert twice.stderr.decode() == ("dvx-dr: error: volume 'db' is named more than once; name "
+                                     "each member once\n")
     run_cli("pg", "snapshot-create", "app", "db", "log", "--name", "s1", *args)
     run_cli("volume", "write", "db", "-", *args, input=b"X" * 4096)
 

@@ -264,7 +264,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"site {status['site']} (pid {status['pid']}); peers: "
           f"{', '.join(status['peers']) or 'none'}")
-    if status.get("locked"):
+    if status.get("keys_destroyed"):
+        print("dvx-dr: warning: the site's keys were crypto-erased: it sends and receives no "
+              "replicas, and its encrypted data cannot be read", file=sys.stderr)
+    elif status.get("locked"):
         print("dvx-dr: warning: the site's store is locked: it sends and receives no "
               "replicas until 'dvx-dr datastore unlock'", file=sys.stderr)
     if tls := status.get("tls"):

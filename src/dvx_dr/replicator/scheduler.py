@@ -452,7 +452,7 @@ class Scheduler:
     def next_run(self, job_id: str) -> str | None:
         job = self.scheduler.get_job(job_id)
         when = getattr(job, "next_run_time", None) if job else None
-        return when.isoformat() if when else None
+        return _iso(when.timestamp()) if when else None
 
     def report(self) -> dict[str, Any]:
         now = time.time()

@@ -138,7 +138,9 @@ class SiteService:
 
     def status(self) -> dict[str, Any]:
         return {"site": self.config.name, "pid": os.getpid(), "started": self.started,
-                "locked": self.store.store.locked, "peers": dict(self.config.peers),
+                "locked": self.store.store.locked,
+                "keys_destroyed": isinstance(keys.refusal(self.store.store), KeysDestroyedError),
+                "peers": dict(self.config.peers),
                 "transfers": list(self.transfers.values()),
                 "sessions": len(self.receiver.sessions), "tls": self.tls_status()
                 } | self.scheduler.report()

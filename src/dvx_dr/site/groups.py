@@ -71,6 +71,8 @@ def create(store: Store, pg: str, members: list[str], name: str | None = None) -
     """Snapshot every member volume at one instant and record the group snapshot."""
     if not members:
         raise UserError(f"protection group {pg!r} has no member volumes to snapshot")
+    if twice := sorted({v for v in members if members.count(v) > 1}):
+        raise UserError(f"volume {twice[0]!r} is named more than once; name each member once")
     name = name or snapshots.default_name()
     infos = [volumes.get(store, v) for v in members]
     with store.transaction() as db:
