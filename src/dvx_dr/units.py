@@ -7,25 +7,16 @@ import re
 
 from dvx_dr.errors import UserError
 
+#: Bytes per unit, by the unit's lower-case spelling. As in qemu-img, truncate, dd and GNU
+#: ``--block-size``: a bare letter is binary (``64K`` = 65536, also ``64Ki``, ``64KiB``),
+#: a letter with ``B`` is decimal (``64KB`` = 64000); a bare number (or ``B``) is bytes.
 _SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-    "p": 1000**5,
-    "pb": 1000**5,
-    "pib": 1024**5,
+    "": 1, "b": 1,
+    **{f"{letter}{tail}": 1024**power for power, letter in enumerate("kmgtp", 1)
+       for tail in ("", "i", "ib")},
+    **{f"{letter}b": 1000**power for power, letter in enumerate("kmgtp", 1)},
 }
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -33,12 +24,13 @@ _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 
 
 def parse_size(text: str | int, what: str = "size") -> int:
-    """``"10GiB"`` -> 10737418240. Decimal (GB) and binary (GiB) units are both accepted."""
+    """``"10GiB"`` -> 10737418240. ``K``, ``Ki`` and ``KiB`` (any case; and M, G, T, P) are
+    binary, ``KB`` is decimal, as GNU tools and qemu-img read them; a bare number is bytes."""
     if isinstance(text, int):
         return text
     m = _SIZE_RE.fullmatch(str(text))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise UserError(f"{what}: expected a size like 64KiB or 10GiB, got {text!r}")
+        raise UserError(f"{what}: expected a size like 10GiB, 64K or 4096, got {text!r}")
     # Exact integer arithmetic (a float rounds large sizes and overflows on long ones).
     whole, _, fraction = m.group(1).partition(".")
     if len(whole) > 30:

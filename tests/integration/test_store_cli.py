@@ -413,6 +413,7 @@ UNKNOWN_NAME_COMMANDS = [
     ("volume", "resize", "nosuch", "--size", "1MiB"),
     ("snapshot", "create", "nosuch"),
     ("snapshot", "read", "nosuch@s1", "--length", "1"),
+    ("snapshot", "list", "nosuch"),
     ("volume", "clone", "c", "--from", "v@nosuch"),
 ]
 
@@ -595,7 +596,7 @@ def test_volume_and_snapshot_round_trips(cli: Cli, store_dir: Path, password_fil
     site("volume", "resize", "v", "--size", "5MiB")
     model += bytes(2 * MiB)
     cut = 2 * MiB + 1000
-    site("volume", "resize", "v", "--size", cut)
+    site("volume", "resize", "v", "--size", cut, "--shrink")
     del model[cut:]
     assert site.export("v") == model
     site("volume", "resize", "v", "--size", 3 * MiB)
@@ -1127,3 +1128,94 @@ def test_write_from_stdin_past_the_end_claims_no_exact_end(
     err = assert_one_line_error(site("volume", "write", "w", "-", input=bytes(range(256)) * 4096,
                                      check=False))
     assert "it is 10000 bytes" in err and "at least" in err, err
+
+
+# -- resize: a shrink only with --shrink; import: raw images only unless told --------------
+
+
+def make_qcow2(tmp_path: Path, content: bytes) -> Path:
+    """A real qcow2 image of ``content``, made by qemu-img."""
+    raw, qcow2 = tmp_path / "src.raw", tmp_path / "disk.qcow2"
+    raw.write_bytes(content)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)],
+                   check=True, capture_output=True)
+    raw.unlink()
+    return qcow2
+
+
+def test_shrink_needs_the_shrink_flag(site_with_volume: tuple[Site, bytes]) -> None:
+    """``resize --size`` with a smaller size cut the volume's tail without asking (data lost
+    on a typo); now it is refused, naming both sizes and what would go, unless --shrink."""
+    site, content = site_with_volume
+    before = file_bytes(site.path, ["store.db"]) | file_bytes(site.path)
+    err = assert_one_line_error(site("volume", "resize", "v", "--size", "512K", check=False))
+    assert f"is {MiB} bytes" in err and f"to {MiB // 2} bytes" in err, err
+    assert f"drop its last {MiB // 2} bytes" in err and "--shrink" in err, err
+    assert "nothing was changed" in err
+    assert file_bytes(site.path, ["store.db"]) | file_bytes(site.path) == before
+    assert site.volumes()["v"]["size"] == MiB and site.export("v") == content
+
+    site("volume", "resize", "v", "--size", "2M")  # growing needs no flag
+    assert site.export("v") == content + bytes(MiB)
+    proc = site("volume", "resize", "v", "--size", "512K", "--shrink")
+    assert "volume v is now 512.0 KiB" in proc.stdout.decode()
+    assert site.export("v") == content[:MiB // 2]
+
+
+def test_import_of_a_qcow2_image_is_refused(site_with_volume: tuple[Site, bytes],
+                                            tmp_path: Path) -> None:
+    """A qcow2 (or VMDK, VHD, VDI) container was imported as if it were a raw disk."""
+    site, _ = site_with_volume
+    content = random.Random(11).randbytes(MiB)
+    qcow2 = make_qcow2(tmp_path, content)
+    before = file_bytes(site.path)
+    err = assert_one_line_error(site("volume", "import", "vm", qcow2, check=False))
+    assert f"{qcow2} is a qcow2 image, not a raw disk; convert it first: qemu-img convert " \
+        f"-O raw {qcow2} {qcow2}.raw (or pass --any-format to import its bytes as they are)" \
+        in err, err
+    assert set(site.volumes()) == {"v"} and file_bytes(site.path) == before
+
+    # The way the message says works, and --any-format takes the container's bytes.
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(qcow2), f"{qcow2}.raw"],
+                   check=True, capture_output=True)
+    site("volume", "import", "vm", f"{qcow2}.raw")
+    assert site.export("vm") == content
+    site("volume", "import", "as-is", qcow2, "--any-format")
+    assert site.export("as-is") == qcow2.read_bytes()
+
+
+def test_shrink_container_and_unknown_volume_refusals_through_a_running_site(
+        tmp_path: Path) -> None:
+    """The same refusals when the commands go through a running site's admin socket."""
+    content = random.Random(12).randbytes(MiB)
+    qcow2 = make_qcow2(tmp_path, content)
+    with Sites(tmp_path / "sites") as sites:
+        (site,) = sites.add_many("site-a")
+        sites.start()
+        site.cli("volume", "create", "v", "--size", "1MiB")
+        site.cli("volume", "write", "v", "-", input=content)
+        err = assert_one_line_error(site.cli("volume", "resize", "v", "--size", "512KiB",
+                                             check=False))
+        assert f"drop its last {MiB // 2} bytes" in err and "--shrink" in err, err
+        assert site.cli("volume", "export", "v", "-").stdout == content
+        err = assert_one_line_error(site.cli("volume", "import", "vm", qcow2, check=False))
+        assert f"{qcow2} is a qcow2 image, not a raw disk" in err, err
+        assert [v["name"] for v in site.json("volume", "list")] == ["v"]
+        err = assert_one_line_error(site.cli("snapshot", "list", "nosuch", check=False))
+        assert "unknown volume 'nosuch'; 'dvx-dr volume list' shows the volumes" in err
+        assert site.json("snapshot", "list", "v") == []
+
+
+def test_shrink_and_any_format_through_a_running_site(tmp_path: Path) -> None:
+    """--shrink and --any-format reach the running site's operations."""
+    content = random.Random(13).randbytes(MiB)
+    qcow2 = make_qcow2(tmp_path, content)
+    with Sites(tmp_path / "sites") as sites:
+        (site,) = sites.add_many("site-a")
+        sites.start()
+        site.cli("volume", "create", "v", "--size", "1MiB")
+        site.cli("volume", "write", "v", "-", input=content)
+        site.cli("volume", "resize", "v", "--size", "512KiB", "--shrink")
+        assert site.cli("volume", "export", "v", "-").stdout == content[:MiB // 2]
+        site.cli("volume", "import", "as-is", qcow2, "--any-format")
+        assert site.cli("volume", "export", "as-is", "-").stdout == qcow2.read_bytes()

@@ -37,6 +37,9 @@ def register(groups: Any) -> None:
     c = cmd("import", cmd_import, "create a volume from a raw disk image")
     c.add_argument("name")
     c.add_argument("file", type=Path)
+    c.add_argument("--any-format", action="store_true",
+                   help="import a qcow2, VMDK, VHD(X) or VDI file's bytes as they are, "
+                        "instead of refusing it (convert it to raw with qemu-img first)")
 
     c = cmd("export", cmd_export, "write a volume out as a raw disk image")
     c.add_argument("name")
@@ -58,7 +61,9 @@ def register(groups: Any) -> None:
 
     c = cmd("resize", cmd_resize, "grow or shrink a volume")
     c.add_argument("name")
-    c.add_argument("--size", required=True)
+    c.add_argument("--size", required=True, help="the new size, like 20GiB")
+    c.add_argument("--shrink", action="store_true",
+                   help="allow a smaller size: the bytes past it are dropped")
 
     c = cmd("delete", cmd_delete, "delete a volume (its snapshots stay)")
     c.add_argument("name")
@@ -87,10 +92,13 @@ def cmd_import(args: argparse.Namespace) -> int:
         from dvx_dr.site import ops, volumes
 
         with progress_bar(size, f"import {args.name}") as bar:
-            volumes.import_file(store, args.name, path, bar)
+            volumes.import_file(store, args.name, args.file, bar, args.any_format)
         return ops.volume_get(store, args.name)
 
-    info = run_op(args, "volume.import", {"name": args.name, "path": str(path)}, local)
+    # The site opens the file by its absolute path, and refuses a container format itself
+    # (``volumes.import_file``) unless --any-format.
+    info = run_op(args, "volume.import", {"name": args.name, "path": str(path),
+                                          "any_format": args.any_format}, local)
     print(f"imported {args.file} as volume {info['name']} ({format_size(info['size'])}, "
           f"{info['mapped_blocks']} blocks stored, the rest holes)")
     return 0
@@ -352,7 +360,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
-    info = run_op(args, "volume.resize", {"name": args.name,
+    # A smaller size is refused in ``volumes.resize`` without --shrink, here and in a running
+    # site alike.
+    info = run_op(args, "volume.resize", {"name": args.name, "shrink": args.shrink,
                                           "size": parse_size(args.size, "--size")})
     print(f"volume {info['name']} is now {format_size(info['size'])}")
     return 0

@@ -92,14 +92,15 @@ class CommandGone(UserError):
 
 
 @op("volume.import")
-def volume_import(store: Store, name: str, path: str,
+def volume_import(store: Store, name: str, path: str, any_format: bool = False,
                   stopped: Callable[[], bool] | None = None) -> dict[str, Any]:
     def progress(_: int) -> None:
         if stopped is not None and stopped():
             raise CommandGone(f"the import of volume {name!r} was stopped: its command went "
                               "away (interrupted); the volume was dropped")
 
-    volumes.import_file(store, name, Path(path), progress if stopped is not None else None)
+    volumes.import_file(store, name, Path(path), progress if stopped is not None else None,
+                        any_format is True)
     return _volume_json(store, volumes.get(store, name))
 
 
@@ -183,8 +184,8 @@ def volume_read(store: Store, name: str, offset: int, length: int) -> dict[str, 
 
 
 @op("volume.resize")
-def volume_resize(store: Store, name: str, size: int) -> dict[str, Any]:
-    volumes.resize(store, name, size)
+def volume_resize(store: Store, name: str, size: int, shrink: bool = False) -> dict[str, Any]:
+    volumes.resize(store, name, size, shrink is True)
     return _volume_json(store, volumes.get(store, name))
 
 

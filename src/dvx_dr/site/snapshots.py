@@ -66,12 +66,17 @@ def get(store: Store, spec: str) -> SnapshotInfo:
 
 
 def list_snapshots(store: Store, volume: str | None = None) -> list[SnapshotInfo]:
+    """All snapshots, or those of ``volume``: a volume there is (maybe with none yet), or
+    one that has snapshots still (deleted since, or a replica's ``SITE/VOLUME``); any other
+    name is refused as unknown, as every command refuses it."""
     if volume is None:
         rows = store.db.execute(f"SELECT {_COLUMNS} FROM snapshots ORDER BY volume, snap")
-    else:
-        rows = store.db.execute(
-            f"SELECT {_COLUMNS} FROM snapshots WHERE volume=? ORDER BY snap", (volume,))
-    return [SnapshotInfo(*r) for r in rows]
+        return [SnapshotInfo(*r) for r in rows]
+    found = [SnapshotInfo(*r) for r in store.db.execute(
+        f"SELECT {_COLUMNS} FROM snapshots WHERE volume=? ORDER BY snap", (volume,))]
+    if not found:
+        volumes.get(store, volume)  # raises for a name that is no volume
+    return found
 
 
 def default_name() -> str:

@@ -8,7 +8,10 @@ leaf pages dirty instead, to be rebuilt in full.
 Writes are atomic: ``write`` runs in one transaction, so a failure (a write past the end, a
 full disk) changes nothing. ``import_file`` builds the volume in the 'importing' state and
 commits it batch by batch in bounded memory; it becomes visible, under its name, only when the
-whole image is in; an interrupted import is dropped when the store next opens.
+whole image is in; an interrupted import is dropped when the store next opens. It takes a raw
+image only, unless told otherwise: a qcow2, VMDK, VHD(X) or VDI container is refused by its
+magic numbers (``image_format``). A resize that would shrink a volume is refused unless told
+to shrink it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import itertools
 import os
 import re
+import shlex
 import sqlite3
 import stat
 from collections.abc import Callable, Iterator
@@ -28,6 +32,7 @@ from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site.store import Store, drop_import, drop_volume, now_iso, using_reserve
 from dvx_dr.site.tree import FANOUT, level_counts
+from dvx_dr.units import format_size
 
 #: Blocks handed to the pipeline at once (4 MiB at the default block size).
 BATCH_BLOCKS = 64
@@ -114,10 +119,17 @@ def delete(store: Store, name: str) -> None:
     drop_volume(store, vol)
 
 
-def resize(store: Store, name: str, size: int) -> None:
-    """Grow or shrink a volume. Shrinking discards the blocks past the new end."""
+def resize(store: Store, name: str, size: int, shrink: bool = False) -> None:
+    """Grow or shrink a volume. Shrinking discards the bytes past the new end, so it is done
+    only with ``shrink`` (``--shrink``): without it a smaller size is refused, changing
+    nothing (a typo in a size must not cut a disk)."""
     _check_size(size)
     info = get(store, name)
+    if size < info.size and not shrink:
+        raise UserError(f"volume {name!r} is {info.size} bytes ({format_size(info.size)}); "
+                        f"resizing it to {size} bytes ({format_size(size)}) would drop its "
+                        f"last {info.size - size} bytes; nothing was changed (pass --shrink "
+                        "to shrink it)")
     bs = store.block_size
     with store.transaction() as db:
         old_blocks = -(-info.size // bs)
@@ -288,8 +300,39 @@ def _image_batches(store: Store, source: BinaryIO, size: int
         blk += n
 
 
-def import_file(store: Store, name: str, path: Path, progress: Progress | None = None) -> int:
-    """Create volume ``name`` from a raw disk image, streaming in bounded memory."""
+def image_format(source: BinaryIO, size: int) -> str | None:
+    """The disk image container ``source`` (``size`` bytes) is, by its magic numbers, or
+    None for what may be a raw disk: qcow2 (``QFI\\xfb`` at 0; version 1 is qcow), VMDK
+    (``KDMV`` at 0, or a text descriptor starting ``# Disk DescriptorFile``), VHDX
+    (``vhdxfile`` at 0), VDI (``<<< `` at 0 and 0xbeda107f, little-endian, at 64) and VHD
+    (``conectix`` starting its footer, the last 512 bytes, or 511 in the oldest; a dynamic
+    VHD copies it at 0). Leaves ``source`` at its start."""
+    source.seek(0)
+    head = _read_full(source, 512)
+    tail = b""
+    if size >= 512:
+        source.seek(size - 512)
+        tail = _read_full(source, 512)
+    source.seek(0)
+    if head.startswith(b"QFI\xfb"):
+        return "qcow" if head[4:8] == b"\0\0\0\x01" else "qcow2"
+    if head.startswith((b"KDMV", b"# Disk DescriptorFile")):
+        return "VMDK"
+    if head.startswith(b"vhdxfile"):
+        return "VHDX"
+    if head.startswith(b"<<< ") and head[64:68] == b"\x7f\x10\xda\xbe":
+        return "VDI"
+    if head.startswith(b"conectix") or tail.startswith(b"conectix") \
+            or tail[1:].startswith(b"conectix"):
+        return "VHD"
+    return None
+
+
+def import_file(store: Store, name: str, path: Path, progress: Progress | None = None,
+                any_format: bool = False) -> int:
+    """Create volume ``name`` from a raw disk image, streaming in bounded memory. An image
+    in a container format (``image_format``: qcow2, VMDK, ...) is refused unless
+    ``any_format`` says to import its bytes as they are."""
     check_name(name)
     try:
         # Checked before opening: opening a pipe waits for a writer.
@@ -303,6 +346,15 @@ def import_file(store: Store, name: str, path: Path, progress: Progress | None =
         raise UserError(f"cannot read image {path}: {exc.strerror}") from None
     with source:
         size = source.seek(0, os.SEEK_END)  # a file's length, a block device's size
+        try:
+            kind = None if any_format else image_format(source, size)
+        except OSError as exc:
+            raise UserError(f"cannot read image {path}: {exc.strerror}") from None
+        if kind is not None:
+            raise UserError(f"{path} is a {kind} image, not a raw disk; convert it first: "
+                            f"qemu-img convert -O raw {shlex.quote(str(path))} "
+                            f"{shlex.quote(f'{path}.raw')} (or pass --any-format to import "
+                            "its bytes as they are)")
         source.seek(0)
         _check_size(size)
         with store.transaction() as db:

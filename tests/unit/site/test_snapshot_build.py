@@ -134,7 +134,7 @@ def test_random_history_builds_the_same_tree_as_a_full_build(ops: list[tuple],
                 store.close()
                 store = Store.open(root / "s", lambda: PASSWORD)
             elif op[0] == "resize":
-                volumes.resize(store, "v", op[1])
+                volumes.resize(store, "v", op[1], shrink=True)
         snapshots.create(store, "v", "last")
         check_snapshot(store, "v", "last")
     finally:
@@ -151,7 +151,7 @@ def test_three_level_tree_through_resizes_across_depths(new_store: Callable[...,
              LEAF, 100, 0, 700 * LEAF + 1]
     for step, size in enumerate(sizes):
         if size != volumes.get(store, "v").size:
-            volumes.resize(store, "v", size)
+            volumes.resize(store, "v", size, shrink=True)
         nblocks = -(-size // BS)
         for _ in range(2):  # two snapshots per size: the second one patches
             if nblocks:
@@ -230,7 +230,7 @@ def test_full_build_of_dirty_leaves_still_reads_whole_leaves(
     volumes.create(store, "v", 2 * LEAF)
     volumes.write(store, "v", 0, io.BytesIO(random.Random(2).randbytes(2 * LEAF)))
     snapshots.create(store, "v", "a")
-    volumes.resize(store, "v", 2 * LEAF - BS)
+    volumes.resize(store, "v", 2 * LEAF - BS, shrink=True)
     spy = Spy(store, monkeypatch)
     snapshots.create(store, "v", "b")
     # The leaf at the new end, rebuilt from the map, and the top page, which the shrink
@@ -349,7 +349,7 @@ def test_resize_marks_only_the_leaves_at_its_two_ends(new_store: Callable[..., S
     snapshots.create(store, "v", "huge")
     assert snapshots.read(store, "v@huge", 0, 2 * LEAF) == data
     assert snapshots.read(store, "v@huge", (1 << 50) - BS, BS) == bytes(BS)
-    volumes.resize(store, "v", 2 * LEAF)
+    volumes.resize(store, "v", 2 * LEAF, shrink=True)
     snapshots.create(store, "v", "small-again")
     check_snapshot(store, "v", "small-again")
     assert snapshots.root_of(store, snapshots.get(store, "v@small-again")) == \
