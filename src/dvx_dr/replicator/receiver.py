@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from dvx_dr.errors import (
@@ -84,13 +84,12 @@ class Receiver:
             volume = str(request["group"] if group else request["volume"])
             name = str(request["snapshot"])
             root = bytes.fromhex(str(request["root"]))
-            created = str(request.get("created") or "")
-            if created:
-                datetime.fromisoformat(created)
+            created = _utc(str(request.get("created") or ""))
             ask = protocol.decode_ask(request.get("ask"))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise ProtocolError("session request is malformed: expected version, volume, "
-                                "snapshot, root and (optional) an ISO 8601 'created' time"
+                                "snapshot, root and (optional) an ISO 8601 'created' time "
+                                "with its time zone, from 1970 to 9999"
                                 ) from None
         if type(version) is not int or version != protocol.VERSION:
             raise ProtocolError(f"peer speaks protocol version {version!r}; this site speaks "
@@ -220,8 +219,9 @@ class Receiver:
                                         "rejected")
                 roots.update(root_id for _, root_id in members)
         lacking = blocks - in_batch
-        if lacking:
-            lacking -= set(self.store.blobs.lookup(lacking))
+        held = self.store.blobs.lookup(lacking) if lacking else {}
+        lacking -= set(held)
+        self._check_blocks(blocks, {r.id: r.plain_len for r in records}, held)
         for level, ids in pages.items():
             ids = {i for i in ids if (i, level) not in pages_in}
             lacking |= ids - set(self._complete(ids, level))
@@ -254,6 +254,21 @@ class Receiver:
         s.blobs += len(records)
         s.bytes += size
         return {"stored": len(records), "bytes": size}
+
+    def _check_blocks(self, blocks: set[bytes], in_batch: dict[bytes, int],
+                      held: dict[bytes, int]) -> None:
+        """Every id a leaf page names (``blocks``, the entries that changed) must be a block:
+        a blob of exactly the block size, sent in this batch or held here. Anything else
+        would shift every byte after it in reads of the replica."""
+        bs = self.store.block_size
+        lengths = {i: n for i, n in in_batch.items() if i in blocks}
+        if held:
+            by_row = self.store.blobs.plain_lengths(held.values())
+            lengths.update((i, by_row[row]) for i, row in held.items() if row in by_row)
+        wrong = next(((i, n) for i, n in lengths.items() if n != bs), None)
+        if wrong is not None:
+            raise ProtocolError(f"a leaf page names blob {wrong[0].hex()[:16]}… of {wrong[1]} "
+                                f"bytes as a block; blocks here are {bs} bytes; batch rejected")
 
     def _base_pages(self, wanted: set[tuple[bytes, int]]) -> dict[tuple[bytes, int], bytes]:
         """Each named base page (id, level) that this store holds complete at that level,
@@ -415,3 +430,18 @@ def _root_problem(root: Root) -> str | None:
     if root.depth != len(tree.level_counts(root.nblocks)):
         return f"claims a tree of depth {root.depth} over {root.nblocks} blocks"
     return None
+
+
+def _utc(created: str) -> str:
+    """A peer's ISO 8601 time as this store writes its own (UTC, ``Z``); empty stays empty.
+    A time without a zone, or one outside 1970-9999 in UTC, raises ValueError or
+    OverflowError."""
+    if not created:
+        return ""
+    when = datetime.fromisoformat(created)
+    if when.tzinfo is None:
+        raise ValueError("no time zone")
+    when = when.astimezone(UTC)
+    if not 1970 <= when.year <= 9999:
+        raise ValueError("out of range")
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")

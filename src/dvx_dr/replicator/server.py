@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc as pygc
 import itertools
 import logging
 import os
@@ -37,6 +38,7 @@ from dvx_dr.errors import (
     KeysDestroyedError,
     NotFoundError,
     ProtocolError,
+    StoreFullError,
     StoreLockedError,
     TransientError,
     UserError,
@@ -236,8 +238,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException:
         raise
     except DvxError as exc:
+        peer = request.get("peer") or (
+            request.transport.get_extra_info("peername") if request.transport else None)
+        serious = isinstance(exc, ProtocolError | IntegrityError | StoreFullError)
+        log.log(logging.WARNING if serious else logging.INFO, "%s %s from %s rejected: %s",
+                request.method, request.path, peer, exc)
         if isinstance(exc, ProtocolError | IntegrityError):
-            log.warning("%s %s rejected: %s", request.method, request.path, exc)
+            # A rejected batch's records and plaintexts stay reachable through the cycles of
+            # the exception, its traceback and the worker pool's futures until the cyclic
+            # collector runs: up to gigabytes if a peer keeps sending bad batches.
+            pygc.collect()
         return error_response(exc)
     except (ConnectionResetError, aiohttp.ClientPayloadError) as exc:
         # The peer went away mid-request (a cut link, a killed process): nothing was

@@ -89,10 +89,19 @@ def _compress_chunk(chunk: Sequence[Plain]) -> list[tuple[bool, bytes]]:
 
 
 def decompress(payload: bytes, plain_len: int) -> bytes:
+    """The plaintext of a compressed payload: exactly one zstd frame that declares
+    ``plain_len`` bytes of content. A frame declaring more is refused before anything is
+    allocated for it (the output limit of one-shot decompression does not apply to a frame
+    that declares its size), and bytes after the frame are refused, not stored."""
     if plain_len > MAX_PLAIN:
         raise IntegrityError(f"blob claims {plain_len} bytes of plaintext, above the limit")
     try:
-        return _decompressor().decompress(payload, max_output_size=max(plain_len, 1))
+        declared = zstandard.frame_content_size(payload)
+        if declared != plain_len:
+            raise IntegrityError(f"compressed payload declares {declared} bytes of content, "
+                                 f"not the {plain_len} its blob claims")
+        return _decompressor().decompress(payload, max_output_size=max(plain_len, 1),
+                                          allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"compressed payload does not decompress ({exc})") from None
 

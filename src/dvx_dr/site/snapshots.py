@@ -308,7 +308,8 @@ def iter_range(store: Store, spec: str, offset: int, length: int, zero_runs: boo
                     raise NotFoundError(f"snapshot {spec!r} names a block the store lacks "
                                         f"({missing[0].hex()[:16]}…): run 'dvx-dr datastore "
                                         "scrub'")
-                plains = iter(store.blobs.get_rows([rows[i] for i in known]))
+                plains = iter(volumes.whole_blocks(
+                    store, store.blobs.get_rows([rows[i] for i in known])))
                 data = b"".join(zero if i == HOLE else next(plains) for i in part)
                 yield data[a - plo:b - plo]
             pos = b

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, overload
 
-from dvx_dr.errors import AlreadyExistsError, NotFoundError, UserError
+from dvx_dr.errors import AlreadyExistsError, IntegrityError, NotFoundError, UserError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site.store import Store, drop_import, drop_volume, now_iso, using_reserve
 from dvx_dr.site.tree import FANOUT, level_counts
@@ -403,9 +403,21 @@ def _read_blocks(store: Store, vol: int, numbers: list[int]) -> list[bytes]:
         return []
     rows = _block_rows(store.db, vol, numbers)
     wanted = [rows[b] for b in numbers if b in rows]
-    plains = iter(store.blobs.get_rows(wanted))
+    plains = iter(whole_blocks(store, store.blobs.get_rows(wanted)))
     zero = bytes(store.block_size)
     return [next(plains) if b in rows else zero for b in numbers]
+
+
+def whole_blocks(store: Store, plains: list[bytes]) -> list[bytes]:
+    """``plains``, checked to be blocks: a tree or map that names a blob of another length as
+    a block (a replica from a peer that lied) must fail the read, not shift the data after it."""
+    bs = store.block_size
+    for plain in plains:
+        if len(plain) != bs:
+            raise IntegrityError(f"a volume or snapshot names a blob of {len(plain)} bytes as "
+                                 f"a block of {bs} bytes: its tree is damaged or forged; run "
+                                 "'dvx-dr datastore scrub'")
+    return plains
 
 
 @overload

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
+import tracemalloc
 from collections.abc import Callable
 
 import pytest
+import zstandard
 
-from dvx_dr.errors import KeysDestroyedError, ProtocolError, StoreFullError, TransientError
+from dvx_dr.errors import (
+    IntegrityError,
+    KeysDestroyedError,
+    ProtocolError,
+    StoreFullError,
+    TransientError,
+)
 from dvx_dr.replicator import protocol
 from dvx_dr.replicator.receiver import Receiver
 from dvx_dr.site import gc, keys, snapshots
@@ -278,3 +287,66 @@ def test_a_session_under_way_when_the_keys_are_erased_writes_nothing_more(
     after = {p: p.read_bytes() for p in (store.path / "segments").glob("*.seg")}
     assert after == segments
     assert store.db.execute("SELECT COUNT(*) FROM blobs WHERE key_version=0").fetchone()[0] == 0
+
+
+def test_a_leaf_page_naming_a_blob_that_is_not_a_block_is_refused(rx: Receiver) -> None:
+    data = blocks(3, 7)
+    short = b"only a hundred bytes".ljust(100, b".")
+    leaf = sha(data[0]) + sha(short) + sha(data[2])
+    root = Root(1, BS, BS * 3, 3, sha(leaf)).pack()
+    sid, _ = open_session(rx, "s1", sha(root))
+    with pytest.raises(ProtocolError, match=r"of 100 bytes as a block; blocks here are 4096"):
+        send(rx, sid, *[rec(protocol.KIND_BLOCK, b) for b in (data[0], short, data[2])],
+             rec(protocol.KIND_PAGE, leaf), rec(protocol.KIND_ROOT, root))
+    # Held from an earlier batch, it is refused all the same.
+    send(rx, sid, rec(protocol.KIND_BLOCK, short), *[rec(protocol.KIND_BLOCK, b) for b in data])
+    with pytest.raises(ProtocolError, match=r"of 100 bytes as a block"):
+        send(rx, sid, rec(protocol.KIND_PAGE, leaf), rec(protocol.KIND_ROOT, root))
+    with pytest.raises(ProtocolError):
+        rx.commit("src", sid)
+
+
+def compressed(data: bytes, claims: int, extra: bytes = b"") -> protocol.Record:
+    payload = zstandard.ZstdCompressor(level=3).compress(data) + extra
+    return protocol.Record(protocol.KIND_BLOCK, True, claims, sha(data[:claims]), payload,
+                           None, 0)
+
+
+def test_a_payload_declaring_more_than_it_claims_is_refused_before_it_is_inflated(
+        rx: Receiver) -> None:
+    bomb = compressed(bytes(64 * 1024 * 1024), BS)  # a small frame declaring 64 MiB
+    assert len(bomb.payload) < 64 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(IntegrityError, match="declares 67108864 bytes"):
+            rx.check_batch(protocol.encode_batch([bomb]))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, f"{peak} bytes allocated for a {len(bomb.payload)}-byte record"
+
+
+def test_bytes_after_the_compressed_frame_are_refused(rx: Receiver) -> None:
+    block = blocks(1, 9)[0]
+    padded = compressed(block, BS, extra=os.urandom(64 * 1024))
+    with pytest.raises(IntegrityError, match="unused data"):
+        rx.check_batch(protocol.encode_batch([padded]))
+
+
+@pytest.mark.parametrize(("sent", "kept"), [
+    ("2026-11-29T10:00:00+02:00", "2026-11-29T08:00:00Z"),
+    ("2026-11-29T08:00:00.123456Z", "2026-11-29T08:00:00Z"),
+    ("2026-11-29T08:00:00", None),            # no time zone
+    ("0001-01-01T00:00:00+14:00", None),      # before 1970 in UTC (and out of range)
+    ("9999-12-31T23:59:59-14:00", None),      # past 9999 in UTC
+])
+def test_a_peers_snapshot_time_is_kept_in_utc_or_refused(rx: Receiver, sent: str,
+                                                         kept: str | None) -> None:
+    request = {"version": protocol.VERSION, "volume": "vm1", "snapshot": "s1",
+               "root": sha(b"r").hex(), "created": sent}
+    if kept is None:
+        with pytest.raises(ProtocolError, match="time zone, from 1970 to 9999"):
+            rx.open("src", request)
+        return
+    sid = rx.open("src", request)["session"]
+    assert rx.sessions[sid].created == kept

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dvx_dr.errors import NotFoundError, UserError
+from dvx_dr.errors import IntegrityError, NotFoundError, UserError
 from dvx_dr.site import snapshots, volumes
 from dvx_dr.site.store import Store
 
@@ -170,3 +170,20 @@ def test_a_raw_image_imports_as_before(new_store: Callable[..., Store],
     (tmp_path / "disk.raw").write_bytes(content)
     volumes.import_file(store, "vm", tmp_path / "disk.raw")
     assert volumes.read(store, "vm", 0, MiB) == content
+
+
+def test_a_map_naming_a_blob_that_is_not_a_block_fails_the_read(
+        new_store: Callable[..., Store]) -> None:
+    """Reads had looped for ever on a short block (and shifted the data after it): such a
+    tree could only come from a peer that lied, which the target now refuses too."""
+    store, _ = _volume(new_store)
+    info = volumes.get(store, "v")
+    with store.transaction() as db:
+        _, (row,) = store.blobs.put_many([b"a hundred bytes".ljust(100, b".")])
+        db.execute("UPDATE blocks SET blob=? WHERE vol=? AND blk=1", (row, info.id))
+        db.execute("INSERT OR IGNORE INTO dirty_blocks (vol, blk) VALUES (?, 1)", (info.id,))
+    with pytest.raises(IntegrityError, match="names a blob of 100 bytes as a block"):
+        volumes.read(store, "v", 0, 3 * BS)
+    snapshots.create(store, "v", "s1")
+    with pytest.raises(IntegrityError, match="names a blob of 100 bytes as a block"):
+        snapshots.read(store, "v@s1", 0, 3 * BS)
