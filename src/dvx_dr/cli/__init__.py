@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None, *, leave: bool = False) -> int:
     """Run one command; its exit code. With ``leave`` (the console script), a command that
     only talked to a running site leaves the process at once (``leave_at_once``)."""
     argv = sys.argv[1:] if argv is None else argv
-    args = _quick_args(argv) or build_parser(argv).parse_args(argv)
+    args = None
     try:
+        # An option's value may be refused while parsing (an empty --store, say).
+        args = _quick_args(argv) or build_parser(argv).parse_args(argv)
         result = args.func(args)
     except DvxError as exc:
         print(f"dvx-dr: error: {exc}", file=sys.stderr)

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dvx_dr.cli import remote
-from dvx_dr.cli.common import STORE_ENV
-from dvx_dr.errors import StoreBusyError, UserError
+from dvx_dr.cli.common import CONFIG_ENV, STORE_ENV
+from dvx_dr.errors import StoreBusyError, TransientError, UserError
 from dvx_dr.nocore import forbid_core_dumps
+from dvx_dr.site import lockfile
 
 if TYPE_CHECKING:
     from dvx_dr.site.store import Store
@@ -22,10 +23,11 @@ if TYPE_CHECKING:
 
 
 def add_store_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", type=Path, default=None,
-                        help=f"store directory (default: ${STORE_ENV})")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="or the site's site.yaml, which names the store")
+    parser.add_argument("--store", type=path_option("--store", "the store directory"),
+                        default=None, help=f"store directory (default: ${STORE_ENV})")
+    parser.add_argument("--config", type=path_option("--config", "the site's site.yaml"),
+                        default=None, help=f"or the site's site.yaml, which names the store "
+                                           f"(default: ${CONFIG_ENV})")
     parser.add_argument("--password-file", type=Path, default=None,
                         help="read the store password from the first line of this file")
 
@@ -45,17 +47,35 @@ class StoreCommands:
         return parser
 
 
-def store_path(args: argparse.Namespace) -> Path:
-    path = args.store
-    if not path and getattr(args, "config", None) is not None:
-        from dvx_dr.site.config import load_site_config  # pydantic, only with --config
+def path_option(option: str, what: str) -> Callable[[str], Path]:
+    """The ``type`` of a path option: an empty value (an unset shell variable, say) is
+    refused by the option's name, in one line (``cli.main`` prints a ``UserError`` raised
+    while parsing), rather than taken for the current directory or replaced by the
+    environment's store."""
+    def convert(value: str) -> Path:
+        if not value:
+            raise UserError(f"{option} is empty; give the path of {what}")
+        return Path(value)
+    return convert
 
-        path = load_site_config(args.config).store
-    path = path or os.environ.get(STORE_ENV)
-    if not path:
-        raise UserError(f"no store given: pass --store DIR or --config site.yaml, or set "
-                        f"{STORE_ENV}")
-    return Path(path)
+
+def store_path(args: argparse.Namespace) -> Path:
+    """The store a command works on. An option given on the command line wins over the
+    environment, and a store named directly over one named by a site.yaml: ``--store``, then
+    ``--config``, then ``$DVX_DR_STORE``, then ``$DVX_DR_CONFIG``."""
+    if args.store is not None:
+        return Path(args.store)
+    config = getattr(args, "config", None)
+    if config is None and not os.environ.get(STORE_ENV):
+        config = os.environ.get(CONFIG_ENV) or None
+    if config is not None:
+        from dvx_dr.site.config import load_site_config  # pydantic, only with a site.yaml
+
+        return load_site_config(Path(config)).store
+    if path := os.environ.get(STORE_ENV):
+        return Path(path)
+    raise UserError(f"no store given: pass --store DIR or --config site.yaml, or set "
+                    f"{STORE_ENV} or {CONFIG_ENV}")
 
 
 def read_password_file(path: Path) -> str:
@@ -133,13 +153,41 @@ def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
         socket = exc.admin_socket
     else:
         try:
-            return local(store) if local is not None else ops.run(store, name, params)
+            if local is not None:
+                return local(store)
+            result = ops.run(store, name, params)
+            if name == "datastore.unlock":
+                raise UserError(_nothing_to_unlock(store))
+            return result
         finally:
             store.close()
-    if remote_call is not None:
-        return remote_call(socket)
-    materialise = getattr(params, "materialise", None)
-    return remote.call_op(socket, name, materialise() if materialise else params)
+    try:
+        if remote_call is not None:
+            return remote_call(socket)
+        materialise = getattr(params, "materialise", None)
+        return remote.call_op(socket, name, materialise() if materialise else params)
+    except remote.SiteNotRunningError:
+        # The site holds the store's lock, so it runs: it has not opened its admin socket
+        # yet, or is closing it.
+        raise TransientError(f"the site that owns store {path} (pid "
+                             f"{lockfile.holder(path)[0]}) does not answer on its admin socket "
+                             f"{socket}: it is starting or stopping; retry in a moment"
+                             ) from None
+
+
+def _nothing_to_unlock(store: Store) -> str:
+    """Why ``datastore unlock`` with no site running is refused (after its password was
+    checked): a store is unlocked in the memory of the site that serves it, for as long as
+    that site runs, so nothing stays unlocked when this command ends. Refused (exit 2)
+    rather than reported done: a script that unlocks a site it means to use must not go on
+    when there is no site."""
+    if not store.keyed:
+        return (f"store {store.path} is not encrypted, and no site is running on it: there "
+                "is nothing to unlock")
+    return (f"no site is running on store {store.path}, so there is nothing to unlock (the "
+            "password is correct; a store stays unlocked only in the site that serves it): "
+            "start it with 'dvx-dr site serve --config site.yaml', then unlock it, or give "
+            "'site serve' --password-file")
 
 
 def current_password(args: argparse.Namespace) -> str | None:

@@ -11,7 +11,7 @@ import yaml
 
 from dvx_dr.cli import remote
 from dvx_dr.cli.common import print_json, print_table
-from dvx_dr.cli.context import add_store_args, run_op
+from dvx_dr.cli.context import add_store_args, path_option, run_op
 from dvx_dr.cli.replicate import add_site_args, admin_socket
 from dvx_dr.errors import DvxError, UserError
 
@@ -23,8 +23,8 @@ def register(groups: Any) -> None:
     c = sub.add_parser("validate", help="check policy files without a running site")
     c.add_argument("files", nargs="*", type=Path,
                    help="policy files (default with --config: its policy directory's files)")
-    c.add_argument("--config", type=Path, default=None,
-                   help="check target sites against this site.yaml's peers")
+    c.add_argument("--config", type=path_option("--config", "the site's site.yaml"),
+                   default=None, help="check target sites against this site.yaml's peers")
     c.add_argument("--site", action="append", default=[], metavar="NAME",
                    help="a peer site name the policies may replicate to (repeatable; without "
                         "it or --config, target site names are not checked)")

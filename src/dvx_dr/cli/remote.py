@@ -10,11 +10,14 @@ routed to the site).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import socket as socketmod
 
 from dvx_dr.errors import DvxError, IntegrityError, TransientError, UserError
 from dvx_dr.replicator import adminwire
+from dvx_dr.site import lockfile
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing is not loaded at run time (see cli.replicate)
@@ -26,6 +29,13 @@ class RemoteError(DvxError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class SiteNotRunningError(UserError):
+    """No site listens on the admin socket: the file is not there, or it is one a site that
+    was killed (or crashed) left behind. The operator must start the site: exit 2, as for a
+    store that no site serves, not the ``TransientError`` of a site that stopped answering
+    in the middle of a command."""
 
 
 def _raise(answer: dict[str, Any]) -> None:
@@ -53,14 +63,38 @@ def _decode(raw: bytes, socket: str) -> dict[str, Any]:
                          f"{raw[:200]!r}")
 
 
+START = "start it with 'dvx-dr site serve --config site.yaml'"
+
+
+def connect(sock: socketmod.socket, socket: str) -> None:
+    """Connect ``sock`` to the admin socket at ``socket``. A site that does not run
+    (``SiteNotRunningError``) and a socket this user may not use (``UserError``) are said
+    in one line that says what to do (exit 2); anything else is a ``TransientError``."""
+    try:
+        sock.connect(socket)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise SiteNotRunningError(f"no site is running at {socket}: the admin socket does "
+                                      f"not exist; {START}") from None
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOTSOCK):
+            raise SiteNotRunningError(
+                f"no site is running at {socket}: nothing listens on the admin socket (a "
+                f"site that was killed or crashed leaves it behind); {START}") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise UserError(f"cannot reach the site at {socket}: "
+                            f"{lockfile.denied(socket, os.W_OK)}: run the command as the user "
+                            "the site runs as") from None
+        raise TransientError(f"cannot reach the running site at {socket}: {exc}") from None
+
+
 def call(socket: str, name: str, params: dict[str, Any] | None = None,
          on_line: Callable[[dict[str, Any]], None] | None = None) -> Any:
     """Send one request; feed the lines before the final one to ``on_line``; return the
     final line's result (or raise its error)."""
     sock = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
     try:
+        connect(sock, socket)
         try:
-            sock.connect(socket)
             # The site may answer (an error) before it has taken the whole request: read it.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(adminwire.request(name, params))
@@ -103,8 +137,8 @@ class Read:
                              "its answer (it may have stopped; see its log)")
         sock = socketmod.socket(socketmod.AF_UNIX, socketmod.SOCK_STREAM)
         try:
+            connect(sock, socket)
             try:
-                sock.connect(socket)
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     sock.sendall(adminwire.request("read", self.params))
                 answers = sock.makefile("rb")

@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dvx_dr.cli.context import add_store_args, new_password, password_source, store_path
+from dvx_dr.cli.context import (
+    add_store_args,
+    new_password,
+    password_source,
+    path_option,
+    store_path,
+)
 from dvx_dr.errors import UserError
 from dvx_dr.site.store import DEFAULT_BLOCK, Store
 from dvx_dr.units import parse_size
@@ -70,7 +76,8 @@ def _site_name(args: argparse.Namespace) -> str:
 
 def register_serve(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the site: peer API over mutual TLS, admin socket")
-    serve.add_argument("--config", type=Path, required=True, help="site.yaml")
+    serve.add_argument("--config", type=path_option("--config", "the site's site.yaml"),
+                       required=True, help="site.yaml")
     serve.add_argument("--password-file", type=Path, default=None,
                        help="store password (encrypted stores; without it the site opens with "
                             "its startup key, or starts locked until 'dvx-dr datastore "

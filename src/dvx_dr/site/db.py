@@ -11,11 +11,13 @@ complete tree nodes, see ``treeblobs``).
 Nothing here names a blob by its raw id: ``blobs.name`` is ``HMAC-SHA256(index key, id)`` on
 a store with keys (the raw id only on a store that never had encryption), ``blobs.sealed_id``
 is the id sealed with AES-GCM, and every other table refers to blobs by ``blobs.row``.
-Volume, snapshot and group names are not secret.
+Volume, snapshot and group names are not secret, but the file is its owner's alone (``MODE``,
+0600, whatever the umask), as are the log and index SQLite keeps next to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -191,7 +193,22 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+#: The database and the files SQLite keeps next to it (its write-ahead log and the log's
+#: index), which SQLite creates with the database's mode and owner.
+FILES = ("", "-wal", "-shm")
+#: The mode of the database: it names volumes, snapshots, groups and sites, and the store is
+#: its owner's alone (the store's other files are 0600, its directories 0700).
+MODE = 0o600
+
+
 def init_db(path: Path, meta: dict[str, str]) -> sqlite3.Connection:
+    # Made here, empty (SQLite takes an empty file as a new database), with MODE whatever
+    # the umask: SQLite would make it 0644 less the umask.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, MODE)
+    try:
+        os.fchmod(fd, MODE)
+    finally:
+        os.close(fd)
     db = connect(path)
     create_schema(db)  # executescript commits on its own
     rows = dict(meta, schema_version=str(SCHEMA_VERSION))
@@ -210,11 +227,28 @@ def _disk_full(path: Path) -> bool:
     return st.f_bavail * st.f_frsize < 1024 * 1024
 
 
+def restrict_mode(path: Path) -> None:
+    """Take from the database at ``path`` (and its log and index) any permission beyond
+    MODE that an older dvx-dr left (it made the database 0644 less the umask): quietly, and
+    never at the cost of the opening (a file this user may not change is left as it is)."""
+    for suffix in FILES:
+        name = f"{path}{suffix}"
+        with contextlib.suppress(OSError):
+            st = os.stat(name)
+            if st.st_mode & 0o7777 & ~MODE:
+                os.chmod(name, st.st_mode & MODE)
+
+
 def open_db(path: Path) -> sqlite3.Connection:
+    """Open the database of a store this process owns (to write it): its mode is restricted
+    first (``restrict_mode``), so that the log and index SQLite creates get that mode too."""
+    restrict_mode(path)
     try:
         db = connect(path)
         row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     except sqlite3.DatabaseError as exc:  # not a database, damaged, or not a file at all
+        if "readonly" in str(exc):
+            raise  # not damage: this user may not write it (the store says so in one line)
         if _disk_full(path):  # SQLite reports a full disk as an I/O error when it opens
             raise StoreFullError(f"store database {path} cannot be opened: the disk holding "
                                  "it is full; free some space and run the command again"

@@ -162,8 +162,14 @@ class Store:
         try:
             if path.exists() and any(path.iterdir()):
                 raise UserError(f"{path} is not empty; choose an empty or new directory")
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
             (path / "segments").mkdir(mode=0o700, exist_ok=True)
+            # Whatever the umask (or the mode of an empty directory given), the store is its
+            # owner's alone, as its files are (0600, store.db included: see ``db.init_db``);
+            # an empty directory given that another user owns keeps its mode.
+            (path / "segments").chmod(0o700)
+            with contextlib.suppress(PermissionError):
+                path.chmod(0o700)
         except OSError as exc:
             raise UserError(f"cannot make a store at {path}: {exc.strerror or exc}; choose "
                             "an empty or new directory") from None
@@ -196,11 +202,22 @@ class Store:
         given and valid (unlocked startup mode), else with ``password``, asked only then. With
         ``allow_locked`` and neither, the store opens locked (see ``locked``). ``derivation``
         may hold the password's KEK, derived while the caller loaded this code.
+
+        A store this user cannot write (another user's, a read-only file system) is refused
+        in one line (:class:`UserError`, see ``lockfile.check_access``): it needs write
+        access even to be read.
         """
         path = Path(path)
+        lockfile.check_access(path)
         if not (path / DB_NAME).exists():
             raise UserError(f"{path} is not a dvx-dr store (no {DB_NAME}); create one with "
                             "'dvx-dr site init'")
+        with _refused_as_user_error(path):
+            return cls._open(path, password, startup_key, allow_locked, derivation)
+
+    @classmethod
+    def _open(cls, path: Path, password: PasswordSource | None, startup_key: Path | None,
+              allow_locked: bool, derivation: KekDerivation | None) -> Store:
         lock_fd = lockfile.acquire(path)
         try:
             _scrub_keystore_leftovers(path / KEYSTORE_NAME)
@@ -231,7 +248,11 @@ class Store:
         except BaseException:
             os.close(lock_fd)
             raise
-        store._drop_unfinished_imports()
+        try:
+            store._drop_unfinished_imports()
+        except BaseException:
+            store.close()
+            raise
         make_reserve(path)
         return store
 
@@ -432,6 +453,25 @@ def release_reserve(path: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+@contextmanager
+def _refused_as_user_error(path: Path) -> Iterator[None]:
+    """A store file this user may not write, met although ``lockfile.check_access`` let the
+    store through (a file changed since, an ACL, a server that squashes root), is refused in
+    the same one line, not with a traceback."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "readonly" not in str(exc):
+            raise
+        raise UserError(lockfile.read_only_message(path) if lockfile.on_read_only_fs(path)
+                        else lockfile.refusal(path, PermissionError(
+                            errno.EACCES, str(exc), str(path / DB_NAME)))) from None
+    except OSError as exc:
+        if exc.errno not in lockfile.REFUSED:
+            raise
+        raise UserError(lockfile.refusal(path, exc)) from None
 
 
 def _is_disk_full(exc: BaseException) -> bool:

@@ -79,8 +79,8 @@ def test_status_command_loads_no_store_server_http_or_pydantic_code(tmp_path: Pa
     path = tmp_path / "site.yaml"
     path.write_text(SITE_YAML % "admin.sock")
     code, stderr, modules = loaded_modules(["status", "--config", str(path)])
-    assert code == 4, stderr  # TransientError: cannot reach the running site
-    assert "cannot reach the running site" in stderr
+    assert code == 2, stderr  # UserError: no site is running (no admin socket)
+    assert "no site is running at" in stderr
     assert heavy(modules) == []
 
 
@@ -127,7 +127,7 @@ def test_config_read_without_yaml_when_the_lock_file_confirms_it(
     serving(path, store, expected)
     assert socket_from_config(path) == expected
     code, stderr, modules = loaded_modules(["status", "--config", str(path)])
-    assert code == 4, stderr  # the socket it found has no site listening
+    assert code == 2, stderr  # the socket it found has no site listening: none is running
     assert expected in stderr
     assert "yaml" not in modules
 
