@@ -86,7 +86,10 @@ def read_password_file(path: Path) -> str:
         raise UserError(f"cannot read password file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise UserError(f"password file {path} is not UTF-8 text") from None
-    password = text.splitlines()[0] if text else ""
+    # The first line, ended by a newline only (or CR LF), as a terminal ends what getpass
+    # reads: str.splitlines would also end it at a form feed, U+0085 or U+2028, and cut a
+    # password there without a word.
+    password = text.split("\n", 1)[0].removesuffix("\r")
     if not password:
         raise UserError(f"password file {path} is empty")
     return password

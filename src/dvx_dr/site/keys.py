@@ -31,6 +31,7 @@ the same ``ops`` names). What each one writes, and why a crash at any point is s
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -42,9 +43,22 @@ from dvx_dr.errors import KeysDestroyedError, StoreFullError, StoreLockedError, 
 from dvx_dr.site import db as dbmod
 from dvx_dr.site import gc
 from dvx_dr.site.crypto import IndexKeys, NoIndexKeys, new_index_key, new_tek
-from dvx_dr.site.keystore import KeyMaterial, Keystore, scrub_file, scrub_leftovers, write_atomic
+from dvx_dr.site.keystore import (
+    KeyMaterial,
+    Keystore,
+    destroy_key_file,
+    scrub_file,
+    write_atomic,
+)
 from dvx_dr.site.segments import fsync_dir
-from dvx_dr.site.store import KEYSTORE_NAME, STARTUP_KEY_BYTES, Store, read_startup_key
+from dvx_dr.site.store import (
+    ERASE_PENDING,
+    KEYSTORE_NAME,
+    STARTUP_KEY_BYTES,
+    Store,
+    finish_erase,
+    read_startup_key,
+)
 from dvx_dr.units import format_size
 
 FIPS_MODES = ("off", "approved", "validated")
@@ -324,7 +338,7 @@ def _apply_startup_mode(store: Store, mode: str, startup_key: Path | None, doome
     else:
         store.keystore.set_startup_key(keys, None)
         for path in doomed:
-            destroy_file(path, STARTUP_KEY_BYTES)
+            destroy_key_file(path, STARTUP_KEY_BYTES)
         with store.transaction() as db:
             dbmod.delete_meta(db, "startup_key")
     return {"startup_mode": mode, "startup_key": str(startup_key) if mode == "unlocked" else None}
@@ -379,16 +393,17 @@ def crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,
         with store.transaction() as db:
             dbmod.set_meta(db, "keys_destroyed", "1")
             dbmod.set_meta(db, "encryption", "off")
+            # What is left to destroy: a crash before the end has the store finish it when
+            # it next opens (``store.finish_erase``).
+            dbmod.set_meta(db, ERASE_PENDING, json.dumps(sorted(str(p) for p in doomed)))
         # From here on the store names, writes and reads nothing: an inbound transfer or an
         # import still under way fails at its next batch instead of going on in the clear.
         store.keys = None
         store.keystore = None
         store.blobs.cipher = None
-        store.blobs.index = NoIndexKeys(lambda: KeysDestroyedError(
-            "keys destroyed: this store's keys were crypto-erased; it takes no new data"))
+        store.blobs.index = NoIndexKeys(store.keyless_error)
         store.blobs.pages.clear()  # what was encrypted is not to be read from memory either
-        for path in sorted({store.path / KEYSTORE_NAME, *doomed}):
-            destroy_file(path, None if path.name == KEYSTORE_NAME else STARTUP_KEY_BYTES)
+        finish_erase(store.path, store.db, doomed)
         deleted = 0
         if delete_plain:
             deleted = _delete_all_data(store)
@@ -422,13 +437,6 @@ def _refuse_unless_startup_key(store: Store, path: Path, fate: str) -> None:
         raise UserError(f"{path} is not a startup key (not a file of {STARTUP_KEY_BYTES} "
                         f"bytes), so it is not {fate} and nothing was changed; the recorded "
                         f"startup key is {recorded or 'none'}")
-
-
-def destroy_file(path: Path, size: int | None) -> None:
-    """Overwrite a key file with random bytes, fsync, delete; also the leftovers of an
-    interrupted write of it that are regular files (of ``size`` bytes, when given)."""
-    scrub_file(path)
-    scrub_leftovers(path, size)
 
 
 def _delete_all_data(store: Store) -> int:

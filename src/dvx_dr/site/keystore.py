@@ -365,6 +365,13 @@ def scrub_leftovers(path: Path, size: int | None = None) -> None:
                 scrub_file(leftover)
 
 
+def destroy_key_file(path: Path, size: int | None) -> None:
+    """Overwrite a key file with random bytes, fsync, delete; also the leftovers of an
+    interrupted write of it that are regular files (of ``size`` bytes, when given)."""
+    scrub_file(path)
+    scrub_leftovers(path, size)
+
+
 def scrub_file(path: Path) -> None:
     """Overwrite a file with random bytes, fsync, delete it and fsync its directory. Only a
     regular file: a link is not followed (its target is not a key of ours), nor is anything

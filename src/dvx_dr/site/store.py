@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -47,13 +48,21 @@ from dvx_dr.errors import (
 from dvx_dr.site import db as dbmod
 from dvx_dr.site import lockfile
 from dvx_dr.site.blobs import BlobStore
-from dvx_dr.site.crypto import ExtentCipher, IndexKeys, PlainIndex, new_index_key, new_tek
+from dvx_dr.site.crypto import (
+    ExtentCipher,
+    IndexKeys,
+    NoIndexKeys,
+    PlainIndex,
+    new_index_key,
+    new_tek,
+)
 from dvx_dr.site.kdf import NAME as KEYSTORE_NAME
 from dvx_dr.site.keystore import (
     KekDerivation,
     KeyMaterial,
     Keystore,
     check_password_strength,
+    destroy_key_file,
     scrub_file,
     scrub_leftovers,
 )
@@ -76,6 +85,23 @@ PIN_IDLE = 600.0
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 PasswordSource = Callable[[], str]
+
+
+#: Store metadata key: the startup key files (a JSON list) a crypto erase has still to
+#: destroy, besides the keystore, from its commit until it has destroyed them.
+ERASE_PENDING = "erase_pending"
+
+
+def finish_erase(path: Path, db: sqlite3.Connection, startup_keys: Iterable[Path] = ()
+                 ) -> None:
+    """Destroy the keystore and the startup key files of a crypto erase (``startup_keys``,
+    or those it recorded before a crash interrupted it), then record that it is done."""
+    pending = dbmod.get_meta(db, ERASE_PENDING)
+    doomed = {*map(Path, json.loads(pending) if pending else []), *startup_keys}
+    destroy_key_file(path / KEYSTORE_NAME, None)
+    for key in sorted(doomed):
+        destroy_key_file(key, STARTUP_KEY_BYTES)
+    dbmod.delete_meta(db, ERASE_PENDING)  # one statement: committed on its own
 
 
 def now_iso() -> str:
@@ -116,6 +142,8 @@ class Store:
         self.blobs = BlobStore(db, self.writer, self.reader, PlainIndex(), None, self.pool)
         if keys is not None:
             self.install_keys(keys)
+        elif self.keyed:  # locked, or crypto-erased: nothing is named or written keyless
+            self.blobs.index = NoIndexKeys(self.keyless_error)
         self.apply_write_setting()
 
     @property
@@ -127,6 +155,13 @@ class Store:
     def locked(self) -> bool:
         """An encrypted store whose keys are not unwrapped yet: only status and unlock work."""
         return self.keyed and self.keys is None
+
+    def keyless_error(self) -> KeysDestroyedError | StoreLockedError:
+        """What refuses a use of the store's keys while it has none in memory."""
+        if self.meta("keys_destroyed") == "1":
+            return KeysDestroyedError("keys destroyed: this store's keys were crypto-erased; "
+                                      "it takes no new data")
+        return StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
 
     def install_keys(self, keys: KeyMaterial) -> None:
         self.keys = keys
@@ -225,6 +260,8 @@ class Store:
             db = using_reserve(path, lambda: dbmod.open_db(path / DB_NAME))
             keys = keystore = None
             destroyed = dbmod.get_meta(db, "keys_destroyed") == "1"
+            if destroyed and dbmod.get_meta(db, ERASE_PENDING) is not None:
+                finish_erase(path, db)  # a crypto erase a crash interrupted
             if destroyed and not allow_locked:
                 raise KeysDestroyedError(
                     f"keys destroyed: store {path} was crypto-erased and its encrypted "

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from dvx_dr.errors import UserError
+from dvx_dr.errors import KeysDestroyedError, StoreLockedError, UserError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site import keys
+from dvx_dr.site import store as store_module
 from dvx_dr.site.keystore import Keystore, write_atomic
 from dvx_dr.site.store import KEYSTORE_NAME, STARTUP_KEY_BYTES, Store
 from tests.conftest import PASSWORD
@@ -116,3 +117,48 @@ def test_a_key_write_does_not_follow_a_link_in_the_way(tmp_path: Path) -> None:
         write_atomic(key, os.urandom(STARTUP_KEY_BYTES))
     assert image.read_bytes() == before and key.read_bytes() == old_key
     assert not (tmp_path / "startup.key.tmp").exists()
+
+
+def test_a_crypto_erase_a_crash_interrupted_is_finished_when_the_store_opens(
+        new_store: Callable[..., Store], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    store = new_store()
+    key = tmp_path / "startup.key"
+    keys.set_modes(store, None, PASSWORD, "unlocked", key)
+    keystore = store.path / KEYSTORE_NAME
+
+    def crash(path: Path, size: int | None) -> None:
+        raise Crash
+
+    monkeypatch.setattr(store_module, "destroy_key_file", crash)
+    with pytest.raises(Crash):
+        keys.crypto_erase(store, "site-a")
+    monkeypatch.undo()
+    store.close()
+    assert keystore.exists() and key.exists()  # what the crash left: keys still unwrappable
+
+    with pytest.raises(KeysDestroyedError):
+        Store.open(store.path, lambda: PASSWORD)
+    assert not keystore.exists() and not key.exists()
+    erased = Store.open(store.path, allow_locked=True)
+    try:
+        assert erased.meta(store_module.ERASE_PENDING) is None
+        assert keys.status(erased)["keys_destroyed"]
+    finally:
+        erased.close()
+
+
+def test_a_locked_store_names_and_writes_nothing(new_store: Callable[..., Store]) -> None:
+    """Without its keys a keyed store had an index of raw ids: a write that got through
+    would have put plaintext-derived names on disk, unencrypted."""
+    store = new_store()
+    path = store.path
+    store.close()
+    locked = Store.open(path, allow_locked=True)
+    try:
+        assert locked.locked
+        with pytest.raises(StoreLockedError), locked.transaction():
+            locked.blobs.put_many([b"written while locked"])
+        assert locked.db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0] == 0
+    finally:
+        locked.close()
