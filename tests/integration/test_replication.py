@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 import zstandard
 
-from dvx_dr.replicator import protocol
+from dvx_dr.replicator import listener, protocol
 from dvx_dr.replicator.peer import PREFIX
 from dvx_dr.replicator.receiver import MAX_SESSIONS
 from dvx_dr.replicator.tls import client_context
@@ -501,6 +501,33 @@ def test_peers_with_wrong_or_missing_certificates_are_refused_and_logged(
 
     assert b.snapshots() == []
     assert b.json("status")["sessions"] == 1  # only the session the valid client opened
+
+
+def test_a_stranger_cannot_hold_connections_a_peer_can(two_sites: Sites) -> None:
+    """A certificate from the CA that names no configured peer (a retired site, say) had its
+    idle connections held for ever, so it could take the site's file descriptors. Now such a
+    connection closes NON_PEER_SECONDS after its handshake; a peer's stays open."""
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    stranger_cert, stranger_key = two_sites.issue("site-c")
+    socks = {}
+    for who, context in (("stranger", tls_client(b.ca, stranger_cert, stranger_key)),
+                         ("peer", tls_client(b.ca, a.cert, a.key))):
+        raw = socket.create_connection((HOST, b.port), timeout=5)
+        socks[who] = context.wrap_socket(raw, server_hostname="site-b")
+    try:
+        since = time.monotonic()
+        socks["stranger"].settimeout(listener.NON_PEER_SECONDS + 10)
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            assert socks["stranger"].recv(1) == b""  # closed by the site
+        waited = time.monotonic() - since
+        assert listener.NON_PEER_SECONDS - 2 < waited < listener.NON_PEER_SECONDS + 5, waited
+        socks["peer"].settimeout(1)
+        with pytest.raises(TimeoutError):
+            socks["peer"].recv(1)  # still open, nothing to read
+    finally:
+        for sock in socks.values():
+            sock.close()
+    assert "TLS connection from" in b.log() and "site-c" in b.log()
 
 
 # -- malformed sessions --------------------------------------------------------------------------

@@ -34,23 +34,44 @@ def describe_handshake_error(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
+#: Seconds a connection whose certificate names no configured peer stays open: long enough
+#: for one request to get its "not a configured peer" answer, so that the other site's
+#: operator reads the reason, but a stranger cannot hold connections (file descriptors).
+NON_PEER_SECONDS = 10.0
+
+
 class _LoggingTLSProtocol(sslproto.SSLProtocol):
+    check: Callable[[ssl.SSLObject], object] | None = None
+
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        transport = self._transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
         if handshake_exc is not None:
-            transport = self._transport
-            peer = transport.get_extra_info("peername") if transport is not None else None
             log.warning("refused TLS connection from %s: %s", peer,
                         describe_handshake_error(handshake_exc))
+        elif self.check is not None and (ssl_object := getattr(self, "_sslobj", None)):
+            try:
+                self.check(ssl_object)
+            except Exception as exc:
+                log.warning("TLS connection from %s: %s; it is closed in %.0f s", peer, exc,
+                            NON_PEER_SECONDS)
+                if transport is not None:
+                    self._loop.call_later(NON_PEER_SECONDS, transport.close)
         super()._on_handshake_complete(handshake_exc)
 
 
 async def start(factory: Callable[[], asyncio.Protocol], host: str, port: int,
-                context: ssl.SSLContext) -> asyncio.Server:
-    """Listen on ``host:port``; each connection is TLS-wrapped around ``factory()``."""
+                context: ssl.SSLContext,
+                check: Callable[[ssl.SSLObject], object] | None = None) -> asyncio.Server:
+    """Listen on ``host:port``; each connection is TLS-wrapped around ``factory()``. A
+    connection whose peer ``check`` refuses (it raises) is closed ``NON_PEER_SECONDS`` after
+    its handshake."""
     loop = asyncio.get_running_loop()
 
     def protocol() -> asyncio.BaseProtocol:
-        return _LoggingTLSProtocol(loop, factory(), context, None,  # type: ignore[arg-type]
-                                   server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        tls = _LoggingTLSProtocol(loop, factory(), context, None,  # type: ignore[arg-type]
+                                  server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        tls.check = check
+        return tls
 
     return await loop.create_server(protocol, host, port, reuse_address=True)

@@ -20,6 +20,7 @@ import contextlib
 import datetime as dt
 import gc as pygc
 import itertools
+import json
 import logging
 import os
 import signal
@@ -283,10 +284,28 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
 # -- peer API -------------------------------------------------------------------------------
 
 
+#: Seconds a peer has to send a whole request body (sessions, have, retention; a blob stream
+#: has its own idle limit). aiohttp puts no limit on a body in progress: a peer that stops
+#: halfway would hold its connection and buffer for ever.
+BODY_SECONDS = 60.0
+#: Seconds between requests before an idle peer connection is closed.
+KEEPALIVE_SECONDS = 75.0
+
+
+async def _body(request: web.Request) -> bytes:
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            return await request.read()
+    except TimeoutError:
+        raise ProtocolError(f"the request body did not arrive within {BODY_SECONDS:.0f} s"
+                            ) from None
+
+
 async def _json_object(request: web.Request, what: str) -> dict[str, Any]:
     """The request's body, which must be a JSON object (``what`` names the request)."""
+    raw = await _body(request)
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json parses
         raise ProtocolError(f"{what} is not JSON (or is nested too deeply)") from None
     if not isinstance(body, dict):
@@ -303,7 +322,7 @@ async def open_session(request: web.Request) -> web.Response:
 
 async def have(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    body = await request.read()
+    body = await _body(request)
     level = protocol.decode_level(request.query.get("level"))
     sid = request.match_info["sid"]
     with service.store.store.pin_busy(sid):
@@ -450,7 +469,8 @@ async def serve(config: SiteConfig, config_path: Path | None,
                     service.certificate_ends["ca"].date())
     store.announce(str(config.admin_socket))
     await service.start_http(client_ssl)
-    peer_runner = web.AppRunner(create_app(service), access_log=None)
+    peer_runner = web.AppRunner(create_app(service), access_log=None,
+                                keepalive_timeout=KEEPALIVE_SECONDS)
     listening: asyncio.Server | None = None
     admin_server = admin.AdminServer(service)
     metrics_runner: web.AppRunner | None = None
@@ -463,8 +483,9 @@ async def serve(config: SiteConfig, config_path: Path | None,
     try:
         await peer_runner.setup()
         assert peer_runner.server is not None
-        listening = await listener.start(peer_runner.server, config.listen.host,
-                                         config.listen.port, peer_ssl)
+        listening = await listener.start(
+            peer_runner.server, config.listen.host, config.listen.port, peer_ssl,
+            lambda ssl_object: check_peer(ssl_object, set(service.config.peers)))
         sock = config.admin_socket
         await admin_server.start(sock)
         if config.metrics_listen is not None:
