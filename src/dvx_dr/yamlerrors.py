@@ -25,10 +25,19 @@ Contract for models loaded this way:
   allowed at that place.
 
 Duplicate keys in a mapping are an error too (PyYAML would silently keep the last one).
+
+Whatever the file holds, the outcome is the model or one :class:`UserError`, never another
+exception: a byte that is not UTF-8, a character YAML does not allow (a NUL, a form feed, an
+escape) and a value PyYAML cannot construct (``2024-13-01``) are reported with their line. The
+file is bounded before and while it is parsed: at most ``max_bytes`` bytes (checked before
+parsing), at most ``_MAX_NODES`` values and ``_MAX_DEPTH`` levels of nesting (checked while
+composing, and again once aliases are expanded), so that no file can hold a site's event loop
+for long or fill its memory.
 """
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from pathlib import Path
@@ -51,25 +60,35 @@ _MAX_INPUT_REPR = 60
 #: Bounds on a configuration document (see ``_check_size``).
 _MAX_NODES = 100_000
 _MAX_DEPTH = 50
+#: The largest file read, by default (site.yaml); callers pass their own (a policy file).
+MAX_FILE_BYTES = 1024 * 1024
+#: Line breaks as YAML counts them (after ``\r\n`` and ``\r`` are read as ``\n``).
+_YAML_BREAKS = "\n\x85\u2028\u2029"
+#: Names of the characters PyYAML refuses that an editor or a copy can put in a file.
+_CHARACTER_NAMES = {
+    0x00: "NUL", 0x07: "bell, ^G", 0x08: "backspace, ^H", 0x0B: "vertical tab, ^K",
+    0x0C: "form feed, ^L", 0x1B: "escape, ^[", 0x7F: "delete, DEL",
+}
 
 
-def load_yaml_model(path: Path, model_cls: type[M], *, kind: str = "") -> M:
+def load_yaml_model(path: Path, model_cls: type[M], *, kind: str = "",
+                    max_bytes: int = MAX_FILE_BYTES) -> M:
     """Read ``path``, parse it as YAML and validate it as ``model_cls``.
 
     ``kind`` is an optional word put before the file name in messages (``"policy"`` gives
-    ``"policy finance.yaml line 7: ..."``). Raises :class:`UserError` for an unreadable file,
-    malformed YAML, duplicate keys, or data the model rejects; the message names the file, the
-    line and the field.
+    ``"policy finance.yaml line 7: ..."``). Raises :class:`UserError` for an unreadable file, a
+    file larger than ``max_bytes``, malformed YAML, duplicate keys, or data the model rejects;
+    the message names the file, the line and the field.
     """
-    return load_yaml_model_and_nodes(path, model_cls, kind=kind)[0]
+    return load_yaml_model_and_nodes(path, model_cls, kind=kind, max_bytes=max_bytes)[0]
 
 
-def load_yaml_model_and_nodes(path: Path, model_cls: type[M], *, kind: str = ""
-                              ) -> tuple[M, yaml.Node]:
+def load_yaml_model_and_nodes(path: Path, model_cls: type[M], *, kind: str = "",
+                              max_bytes: int = MAX_FILE_BYTES) -> tuple[M, yaml.Node]:
     """``load_yaml_model``, and the node tree the model was read from (for the line numbers
     of later checks: from the same reading of the file, however it changes meanwhile)."""
     where = f"{kind} {path}" if kind else str(path)
-    text = _read_text(path, where)
+    text = _read_text(path, where, max_bytes, f"{kind} file" if kind else "configuration file")
     root, data = _parse(text, where)
     _check_duplicate_keys(root, where)
     try:
@@ -77,6 +96,14 @@ def load_yaml_model_and_nodes(path: Path, model_cls: type[M], *, kind: str = ""
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, root, model_cls, where)) from None
     return model, root
+
+
+def load_yaml_data(path: Path, *, kind: str = "", max_bytes: int = MAX_FILE_BYTES) -> Any:
+    """The plain data of ``path`` (no model), read and parsed within the same bounds and with
+    the same errors as :func:`load_yaml_model`."""
+    where = f"{kind} {path}" if kind else str(path)
+    text = _read_text(path, where, max_bytes, f"{kind} file" if kind else "configuration file")
+    return _parse(text, where)[1]
 
 
 def format_validation_error(
@@ -98,10 +125,12 @@ def format_validation_error(
 
 
 def line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
-    """1-based line of the deepest node along ``loc``; None if not even the first step exists.
+    """1-based line of the deepest node along ``loc``; None only without a node tree.
 
     For a mapping entry the key's line is used; ``"[key]"`` (an error about a dict key) stays on
-    the key. Steps that do not exist in the file (a missing field) leave the last node found.
+    the key. Steps that do not exist in the file (a missing field) leave the last node found;
+    when not even the first step exists (a missing top-level field), that is the line where
+    the document's mapping starts.
     """
     if root is None:
         return None
@@ -117,7 +146,7 @@ def line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
             break
         found = child_key or child
         node = child
-    return found.start_mark.line + 1 if found is not None else None
+    return (found or root).start_mark.line + 1
 
 
 def format_loc(loc: tuple[int | str, ...]) -> str:
@@ -133,29 +162,101 @@ def format_loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _read_text(path: Path, where: str) -> str:
+def _read_text(path: Path, where: str, max_bytes: int, noun: str) -> str:
+    """The file's text, with line ends as Python's text mode reads them. A file larger than
+    ``max_bytes`` is refused before its text is decoded or parsed."""
     try:
-        return path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            data = f.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                size = os.fstat(f.fileno()).st_size
+                said = f"{size} bytes" if size > max_bytes else f"more than {max_bytes} bytes"
+                raise UserError(f"{where} is {said}; a {noun} may hold at most "
+                                f"{_format_bytes(max_bytes)}")
     except FileNotFoundError:
         raise UserError(f"{where}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{where}: is a directory, expected a YAML file") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{where}: not UTF-8 text (bad byte at offset {exc.start})") from None
     except OSError as exc:
         raise UserError(f"{where}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = len(data[line_start:exc.start].decode("utf-8")) + 1  # valid up to there
+        raise UserError(
+            f"{where} line {line}: not UTF-8 text: byte 0x{data[exc.start]:02x} at column "
+            f"{column}; save the file as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _format_bytes(size: int) -> str:
+    """1048576 -> ``"1 MiB"``, 262144 -> ``"256 KiB"``, 1000 -> ``"1000 bytes"``."""
+    for unit, scale in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} bytes"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, bounded while it composes (``_MAX_NODES`` values, ``_MAX_DEPTH``
+    levels: a large file is refused part way, not after minutes of parsing), and with every
+    construction error marked with its node's place."""
+
+    def __init__(self, text: str, where: str) -> None:
+        super().__init__(text)
+        self._where = where
+        self._nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._nodes += 1
+        self._depth += 1
+        try:
+            if self._nodes > _MAX_NODES or self._depth > _MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                if self._depth > _MAX_DEPTH:
+                    raise UserError(f"{self._where} line {line}: nested more than "
+                                    f"{_MAX_DEPTH} levels deep")
+                raise UserError(f"{self._where} line {line}: more than {_MAX_NODES} values "
+                                f"(a file may hold at most {_MAX_NODES})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+            # PyYAML lets these through for a value it recognises but cannot build:
+            # "2024-13-01" (a date with month 13), "!!int abc", "!!timestamp x".
+            why = f" ({exc})" if isinstance(exc, ValueError) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {_short_repr(node.value)} as {_tag_name(node.tag)}"
+                f"{why}", node.start_mark) from None
+
+
+def _tag_name(tag: str) -> str:
+    """``"tag:yaml.org,2002:timestamp"`` -> ``"a timestamp"``."""
+    name = tag.rsplit(":", 1)[-1]
+    return f"an {name}" if name[:1] in "aeiou" else f"a {name}"
 
 
 def _parse(text: str, where: str) -> tuple[yaml.Node, Any]:
     """Compose the node tree (for line numbers) and construct the data from that same tree."""
-    loader = yaml.SafeLoader(text)
+    loader: _Loader | None = None
     try:
+        # The loader refuses a character YAML does not allow as soon as it is made.
+        loader = _Loader(text, where)
         root = loader.get_single_node()
         if root is not None:
             _check_size(root, where)
         data = loader.construct_document(root) if root is not None else None
     except RecursionError:
         raise UserError(f"{where}: not valid YAML: nested too deeply") from None
+    except yaml.reader.ReaderError as exc:
+        raise UserError(_unacceptable_character(exc, text, where)) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -164,10 +265,33 @@ def _parse(text: str, where: str) -> tuple[yaml.Node, Any]:
     except yaml.YAMLError as exc:
         raise UserError(f"{where}: not valid YAML: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if root is None:
         raise UserError(f"{where}: the file is empty, expected a mapping of fields")
     return root, data
+
+
+def _unacceptable_character(exc: yaml.reader.ReaderError, text: str, where: str) -> str:
+    """``<where> line 3 column 9: not valid YAML: unacceptable character #x000c (form feed,
+    ^L); remove it``."""
+    position = exc.position if isinstance(exc.position, int) else -1
+    if not 0 <= position < len(text):
+        return f"{where}: not valid YAML: {exc}"
+    code = ord(text[position])
+    before = text[:position]
+    line = sum(before.count(c) for c in _YAML_BREAKS) + 1
+    column = position - max(before.rfind(c) for c in _YAML_BREAKS)
+    if code in _CHARACTER_NAMES:
+        name = _CHARACTER_NAMES[code]
+    elif code < 0x20:
+        name = f"control character ^{chr(code + 0x40)}"
+    elif 0x80 <= code < 0xA0:
+        name = "C1 control character"
+    else:
+        name = "not allowed in YAML"
+    return (f"{where} line {line} column {column}: not valid YAML: unacceptable character "
+            f"#x{code:04x} ({name}); remove it")
 
 
 def _check_size(root: yaml.Node, where: str) -> None:

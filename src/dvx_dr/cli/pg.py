@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dvx_dr.cli import remote
 from dvx_dr.cli.common import print_json, print_table
 from dvx_dr.cli.context import add_store_args, path_option, run_op
@@ -65,7 +63,7 @@ def register(groups: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from dvx_dr.policies.loader import POLICY_SUFFIXES, load_policy_file
+    from dvx_dr.policies.loader import load_policy_file, named_sites, policy_files
 
     peers = set(args.site)
     files = list(args.files)
@@ -78,9 +76,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             if config.policy_dir is None or not config.policy_dir.is_dir():
                 raise UserError(f"{args.config} names no policy directory that exists "
                                 f"({config.policy_dir}); name the policy files to check")
-            files = sorted(p for p in config.policy_dir.iterdir()
-                           if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".")
-                           and p.is_file())
+            files = policy_files(config.policy_dir)
     elif not files:
         raise UserError("name the policy files to check, or pass --config site.yaml to check "
                         "its policy directory")
@@ -92,13 +88,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             if not checked:
                 # Without --site or --config, any target name is accepted: read the names
                 # from the file. Anything odd is left to the loader below, which names it.
-                try:
-                    doc = yaml.safe_load(path.read_bytes())
-                except (OSError, yaml.YAMLError, RecursionError):
-                    doc = None
-                targets = doc.get("replication") if isinstance(doc, dict) else None
-                sites = {str(t.get("site")) for t in targets if isinstance(t, dict)
-                         } if isinstance(targets, list) else set()
+                sites = named_sites(path)
             policy = load_policy_file(path, sites)
         except DvxError as exc:
             print(f"dvx-dr: error: {exc}", file=sys.stderr)

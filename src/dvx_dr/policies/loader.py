@@ -9,6 +9,10 @@ one file never unloads the others. Across files, two rules hold:
 - A volume belongs to at most one PG: a file whose members claim a volume that an earlier file
   already claimed is rejected.
 
+A policy file holds at most ``MAX_POLICY_BYTES`` bytes; a larger one is refused before it is
+parsed. A ``*.yaml`` entry that is a symbolic link to nothing (an unmounted share, a moved
+file) is an error for that file, not a file that is not there.
+
 Every error names the file, the line and the field and says what was expected::
 
     policy pols/finance.yaml line 7: replication[0].rpo: expected a duration like 15m, got 'soon'
@@ -19,6 +23,7 @@ walking the file's YAML node tree along the field's path.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence, Set
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -27,9 +32,11 @@ import yaml
 
 from dvx_dr.errors import NotFoundError, UserError
 from dvx_dr.policies.model import Loc, Policy
-from dvx_dr.yamlerrors import load_yaml_model_and_nodes
+from dvx_dr.yamlerrors import load_yaml_data, load_yaml_model_and_nodes
 
 POLICY_SUFFIXES = (".yaml", ".yml")
+#: The largest policy file read: a policy is a few kilobytes; a megabyte took PyYAML seconds.
+MAX_POLICY_BYTES = 256 * 1024
 
 
 class PolicyError(UserError):
@@ -62,11 +69,7 @@ def load_policy_dir(
     if not directory.is_dir():
         raise NotFoundError(f"policy directory {directory} does not exist")
     order = {path: n for n, path in enumerate(first)}
-    paths = sorted(
-        (p for p in directory.iterdir()
-         if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".") and p.is_file()),
-        key=lambda p: (order.get(p, len(order)), p),
-    )
+    paths = sorted(policy_files(directory), key=lambda p: (order.get(p, len(order)), p))
     policies: dict[str, Policy] = {}
     files = {} if files is None else files  # PG name -> its file
     owners: dict[str, str] = {}  # volume -> PG name
@@ -111,6 +114,29 @@ def load_policy_dir(
     return policies, errors
 
 
+def policy_files(directory: Path) -> list[Path]:
+    """The policy files of ``directory``, by name: its ``*.yaml`` and ``*.yml`` files, not
+    hidden ones (editor swap files), and the links among them that lead nowhere (so that
+    loading them reports it)."""
+    return sorted(p for p in directory.iterdir()
+                  if p.suffix in POLICY_SUFFIXES and not p.name.startswith(".")
+                  and (p.is_file() or p.is_symlink() and not p.exists()))
+
+
+def named_sites(path: Path) -> set[str]:
+    """The target site names a policy file gives, read within the same bounds as a policy
+    (to check a file without knowing the peers); empty when the file cannot be read, which
+    :func:`load_policy_file` then reports."""
+    try:
+        doc = load_yaml_data(path, kind="policy", max_bytes=MAX_POLICY_BYTES)
+    except UserError:
+        return set()
+    targets = doc.get("replication") if isinstance(doc, dict) else None
+    if not isinstance(targets, list):
+        return set()
+    return {str(t.get("site")) for t in targets if isinstance(t, dict)}
+
+
 def members_of(policy: Policy, volumes: list[str]) -> list[str]:
     """The ``volumes`` in ``policy``'s group, in the order given. Member globs apply in order:
     a glob adds the volumes it matches, a glob with a leading ``!`` removes them again. Globs are
@@ -132,9 +158,28 @@ def _claiming_glob(policy: Policy, volume: str) -> int:
     raise AssertionError(f"{volume!r} is not a member of {policy.name!r}")
 
 
-def _load(path: Path, known_sites: Set[str]) -> tuple[Policy, yaml.Node]:
+def _check_link(path: Path) -> None:
+    """Raise :class:`PolicyError` when ``path`` is a symbolic link that leads nowhere."""
+    if not path.is_symlink():
+        return
     try:
-        policy, root = load_yaml_model_and_nodes(path, Policy, kind="policy")
+        path.stat()
+    except OSError as exc:
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        why = "which does not exist" if isinstance(exc, FileNotFoundError) else (
+            f"which cannot be followed: {exc.strerror or exc}")
+        raise PolicyError(path, f"policy {path} is a symbolic link to {target}, {why}"
+                          ) from None
+
+
+def _load(path: Path, known_sites: Set[str]) -> tuple[Policy, yaml.Node]:
+    _check_link(path)
+    try:
+        policy, root = load_yaml_model_and_nodes(path, Policy, kind="policy",
+                                                 max_bytes=MAX_POLICY_BYTES)
     except UserError as exc:
         raise PolicyError(path, str(exc)) from None
     problems = policy.check(known_sites)

@@ -478,16 +478,32 @@ class Policy(_Model):
                     "(plaintext transfer has no peer authentication and is not offered)",
                 ))
 
-            gap, field, schedule = snapshot_gap, "snapshot.schedule", self.snapshot.schedule
-            if isinstance(target.schedule, Schedule):
-                target_gap = target.schedule.max_interval_seconds()
-                if target_gap > gap:
-                    gap, field, schedule = target_gap, f"replication[{i}].schedule", target.schedule
-            if target.rpo < gap:
-                every = format_duration(gap)
-                message = (
-                    f"expected at least {every}, as {field} {schedule.text!r} leaves up to "
-                    f"{every} between runs, got {format_duration(target.rpo)}"
-                )
-                problems.append((("replication", i, "rpo"), message))
+            rpo_problem = self._rpo_problem(i, target, snapshot_gap)
+            if rpo_problem is not None:
+                problems.append((("replication", i, "rpo"), rpo_problem))
         return problems
+
+    def _rpo_problem(self, i: int, target: ReplicationTarget, snapshot_gap: float
+                     ) -> str | None:
+        """Why target ``i``'s RPO cannot be met, or None. After each snapshot, the data at
+        the target can get as old as the longest gap between snapshots. On a schedule of its
+        own, a transfer sends the newest snapshot, which may be up to a snapshot gap old when
+        it runs, and the next transfer comes up to a target gap later: the worst case is the
+        sum of the two longest gaps (intervals start when the policy loads, so any phase
+        between the two schedules occurs; for two cron schedules it is an upper bound)."""
+        rpo = format_duration(target.rpo)
+        snapshot = f"snapshot.schedule {self.snapshot.schedule.text!r}"
+        if not isinstance(target.schedule, Schedule):
+            if target.rpo >= snapshot_gap:
+                return None
+            every = format_duration(snapshot_gap)
+            return (f"expected at least {every}, as {snapshot} leaves up to {every} between "
+                    f"runs, got {rpo}")
+        target_gap = target.schedule.max_interval_seconds()
+        if target.rpo >= snapshot_gap + target_gap:
+            return None
+        return (f"expected at least {format_duration(snapshot_gap + target_gap)}, as {snapshot} "
+                f"leaves up to {format_duration(snapshot_gap)} between runs and "
+                f"replication[{i}].schedule {target.schedule.text!r} up to "
+                f"{format_duration(target_gap)}, and the newest replica's data can get as old as "
+                f"both together, got {rpo}")

@@ -16,7 +16,8 @@ Example (relative paths are taken relative to the directory holding ``site.yaml`
       site-b: https://10.0.0.2:8443
 
 The file is loaded once, at the entry point, with :func:`load_site_config`; errors name the file,
-the line and the field (see :mod:`dvx_dr.yamlerrors`).
+the line and the field (see :mod:`dvx_dr.yamlerrors`). It may hold at most ``MAX_SITE_FILE_BYTES``
+bytes; a larger file is refused before it is parsed.
 
 The site-name rule lives here, at the bottom of the layering, because the replicator's PKI (which
 writes site names into certificates) and the CLI both need it.
@@ -45,6 +46,9 @@ from dvx_dr.yamlerrors import BASE_DIR, load_yaml_model
 
 _SITE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 SITE_NAME_RULE = "1-63 lowercase letters, digits and hyphens, starting with a letter or digit"
+
+#: The largest site.yaml read (one is a few hundred bytes; a megabyte of YAML takes seconds).
+MAX_SITE_FILE_BYTES = 1024 * 1024
 
 # Linux's sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
@@ -215,4 +219,4 @@ class SiteConfig(BaseModel):
 
 def load_site_config(path: Path) -> SiteConfig:
     """Read and validate ``site.yaml``; :class:`UserError` naming file, line and field if bad."""
-    return load_yaml_model(path, SiteConfig)
+    return load_yaml_model(path, SiteConfig, max_bytes=MAX_SITE_FILE_BYTES)

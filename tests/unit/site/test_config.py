@@ -144,9 +144,9 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
     assert _error(path) == f"{path} line 2: not valid YAML: mapping values are not allowed here"
 
 
-def test_missing_required_field_at_top_level_has_no_line(tmp_path: Path) -> None:
+def test_missing_required_field_at_top_level_names_the_mapping_line(tmp_path: Path) -> None:
     path = _write(tmp_path, GOOD.replace("store: store\n", ""))
-    assert _error(path) == f"{path}: store: required field is missing"
+    assert _error(path) == f"{path} line 1: store: required field is missing"
 
 
 @pytest.mark.parametrize(
