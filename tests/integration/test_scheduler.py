@@ -931,7 +931,7 @@ def test_a_peer_removed_by_a_reload_gets_no_more_of_a_running_transfer(
     wait_for("site-b to hold site-a's session", lambda: status(b)["sessions"], timeout=10)
     for site, other in ((a, "site-b"), (b, "site-a")):
         del site.peers[other]
-        site.write_config()
+        configure(site, site.root / "policies")  # site.yaml without the peer
         site.reload()
     removed = time.monotonic()
     wait_for("site-b to drop site-a's session", lambda: status(b)["sessions"] == 0,
@@ -980,3 +980,117 @@ def test_two_commands_sending_one_snapshot_each_keep_their_own_transfer(
     assert status(a)["transfers"] == []
     assert b.cli("snapshot", "read", "site-a/vm1@s1", "--length", str(MiB)).stdout == \
         image.read_bytes()
+
+
+def own_schedule(name: str, members: str, target: str, every: str, keep_target: int,
+                 schedule: str = "1h") -> str:
+    """A policy whose one target replicates on a schedule of its own."""
+    return policy(name, members, schedule=schedule, keep=5) + (
+        f"replication:\n  - site: {target}\n    schedule: {every}\n"
+        f"    retention: {{keep_last: {keep_target}}}\n    rpo: 2h\n")
+
+
+def replicas_of(site: Site, volume: str) -> list[str]:
+    return [s["snapshot"] for s in op(site, "snapshot.list")
+            if s["snapshot"].startswith(f"site-a/{volume}@")]
+
+
+def test_a_group_snapshot_of_some_members_is_not_replicated_as_the_group(sites: Sites) -> None:
+    """``pg snapshot-create g vm1`` in a group of vm1 and vm2 (a time-stamp name, like the
+    scheduler's): the target's job sent it as the group's newest snapshot, status said OK,
+    and target retention (keep_last: 1) deleted the only replica that held vm2. Now only a
+    group snapshot holding every member is sent, and status says why the newer one was not."""
+    a, b = make_sites(sites, "site-a", "site-b")
+    sites.start()
+    for v in ("vm1", "vm2"):
+        a.cli("volume", "create", v, "--size", "1MiB")
+    (a.root / "policies" / "g.yaml").write_text(
+        own_schedule("g", '["vm1", "vm2"]', "site-b", "1s", keep_target=1))
+    assert pg_apply(a).returncode == 0
+    a.cli("pg", "snapshot-create", "g", "vm1", "vm2")
+    full = group_names(a, "g")[-1]
+    wait_for("the whole group at site-b", lambda: f"site-a/vm2@{full}" in replicas_of(b, "vm2"),
+             timeout=20)
+    a.cli("pg", "snapshot-create", "g", "vm1")
+    part = group_names(a, "g")[-1]
+    time.sleep(3)  # three more runs of the target's job
+    assert replicas_of(b, "vm2") == [f"site-a/vm2@{full}"]
+    assert f"site-a/vm1@{part}" not in replicas_of(b, "vm1")
+    target = status(a)["groups"]["g"]["targets"]["site-b"]
+    assert target["last_replica"] == f"g@{full}", target
+    assert f"g@{part}" in target["skipped"] and "vm2" in target["skipped"], target
+
+
+def test_a_restart_keeps_the_schedule_and_the_last_success(sites: Sites) -> None:
+    """A restart restarted every interval (a site restarted more often than its interval never
+    snapshotted), and forgot when the last transfer succeeded (null in status, 0 in the
+    metrics). Now the next snapshot is due an interval after the newest one, at once if that
+    is past, and the last success is read back from the store."""
+    a, b = make_sites(sites, "site-a", "site-b")
+    sites.start()
+    a.cli("volume", "create", "vm1", "--size", "1MiB")
+    (a.root / "policies" / "g.yaml").write_text(
+        policy("g", '["vm1"]', schedule="6s", keep=5, targets=(("site-b", "1h", 5),)))
+    assert pg_apply(a).returncode == 0
+
+    def target() -> dict[str, Any]:
+        return dict(status(a)["groups"]["g"]["targets"]["site-b"])
+
+    success = wait_for("a replica", lambda: target()["last_success"], timeout=20)
+    newest = group_names(a, "g")[-1]
+    a.stop()
+    time.sleep(6.5)  # the next snapshot falls due while the site is down
+    a.start()
+    started = time.monotonic()
+    # Read back from the store (or already newer: the overdue snapshot may have gone out).
+    after = target()["last_success"]
+    assert after is not None and after >= success, (after, success)
+    assert metric(admin_metrics(a), "replication_last_success_timestamp_seconds", pg="g",
+                  target="site-b") > 0
+    wait_for("a snapshot soon after the start", lambda: group_names(a, "g")[-1] != newest,
+             timeout=4, interval=0.1)
+    assert time.monotonic() - started < 4
+
+
+def test_a_target_behind_the_newest_snapshot_is_replicated_at_start(sites: Sites) -> None:
+    """A snapshot not yet replicated when the site stopped (a transfer interrupted, or the
+    target down) waited for the next scheduled run, a whole interval after the restart. Now a
+    target whose newest replica is older than the group's newest snapshot gets it at start."""
+    a, b = make_sites(sites, "site-a", "site-b")
+    sites.start("site-a")
+    a.cli("volume", "create", "vm1", "--size", "1MiB")
+    (a.root / "policies" / "g.yaml").write_text(
+        policy("g", '["vm1"]', schedule="1h", keep=5, targets=(("site-b", "2h", 5),)))
+    assert pg_apply(a).returncode == 0
+    a.cli("pg", "snapshot-create", "g", "vm1")
+    (name,) = group_names(a, "g")
+    a.stop()
+    b.start()
+    a.start()
+    wait_for("the snapshot at site-b", lambda: f"site-a/vm1@{name}" in replicas_of(b, "vm1"),
+             timeout=15)
+
+
+def test_a_transfer_stops_when_a_reload_removes_its_target(sites: Sites,
+                                                           tmp_path: Path) -> None:
+    """The replication entry removed from the policy while a slow transfer ran: status showed
+    no target, and the transfer went on to its end unseen, then applied the old target
+    retention. Now the reload cancels it, and no replica appears at the target."""
+    a, b = make_sites(sites, "site-a", "site-b")
+    sites.start()
+    image = tmp_path / "img"
+    image.write_bytes(random.Random(12).randbytes(3 * MiB))
+    a.cli("volume", "import", "vm1", image)
+    text = policy("g", '["vm1"]', schedule="2s", keep=5, targets=(("site-b", "2h", 5),))
+    path = a.root / "policies" / "g.yaml"
+    path.write_text(text.replace("    rpo: 2h\n", "    rpo: 2h\n    bandwidth_limit: 256KiB/s\n"))
+    assert pg_apply(a).returncode == 0
+    wait_for("the transfer to be under way", lambda: (status(a)["groups"]["g"]["targets"][
+        "site-b"]["progress"] or {}).get("payload_bytes"), timeout=20)
+    path.write_text(policy("g", '["vm1"]', schedule="2s", keep=5))
+    assert pg_apply(a).returncode == 0
+    wait_for("the transfer to be cancelled", lambda: "transfer cancelled: a reload removed "
+             "the target" in a.log(), timeout=5)
+    time.sleep(3)  # more than the 3 MiB at 256 KiB/s had left, had it gone on
+    assert not any(g["snapshot"].startswith("site-a/g@") for g in op(b, "group.list", pg=None))
+    assert " replicated (" not in a.log()

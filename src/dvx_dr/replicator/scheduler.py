@@ -26,16 +26,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import signal
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -46,13 +46,14 @@ from dvx_dr.replicator.peer import with_retries
 from dvx_dr.replicator.retention import prune_groups
 from dvx_dr.replicator.sender import TransferStats, send_group
 from dvx_dr.site import db as dbmod
-from dvx_dr.site import groups, keys, volumes
+from dvx_dr.site import groups, keys, snapshots, volumes
 from dvx_dr.site.store import Store, now_iso
 
 if TYPE_CHECKING:
     from dvx_dr.replicator.server import SiteService
 
 log = logging.getLogger("dvx_dr.scheduler")
+T = TypeVar("T")
 WARNING_AT = 0.8
 TARGET_ATTEMPTS = 3
 #: Store metadata key prefix: when a group's target was first configured (``PG:SITE``).
@@ -77,6 +78,8 @@ class TargetStatus:
     errors_total: int = 0
     running: bool = False
     progress: dict[str, Any] = field(default_factory=dict)
+    #: Why the newest group snapshot is not the one replicated (it misses a member).
+    skipped: str | None = None
     #: When this target was first configured for the group (kept in the store, so a restart
     #: does not reset the age of a target that was never replicated).
     configured: float | None = None
@@ -126,6 +129,11 @@ class Scheduler:
         self._tasks: set[asyncio.Task[Any]] = set()
         # (pg, snapshot name) -> transfers of it in flight (to any target, scheduled or not)
         self._sending: Counter[tuple[str, str]] = Counter()
+        # (pg, site) -> the task running its transfers; those a reload cancelled
+        self._transfers: dict[tuple[str, str], asyncio.Task[Any]] = {}
+        self._cancelled: dict[tuple[str, str], str] = {}  # -> why
+        # PG name -> (mtime, size) of its file when that version loaded
+        self._signatures: dict[str, tuple[int, int] | None] = {}
 
     @property
     def store(self) -> Store:
@@ -153,41 +161,63 @@ class Scheduler:
     async def _load(self) -> dict[str, Any]:
         directory = self.service.config.policy_dir
         if directory is None:
+            # As after a restart: with no policy directory, no group runs.
+            for name in list(self.policies):
+                self._unload(name)
+            self.policies, self.files, self.errors = {}, {}, []
+            log.info("policies loaded: none (the site's configuration names no policy_dir)")
             return {"loaded": [], "errors": []}
         names = [v["name"] for v in await self.service.store.run(_volume_names, self.store)]
         peers = set(self.service.config.peers)
         files: dict[str, Path] = {}
         try:
-            # The groups running now keep their names and volumes against a file added
-            # beside theirs.
-            policies, errors = load_policy_dir(
-                directory, peers, names, files=files,
-                first=sorted((self.files[n] for n in self.policies), key=_modified))
+            # Parsing runs in a thread of its own: a slow file never holds up the event loop
+            # (admin socket, peer API, other groups' jobs, SIGTERM). The groups running now
+            # keep their names and volumes against a file added beside theirs, and against
+            # an edit of another running group's file.
+            first = await _off_loop(self._precedence)
+            policies, errors = await _off_loop(
+                lambda: load_policy_dir(directory, peers, names, files=files, first=first))
         except DvxError as exc:
             self.errors = [str(exc)]
             log.error("%s", exc)
             return {"loaded": sorted(self.policies), "errors": self.errors}
+        loaded = set(policies)
         self.errors = self._keep_last_good(errors, policies, files, names)
         for message in self.errors:
             log.error("policy not loaded: %s", message)
+        # Precedence (who keeps a volume two groups match): the groups running already, in
+        # their order, then new ones in the loader's.
+        order = [n for n in self.policies if n in policies]
+        order += [n for n in policies if n not in self.policies]
         for name in set(self.policies) - set(policies):
-            self._remove_jobs(name)
-            self.status.pop(name, None)
+            self._unload(name)
+        lasts = await self.service.store.run(_newest_scheduled, self.store, order)
         before, self.policies = self.policies, {}
-        for name, policy in policies.items():
+        for name in order:
+            policy = policies[name]
+            old = before.get(name)
             try:
-                self._apply(name, policy, Path(directory), before.get(name))
+                self._apply(name, policy, Path(directory), old, lasts.get(name))
             except Exception as exc:  # one policy APScheduler refuses never stops the others
-                self._remove_jobs(name)
-                self.status.pop(name, None)
+                self._unload(name)
                 self.errors.append(f"group {name}: cannot be scheduled: {exc}")
                 log.error("policy not loaded: %s", self.errors[-1])
                 continue
+            if old is not None:  # a target the reload removed: its transfer stops now
+                self._cancel_transfers(name, {t.site for t in old.replication}
+                                       - {t.site for t in policy.replication},
+                                       "a reload removed the target")
             self.policies[name] = policy
+        for name in self.policies:
             # What the globs match now, so that 'pg list' and 'pg show' answer "did my glob
             # match?" right after a reload; each group snapshot evaluates them again.
-            self.status[name].members = members_of(policy, names)
+            self.status[name].members = self._members(name, names)[0]
         self.files = {name: files[name] for name in self.policies}
+        fresh = [n for n in self.policies if n in loaded]
+        signatures = await _off_loop(lambda: {n: _signature(self.files[n]) for n in fresh})
+        self._signatures = {n: signatures.get(n, self._signatures.get(n))
+                            for n in self.policies}
         configured = await self.service.store.run(
             _configured_since, self.store,
             {(pg, t.site) for pg, p in self.policies.items() for t in p.replication},
@@ -195,43 +225,122 @@ class Scheduler:
         for (pg, site), when in configured.items():
             self.status[pg].targets[site].configured = when
         state = await self.service.store.run(_replication_state, self.store)
-        for (pg, site), (snap, taken) in state.items():
+        for (pg, site), (snap, taken, replicated) in state.items():
             target = self.status.get(pg, None)
             if target is not None and site in target.targets:
                 t = target.targets[site]
                 if t.last_snapshot is None:
                     t.last_snapshot, t.last_snapshot_time = snap, taken
+                if t.last_success is None:
+                    t.last_success = replicated
+        await self._catch_up(before, names, state)
         log.info("policies loaded: %s", ", ".join(sorted(self.policies)) or "none")
         return {"loaded": sorted(self.policies), "errors": self.errors}
 
+    def _precedence(self) -> list[Path]:
+        """The files of the running groups, in the order the loader reads them first: those
+        unchanged since their group last loaded, then the changed ones (so an edit cannot take
+        another running group's volumes), each in the groups' order of precedence."""
+        files = [(self.files[n], self._signatures.get(n)) for n in self.policies
+                 if n in self.files]
+        return ([f for f, sig in files if _signature(f) == sig]
+                + [f for f, sig in files if _signature(f) != sig])
+
     def _keep_last_good(self, errors: list[PolicyError], policies: dict[str, Policy],
                         files: dict[str, Path], volumes: list[str]) -> list[str]:
-        """A running group whose file no longer loads (an edit with a mistake) keeps running
-        on the version that last loaded, unless a group that did load now has its name or
-        one of its volumes; it is added to ``policies`` and ``files``. Each error's message,
-        saying so where it applies."""
-        owned = {v for p in policies.values() for v in members_of(p, volumes)}
+        """A running group whose file no longer loads (an edit with a mistake, or a volume
+        another group has) keeps running on the version that last loaded, unless a group that
+        did load now has its name; it is added to ``policies`` and ``files``. A new group
+        that claims a volume of a group kept so is not loaded: a running group keeps its
+        volumes. Each error's message, saying so where it applies."""
         by_file = {path: name for name, path in self.files.items()}
         messages = []
+        kept: dict[str, set[str]] = {}
         for error in errors:
             name = by_file.get(error.path)
             old = self.policies.get(name) if name else None
-            if (name is None or old is None or name in policies
-                    or owned & set(members_of(old, volumes))):
+            if name is None or old is None or name in policies:
                 messages.append(str(error))
                 continue
             policies[name] = old
             files[name] = error.path
-            owned |= set(members_of(old, volumes))
+            kept[name] = set(members_of(old, volumes))
             messages.append(f"{error}; group {name} keeps running on the version of "
                             f"{error.path.name} that last loaded")
+        for name in [n for n in policies if n not in self.policies]:
+            for owner, theirs in kept.items():
+                claimed = sorted(theirs & set(members_of(policies[name], volumes)))
+                if claimed:
+                    messages.append(
+                        f"policy {files[name]}: members: expected volumes no other group has, "
+                        f"got {', '.join(map(repr, claimed))} (already in {owner!r}, which "
+                        f"keeps running on the version of {files[owner].name} that last "
+                        f"loaded)")
+                    del policies[name], files[name]
+                    break
         return messages
 
-    def _apply(self, name: str, policy: Policy, directory: Path, before: Policy | None
-               ) -> None:
+    def _members(self, name: str, volumes: list[str]) -> tuple[list[str], dict[str, str]]:
+        """The members of group ``name`` among ``volumes``, and the volumes its globs match
+        that a group before it (in precedence) has: volume -> that group. A volume created
+        after the policies loaded can match two groups; it stays with the first."""
+        taken: dict[str, str] = {}
+        for other, policy in self.policies.items():
+            if other == name:
+                break
+            for volume in members_of(policy, volumes):
+                taken.setdefault(volume, other)
+        if name not in self.policies:  # unloaded meanwhile
+            return [], {}
+        mine = members_of(self.policies[name], volumes)
+        return ([v for v in mine if v not in taken], {v: taken[v] for v in mine if v in taken})
+
+    async def _catch_up(self, before: dict[str, Policy], volumes: list[str],
+                        state: dict[tuple[str, str], tuple[str, str, float | None]]) -> None:
+        """Replicate now to each target added by this load (every target, at start) whose
+        newest replica is older than the group's newest snapshot: a transfer a stop
+        interrupted resumes at once, not a whole interval later."""
+        for name, policy in self.policies.items():
+            old = before.get(name)
+            sites = {t.site for t in policy.replication} - (
+                {t.site for t in old.replication} if old is not None else set())
+            if not sites:
+                continue
+            newest, _ = await self.service.store.run(
+                _newest_covering, self.store, name, self._members(name, volumes)[0])
+            if newest is None:
+                continue
+            for site in sorted(sites):
+                held = state.get((name, site))
+                if held is not None and held[0] == newest.spec:
+                    continue
+                log.info("group %s -> %s: %s is not replicated there yet; replicating it now",
+                         name, site, newest.spec)
+                self._spawn(self.replicate_job(name, site))
+
+    def _unload(self, name: str) -> None:
+        """Stop group ``name``: its jobs, its transfers, its status."""
+        self._remove_jobs(name)
+        self._cancel_transfers(name, None, "the group was unloaded")
+        self.status.pop(name, None)
+
+    def _cancel_transfers(self, name: str, sites: set[str] | None, why: str) -> None:
+        """Cancel the transfers of group ``name`` running to ``sites`` (None: to any). The
+        target never shows a half-made replica; the transfer resumes if the target comes
+        back."""
+        for (pg, site), task in list(self._transfers.items()):
+            if pg == name and (sites is None or site in sites) and not task.done():
+                self._cancelled[pg, site] = why
+                task.cancel()
+
+    def _apply(self, name: str, policy: Policy, directory: Path, before: Policy | None,
+               last: datetime | None = None) -> None:
         """Schedule the jobs of ``policy``. A job whose schedule is the same as in the policy
         loaded ``before`` is left as it is: a reload (SIGHUP, ``pg apply``) must not restart
-        the interval of an unchanged job, or reloads more frequent than it would stop it."""
+        the interval of an unchanged job, or reloads more frequent than it would stop it.
+        A snapshot job added (every one, at start) is due an interval after ``last``, the
+        group's newest scheduler snapshot, at once if that is past (a cron run missed
+        meanwhile is made up once): a restart does not restart the interval."""
         status = self.status.get(name)
         if status is None:
             status = self.status[name] = GroupStatus(name, str(directory))
@@ -251,11 +360,14 @@ class Scheduler:
                 continue
             kind, _, *site = job_id.split(":")
             func = self.snapshot_job if kind == "snapshot" else self.replicate_job
+            extra: dict[str, Any] = {}
+            if kind == "snapshot" and (due := _first_run(schedule, last)) is not None:
+                extra["next_run_time"] = due
             # A replication job's second instance only marks the running one to go again.
             self.scheduler.add_job(func, schedule.to_trigger(), args=[name, *site],
                                    id=job_id, coalesce=True,
                                    max_instances=1 if kind == "snapshot" else 2,
-                                   misfire_grace_time=None, replace_existing=True)
+                                   misfire_grace_time=None, replace_existing=True, **extra)
 
     def _remove_jobs(self, name: str) -> None:
         for job in self.scheduler.get_jobs():
@@ -275,7 +387,7 @@ class Scheduler:
         async with lock:
             try:
                 _check_usable(self.store, "no snapshot until it is unlocked")
-                snap = await self._take_snapshot(name, policy)
+                snap, conflict = await self._take_snapshot(name, policy)
             except asyncio.CancelledError:  # the site stops; APScheduler would log a traceback
                 log.info("group %s: snapshot interrupted: the site is stopping", name)
                 return
@@ -292,26 +404,36 @@ class Scheduler:
             status.last_snapshot = snap.spec
             status.snapshots_total += 1
             hook_error = await self._post_snapshot(name, policy, snap)
-            status.last_snapshot_error = hook_error
-            if hook_error:
+            status.last_snapshot_error = "; ".join(e for e in (conflict, hook_error) if e) or None
+            if status.last_snapshot_error:
                 status.last_snapshot_error_time = time.time()
             await self._apply_local_retention(name, policy)
         for target in policy.replication:
             if target.after_snapshot:
                 self._spawn(self.replicate_job(name, target.site))
 
-    async def _take_snapshot(self, name: str, policy: Policy) -> groups.GroupInfo:
+    async def _take_snapshot(self, name: str, policy: Policy
+                             ) -> tuple[groups.GroupInfo, str | None]:
+        """The group snapshot, and the error to record for volumes left out of it because
+        a group before this one has them."""
         store = self.service.store
         names = [v["name"] for v in await store.run(_volume_names, self.store)]
-        members = members_of(policy, names)
+        members, others = self._members(name, names)
         self.status[name].members = members
+        conflict = None
+        if others:
+            conflict = "; ".join(
+                f"volume {v!r} is also matched by group {g!r}, which has it (loaded first): "
+                f"left out of group {name!r}" for v, g in others.items())
+            log.error("group %s: %s", name, conflict)
         if not members:
-            raise DvxError(f"group {name}: no volume matches members {policy.members}")
+            raise DvxError(f"group {name}: no volume matches members {policy.members}"
+                           + (f" ({conflict})" if conflict else ""))
         if policy.hooks.pre_snapshot:
             await run_hook(name, "pre_snapshot", policy.hooks.pre_snapshot)
         snap = await store.run(groups.create, self.store, name, members)
         log.info("group %s: snapshot %s of %s", name, snap.spec, ", ".join(members))
-        return snap
+        return snap, conflict
 
     async def _post_snapshot(self, name: str, policy: Policy, snap: groups.GroupInfo
                              ) -> str | None:
@@ -337,8 +459,16 @@ class Scheduler:
             self._pending.add(key)
             return
         async with lock:
-            while await self._replicate_to(name, site) and key in self._pending:
-                self._pending.discard(key)
+            task = asyncio.current_task()
+            assert task is not None
+            self._transfers[key] = task
+            try:
+                while await self._replicate_to(name, site) and key in self._pending:
+                    self._pending.discard(key)
+            finally:
+                if self._transfers.get(key) is task:
+                    del self._transfers[key]
+                self._cancelled.pop(key, None)
             self._pending.discard(key)  # after a failure, the next trigger tries again
 
     async def _replicate_to(self, name: str, site: str) -> bool:
@@ -354,7 +484,12 @@ class Scheduler:
             _check_usable(self.store, "nothing replicates until unlocked")
             stats = await self._replicate(name, target)
         except asyncio.CancelledError:  # the site stops; the transfer resumes next start
-            log.info("group %s -> %s: transfer interrupted: the site is stopping", name, site)
+            if (name, site) in self._cancelled:
+                log.info("group %s -> %s: transfer cancelled: %s", name, site,
+                         self._cancelled[name, site])
+            else:
+                log.info("group %s -> %s: transfer interrupted: the site is stopping", name,
+                         site)
             return False
         except Exception as exc:
             status.last_error = str(exc) if isinstance(exc, DvxError) else repr(exc)
@@ -377,13 +512,29 @@ class Scheduler:
         return True
 
     async def _replicate(self, name: str, target: ReplicationTarget) -> TransferStats | None:
+        """Send the newest group snapshot that covers every current member (one taken by
+        hand of fewer volumes is not the group's: sent as the newest, target retention
+        would delete the only replica of the others)."""
         store = self.service.store
-        newest = await store.run(groups.list_groups, self.store, name)
-        if not newest:
-            return None
-        snap = newest[-1]
-        peer = self.service.peer(target.site)
         status = self.status[name].targets[target.site]
+        names = [v["name"] for v in await store.run(_volume_names, self.store)]
+        if name not in self.policies:
+            return None
+        snap, skipped = await store.run(_newest_covering, self.store, name,
+                                        self._members(name, names)[0])
+        if skipped:
+            spec, missing = skipped[0]
+            note = (f"{spec} does not hold member {', '.join(missing)}: not replicated by the "
+                    f"scheduler" + (f"; {snap.spec} is, the newest that holds every member"
+                                    if snap else "; no group snapshot holds every member"))
+            if note != status.skipped:
+                log.warning("group %s -> %s: %s", name, target.site, note)
+            status.skipped = note
+        else:
+            status.skipped = None
+        if snap is None:
+            return None
+        peer = self.service.peer(target.site)
 
         def progress(s: TransferStats) -> None:
             status.progress = {"snapshot": snap.spec, "payload_bytes": s.payload_bytes,
@@ -440,7 +591,12 @@ class Scheduler:
         store = self.service.store
         sites = [t.site for t in policy.replication]
         busy = {n for pg, n in self._sending if pg == name}
-        await store.run(_prune_local, self.store, name, policy, sites, busy)
+        names = [v["name"] for v in await store.run(_volume_names, self.store)]
+        if name in self.policies:
+            members = self._members(name, names)[0]
+        else:
+            members = members_of(policy, names)
+        await store.run(_prune_local, self.store, name, policy, sites, busy, members)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -480,6 +636,7 @@ class Scheduler:
                     "rate_bytes_per_second": round(t.rate, 1),
                     "last_error": t.last_error,
                     "last_error_time": _iso(t.last_error_time),
+                    "skipped": t.skipped,
                 }
             out["groups"][name] = {
                 "members": g.members,
@@ -531,12 +688,54 @@ class Scheduler:
         return "\n".join(lines) + "\n"
 
 
-def _modified(path: Path) -> float:
-    """When ``path`` last changed (a file edited just now sorts after those left alone)."""
+def _signature(path: Path) -> tuple[int, int] | None:
+    """(mtime, size) of ``path``, to tell whether it changed since its group loaded."""
     try:
-        return path.stat().st_mtime
+        st = path.stat()
     except OSError:
-        return math.inf
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+async def _off_loop(fn: Callable[[], T]) -> T:
+    """``fn()`` in a daemon thread of its own (as ``asyncio.to_thread``, but a stop does
+    not wait for it: asyncio.run would wait for the default executor's threads)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+    def run() -> None:
+        try:
+            value, exc = fn(), None
+        except BaseException as e:  # handed to the awaiting task
+            value, exc = None, e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, value, exc)
+
+    threading.Thread(target=run, name="dvx-dr-policy-load", daemon=True).start()
+    return await future
+
+
+def _first_run(schedule: Schedule, last: datetime | None,
+               now: datetime | None = None) -> datetime | None:
+    """When a snapshot job added now is first due, given the group's newest scheduler
+    snapshot at ``last``: an interval after it (now, if that is past); for a cron schedule,
+    now if a run fell due since ``last`` (made up once), else None (its next run)."""
+    if last is None:
+        return None
+    now = now or datetime.now(UTC)
+    interval = schedule.interval_seconds
+    if interval is not None:
+        return max(now, last + timedelta(seconds=interval))
+    missed = schedule.to_trigger().get_next_fire_time(None, last + timedelta(seconds=1))
+    return now if missed is not None and missed <= now else None
 
 
 def _job_pg(job_id: str) -> str:
@@ -594,9 +793,43 @@ def _volume_names(store: Store) -> list[dict[str, Any]]:
     return [{"name": v.name} for v in volumes.list_volumes(store)]
 
 
-def _replication_state(store: Store) -> dict[tuple[str, str], tuple[str, str]]:
-    return {(pg, t): (f"{pg}@{s}", taken) for pg, t, s, taken in store.db.execute(
-        "SELECT pg, target, snapshot, snapshot_time FROM replication_state")}
+def _replication_state(store: Store) -> dict[tuple[str, str], tuple[str, str, float | None]]:
+    """(pg, target) -> the newest replica there, its snapshot time, and when it was sent."""
+    return {(pg, t): (f"{pg}@{s}", taken, _timestamp(sent))
+            for pg, t, s, taken, sent in store.db.execute(
+                "SELECT pg, target, snapshot, snapshot_time, replicated_at "
+                "FROM replication_state")}
+
+
+def _timestamp(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _newest_scheduled(store: Store, pgs: list[str]) -> dict[str, datetime]:
+    """When each group's newest scheduler snapshot (a time-stamp name) was taken."""
+    out = {}
+    for pg in pgs:
+        names = [g.name for g in groups.list_groups(store, pg)
+                 if snapshots.is_default_name(g.name)]
+        if names:
+            out[pg] = datetime.strptime(max(names), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                tzinfo=UTC)
+    return out
+
+
+def _newest_covering(store: Store, pg: str, members: list[str]
+                     ) -> tuple[groups.GroupInfo | None, list[tuple[str, list[str]]]]:
+    """The newest group snapshot of ``pg`` holding every volume of ``members``, and the
+    newer ones that do not (spec, the members they miss), newest first."""
+    skipped: list[tuple[str, list[str]]] = []
+    for snap in reversed(groups.list_groups(store, pg)):
+        missing = sorted(set(members) - set(groups.member_volumes(store, snap)))
+        if not missing:
+            return snap, skipped
+        skipped.append((snap.spec, missing))
+    return None, skipped
 
 
 def _configured_since(store: Store, targets: set[tuple[str, str]], groups_loaded: set[str]
@@ -628,9 +861,9 @@ def _record_replica(store: Store, pg: str, target: str, snap: groups.GroupInfo) 
 
 
 def _prune_local(store: Store, pg: str, policy: Policy, sites: list[str],
-                 busy: set[str]) -> list[str]:
-    """Apply local retention; the base each configured target holds, and snapshots being
-    sent right now, are always kept."""
+                 busy: set[str], members: list[str]) -> list[str]:
+    """Apply local retention; the base each configured target holds, snapshots being sent
+    right now, and the newest that holds every member (the next to send) are always kept."""
     protect = {s for (s,) in store.db.execute(
         f"SELECT snapshot FROM replication_state WHERE pg=? AND target IN "
         f"({','.join('?' * len(sites))})", (pg, *sites))} if sites else set()
@@ -638,6 +871,9 @@ def _prune_local(store: Store, pg: str, policy: Policy, sites: list[str],
     protect |= busy
     if existing:
         protect.add(existing[-1].name)  # the newest, which targets may still need
+    covering, _ = _newest_covering(store, pg, members)
+    if covering is not None:
+        protect.add(covering.name)
     return prune_groups(store, pg, policy.snapshot.retention, protect)[1]
 
 

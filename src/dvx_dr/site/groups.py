@@ -60,6 +60,12 @@ def root_of(store: Store, group: GroupInfo) -> GroupRoot:
     return GroupRoot.unpack(store.blobs.get_row(group.root_row))
 
 
+def member_volumes(store: Store, group: GroupInfo) -> list[str]:
+    """The names of the volumes the group snapshot holds a snapshot of (as its root lists
+    them: plain names for a local group, ``SITE/NAME`` for a replica's)."""
+    return [name for name, _ in root_of(store, group).members]
+
+
 def member_specs(store: Store, group: GroupInfo) -> list[str]:
     """The member volume snapshots, as ``snapshot`` specs."""
     prefix = group.pg.rpartition("/")[0]
