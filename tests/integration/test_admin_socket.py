@@ -471,11 +471,13 @@ def test_an_import_interrupted_at_the_command_leaves_no_volume_in_the_site(
     the import when its command goes away and drops the volume, as an offline import does."""
     image = tmp_path / "img"
     with image.open("wb") as f:
-        for _ in range(64):
+        for _ in range(128):
             f.write(os.urandom(8 * MiB))
     proc = site.popen("volume", "import", "big", image)
     try:
-        time.sleep(1.0)  # under way: 512 MiB of random data take the site several seconds
+        # Under way: 1 GiB of random data takes the site well over a second (512 MiB had
+        # been done within the second on a quiet machine).
+        time.sleep(0.5)
         proc.send_signal(signal.SIGINT)  # as Ctrl-C
         _, err = proc.communicate(timeout=30)
     finally:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import threading
 import time
 from collections import Counter
@@ -39,15 +37,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from dvx_dr.errors import DvxError, StoreLockedError
+from dvx_dr.errors import DvxError
 from dvx_dr.policies.loader import PolicyError, load_policy_dir, members_of
-from dvx_dr.policies.model import Hook, Policy, ReplicationTarget, Schedule
+from dvx_dr.policies.model import Policy, ReplicationTarget, Schedule
+from dvx_dr.replicator import groupstate, hooks
 from dvx_dr.replicator.peer import with_retries
-from dvx_dr.replicator.retention import prune_groups
 from dvx_dr.replicator.sender import TransferStats, send_group
-from dvx_dr.site import db as dbmod
-from dvx_dr.site import groups, keys, snapshots, volumes
-from dvx_dr.site.store import Store, now_iso
+from dvx_dr.site import groups
+from dvx_dr.site.store import Store
 
 if TYPE_CHECKING:
     from dvx_dr.replicator.server import SiteService
@@ -56,8 +53,6 @@ log = logging.getLogger("dvx_dr.scheduler")
 T = TypeVar("T")
 WARNING_AT = 0.8
 TARGET_ATTEMPTS = 3
-#: Store metadata key prefix: when a group's target was first configured (``PG:SITE``).
-_CONFIGURED = "target_configured:"
 
 
 @dataclass
@@ -167,7 +162,7 @@ class Scheduler:
             self.policies, self.files, self.errors = {}, {}, []
             log.info("policies loaded: none (the site's configuration names no policy_dir)")
             return {"loaded": [], "errors": []}
-        names = [v["name"] for v in await self.service.store.run(_volume_names, self.store)]
+        names = await self.service.store.run(groupstate.volume_names, self.store)
         peers = set(self.service.config.peers)
         files: dict[str, Path] = {}
         try:
@@ -192,7 +187,7 @@ class Scheduler:
         order += [n for n in policies if n not in self.policies]
         for name in set(self.policies) - set(policies):
             self._unload(name)
-        lasts = await self.service.store.run(_newest_scheduled, self.store, order)
+        lasts = await self.service.store.run(groupstate.newest_scheduled, self.store, order)
         before, self.policies = self.policies, {}
         for name in order:
             policy = policies[name]
@@ -219,12 +214,12 @@ class Scheduler:
         self._signatures = {n: signatures.get(n, self._signatures.get(n))
                             for n in self.policies}
         configured = await self.service.store.run(
-            _configured_since, self.store,
+            groupstate.configured_since, self.store,
             {(pg, t.site) for pg, p in self.policies.items() for t in p.replication},
             set(self.policies))
         for (pg, site), when in configured.items():
             self.status[pg].targets[site].configured = when
-        state = await self.service.store.run(_replication_state, self.store)
+        state = await self.service.store.run(groupstate.replication_state, self.store)
         for (pg, site), (snap, taken, replicated) in state.items():
             target = self.status.get(pg, None)
             if target is not None and site in target.targets:
@@ -307,7 +302,7 @@ class Scheduler:
             if not sites:
                 continue
             newest, _ = await self.service.store.run(
-                _newest_covering, self.store, name, self._members(name, volumes)[0])
+                groupstate.newest_covering, self.store, name, self._members(name, volumes)[0])
             if newest is None:
                 continue
             for site in sorted(sites):
@@ -386,7 +381,7 @@ class Scheduler:
         status = self.status[name]
         async with lock:
             try:
-                _check_usable(self.store, "no snapshot until it is unlocked")
+                groupstate.check_usable(self.store, "no snapshot until it is unlocked")
                 snap, conflict = await self._take_snapshot(name, policy)
             except asyncio.CancelledError:  # the site stops; APScheduler would log a traceback
                 log.info("group %s: snapshot interrupted: the site is stopping", name)
@@ -417,7 +412,7 @@ class Scheduler:
         """The group snapshot, and the error to record for volumes left out of it because
         a group before this one has them."""
         store = self.service.store
-        names = [v["name"] for v in await store.run(_volume_names, self.store)]
+        names = await store.run(groupstate.volume_names, self.store)
         members, others = self._members(name, names)
         self.status[name].members = members
         conflict = None
@@ -430,7 +425,7 @@ class Scheduler:
             raise DvxError(f"group {name}: no volume matches members {policy.members}"
                            + (f" ({conflict})" if conflict else ""))
         if policy.hooks.pre_snapshot:
-            await run_hook(name, "pre_snapshot", policy.hooks.pre_snapshot)
+            await hooks.run_hook(name, "pre_snapshot", policy.hooks.pre_snapshot)
         snap = await store.run(groups.create, self.store, name, members)
         log.info("group %s: snapshot %s of %s", name, snap.spec, ", ".join(members))
         return snap, conflict
@@ -442,7 +437,7 @@ class Scheduler:
         if not policy.hooks.post_snapshot:
             return None
         try:
-            await run_hook(name, "post_snapshot", policy.hooks.post_snapshot,
+            await hooks.run_hook(name, "post_snapshot", policy.hooks.post_snapshot,
                            outcome=f"snapshot {snap.spec} was taken and is replicated")
         except DvxError as exc:
             log.error("group %s: %s", name, exc)
@@ -481,7 +476,7 @@ class Scheduler:
         status = self.status[name].targets[site]
         status.running = True
         try:
-            _check_usable(self.store, "nothing replicates until unlocked")
+            groupstate.check_usable(self.store, "nothing replicates until unlocked")
             stats = await self._replicate(name, target)
         except asyncio.CancelledError:  # the site stops; the transfer resumes next start
             if (name, site) in self._cancelled:
@@ -517,10 +512,10 @@ class Scheduler:
         would delete the only replica of the others)."""
         store = self.service.store
         status = self.status[name].targets[target.site]
-        names = [v["name"] for v in await store.run(_volume_names, self.store)]
+        names = await store.run(groupstate.volume_names, self.store)
         if name not in self.policies:
             return None
-        snap, skipped = await store.run(_newest_covering, self.store, name,
+        snap, skipped = await store.run(groupstate.newest_covering, self.store, name,
                                         self._members(name, names)[0])
         if skipped:
             spec, missing = skipped[0]
@@ -559,7 +554,7 @@ class Scheduler:
                     attempts=TARGET_ATTEMPTS, base=1.0, cap=30.0, on_retry=retrying)
         finally:
             status.progress = {}
-        await store.run(_record_replica, self.store, name, target.site, snap)
+        await store.run(groupstate.record_replica, self.store, name, target.site, snap)
         status.last_snapshot, status.last_snapshot_time = snap.spec, snap.created
         log.info("group %s -> %s: %s replicated (%d bytes sent, %d skipped, %.2fs)", name,
                  target.site, snap.spec, stats.bytes_on_wire, stats.bytes_skipped, stats.seconds)
@@ -591,12 +586,12 @@ class Scheduler:
         store = self.service.store
         sites = [t.site for t in policy.replication]
         busy = {n for pg, n in self._sending if pg == name}
-        names = [v["name"] for v in await store.run(_volume_names, self.store)]
+        names = await store.run(groupstate.volume_names, self.store)
         if name in self.policies:
             members = self._members(name, names)[0]
         else:
             members = members_of(policy, names)
-        await store.run(_prune_local, self.store, name, policy, sites, busy, members)
+        await store.run(groupstate.prune_local, self.store, name, policy, sites, busy, members)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -755,132 +750,3 @@ def _schedules(policy: Policy) -> dict[str, Schedule]:
 
 def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds") if ts else None
-
-
-async def run_hook(pg: str, which: str, hook: Hook,
-                   outcome: str = "snapshot not taken") -> None:
-    argv = hook.argv()
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True)  # its own process group, so a timeout kills all of it
-    except OSError as exc:
-        raise DvxError(f"group {pg}: {which} hook {argv[0]!r} cannot run: {exc.strerror}"
-                       ) from None
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), hook.timeout)
-    except (TimeoutError, asyncio.CancelledError) as exc:
-        # Kill the whole group: a shell's children (`sh -c "sleep 10"`) hold the output pipe,
-        # and waiting for them would hold the snapshot job (and the group's lock) past the
-        # timeout, forever if the hook hangs. Cancelled (the site stops): leave nothing behind.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-        raise DvxError(f"group {pg}: {which} hook timed out after {hook.timeout:g}s; "
-                       f"{outcome}") from None
-    if proc.returncode != 0:
-        tail = out.decode(errors="replace").strip().splitlines()[-1:] if out else []
-        raise DvxError(f"group {pg}: {which} hook exited {proc.returncode}"
-                       + (f" ({tail[0]})" if tail else "") + f"; {outcome}")
-
-
-# -- store-thread functions ------------------------------------------------------------------
-
-
-def _volume_names(store: Store) -> list[dict[str, Any]]:
-    return [{"name": v.name} for v in volumes.list_volumes(store)]
-
-
-def _replication_state(store: Store) -> dict[tuple[str, str], tuple[str, str, float | None]]:
-    """(pg, target) -> the newest replica there, its snapshot time, and when it was sent."""
-    return {(pg, t): (f"{pg}@{s}", taken, _timestamp(sent))
-            for pg, t, s, taken, sent in store.db.execute(
-                "SELECT pg, target, snapshot, snapshot_time, replicated_at "
-                "FROM replication_state")}
-
-
-def _timestamp(iso: str | None) -> float | None:
-    if not iso:
-        return None
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
-def _newest_scheduled(store: Store, pgs: list[str]) -> dict[str, datetime]:
-    """When each group's newest scheduler snapshot (a time-stamp name) was taken."""
-    out = {}
-    for pg in pgs:
-        names = [g.name for g in groups.list_groups(store, pg)
-                 if snapshots.is_default_name(g.name)]
-        if names:
-            out[pg] = datetime.strptime(max(names), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-                tzinfo=UTC)
-    return out
-
-
-def _newest_covering(store: Store, pg: str, members: list[str]
-                     ) -> tuple[groups.GroupInfo | None, list[tuple[str, list[str]]]]:
-    """The newest group snapshot of ``pg`` holding every volume of ``members``, and the
-    newer ones that do not (spec, the members they miss), newest first."""
-    skipped: list[tuple[str, list[str]]] = []
-    for snap in reversed(groups.list_groups(store, pg)):
-        missing = sorted(set(members) - set(groups.member_volumes(store, snap)))
-        if not missing:
-            return snap, skipped
-        skipped.append((snap.spec, missing))
-    return None, skipped
-
-
-def _configured_since(store: Store, targets: set[tuple[str, str]], groups_loaded: set[str]
-                      ) -> dict[tuple[str, str], float]:
-    """When each (group, target) was first configured, recording now for new ones; a target
-    its loaded group no longer names is forgotten (if it comes back, it counts afresh)."""
-    now = time.time()
-    out = {}
-    with store.transaction() as db:
-        for key, value in dbmod.meta_with_prefix(db, _CONFIGURED).items():
-            pg, _, site = key.partition(":")
-            if (pg, site) in targets:
-                out[pg, site] = float(value)
-            elif pg in groups_loaded:
-                dbmod.delete_meta(db, _CONFIGURED + key)
-        for pg, site in targets - set(out):
-            dbmod.set_meta(db, f"{_CONFIGURED}{pg}:{site}", repr(now))
-            out[pg, site] = now
-    return out
-
-
-def _record_replica(store: Store, pg: str, target: str, snap: groups.GroupInfo) -> None:
-    with store.transaction() as db:
-        db.execute("INSERT INTO replication_state (pg, target, snapshot, snapshot_time, "
-                   "replicated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (pg, target) DO UPDATE "
-                   "SET snapshot=excluded.snapshot, snapshot_time=excluded.snapshot_time, "
-                   "replicated_at=excluded.replicated_at",
-                   (pg, target, snap.name, snap.created, now_iso()))
-
-
-def _prune_local(store: Store, pg: str, policy: Policy, sites: list[str],
-                 busy: set[str], members: list[str]) -> list[str]:
-    """Apply local retention; the base each configured target holds, snapshots being sent
-    right now, and the newest that holds every member (the next to send) are always kept."""
-    protect = {s for (s,) in store.db.execute(
-        f"SELECT snapshot FROM replication_state WHERE pg=? AND target IN "
-        f"({','.join('?' * len(sites))})", (pg, *sites))} if sites else set()
-    existing = groups.list_groups(store, pg)
-    protect |= busy
-    if existing:
-        protect.add(existing[-1].name)  # the newest, which targets may still need
-    covering, _ = _newest_covering(store, pg, members)
-    if covering is not None:
-        protect.add(covering.name)
-    return prune_groups(store, pg, policy.snapshot.retention, protect)[1]
-
-
-def _check_usable(store: Store, until: str) -> None:
-    """Raise if the store's keys were crypto-erased, or it is locked (saying ``until``)."""
-    refused = keys.refusal(store)
-    if isinstance(refused, StoreLockedError):
-        raise StoreLockedError(f"store is locked: {until}")
-    if refused is not None:
-        raise refused
