@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from dvx_dr.replicator import groupstate
 from dvx_dr.replicator import scheduler as schedmod
 from dvx_dr.replicator.storethread import StoreThread
 from dvx_dr.site import groups, volumes
@@ -44,7 +45,7 @@ def test_a_reload_that_overlaps_another_waits_for_it(tmp_path: Path,
     real_run = thread.run
 
     async def run(fn: Any, *args: Any) -> Any:
-        if fn is schedmod._configured_since and not held.is_set():
+        if fn is groupstate.configured_since and not held.is_set():
             held.set()
             await asyncio.sleep(0.2)  # the second reload happens meanwhile
         return await real_run(fn, *args)
