@@ -100,7 +100,7 @@ replication:
     retention: {keep_last: 3}
     rpo: 1m
 YAML
-dvx-dr pg validate "$DEMO/site-a/policies/demo.yaml"
+dvx-dr pg validate "${A[@]}"      # its policy directory, targets checked against its peers
 dvx-dr pg apply "${A[@]}"
 for i in 1 2 3; do
     head -c 1048576 /dev/urandom > "$DEMO/chunk"
