@@ -65,6 +65,18 @@ def dvx(*args: str | Path, check: bool = True, input: bytes | None = None,
     return proc
 
 
+def user_error(proc: subprocess.CompletedProcess[bytes], *words: str) -> str:
+    """Assert a clear user error: exit 2, one line on stderr, no traceback. Return the line."""
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 2, f"expected exit 2, got {proc.returncode}: {err}"
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got: {err}"
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    return lines[0]
+
+
 def dvx_parallel(*commands: Sequence[str | Path]) -> None:
     """Run several ``dvx-dr`` commands side by side; raise if any fails."""
     with ThreadPoolExecutor(len(commands)) as pool:

@@ -34,7 +34,7 @@ from dvx_dr.site import keystore as keystore_module
 from dvx_dr.site import scrub, volumes
 from dvx_dr.site.store import Store
 from tests.conftest import PASSWORD, cli_env, run_cli
-from tests.integration.sites import Site, Sites, child_env, dvx, internal_errors
+from tests.integration.sites import Site, Sites, child_env, dvx, internal_errors, user_error
 
 BLOCK = 64 * 1024
 MiB = 1024 * 1024
@@ -81,18 +81,6 @@ def digests(store: Path, *skip: str) -> dict[str, str]:
 def segments(store: Path) -> dict[str, int]:
     """Segment file name -> size."""
     return {p.name: p.stat().st_size for p in (store / "segments").glob("*.seg")}
-
-
-def user_error(proc: subprocess.CompletedProcess[bytes], *words: str) -> str:
-    """Assert a clear user error: exit 2, one line on stderr, no traceback. Return the line."""
-    err = proc.stderr.decode(errors="replace")
-    assert proc.returncode == 2, f"expected exit 2, got {proc.returncode}: {err}"
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {err}"
-    for word in words:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def write_password(path: Path, password: str) -> Path:

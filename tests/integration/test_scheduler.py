@@ -222,6 +222,18 @@ def policy(name: str, members: str, schedule: str = "2s", keep: int = 2,
     return text + hooks
 
 
+def slow_group(site: Site, tmp_path: Path, seed: int, size: int, schedule: str) -> Path:
+    """Volume vm1 of ``size`` random bytes in group g, sent to site-b at 256 KiB/s on
+    ``schedule``; the policy file's path."""
+    image = tmp_path / "img"
+    image.write_bytes(random.Random(seed).randbytes(size))
+    site.cli("volume", "import", "vm1", image)
+    text = policy("g", '["vm1"]', schedule=schedule, keep=5, targets=(("site-b", "2h", 5),))
+    path = site.root / "policies" / "g.yaml"
+    path.write_text(text.replace("    rpo: 2h\n", "    rpo: 2h\n    bandwidth_limit: 256KiB/s\n"))
+    return path
+
+
 # -- a group of two volumes: crash-consistent replicas and retention --------------------------
 
 
@@ -915,12 +927,7 @@ def test_a_peer_removed_by_a_reload_gets_no_more_of_a_running_transfer(
     within a batch and says why, and site-b drops site-a's session at once."""
     a, b = make_sites(sites, "site-a", "site-b")
     sites.start()
-    image = tmp_path / "img"
-    image.write_bytes(random.Random(10).randbytes(4 * MiB))
-    a.cli("volume", "import", "vm1", image)
-    text = policy("g", '["vm1"]', schedule="3s", keep=5, targets=(("site-b", "2h", 5),))
-    (a.root / "policies" / "g.yaml").write_text(
-        text.replace("    rpo: 2h\n", "    rpo: 2h\n    bandwidth_limit: 256KiB/s\n"))
+    slow_group(a, tmp_path, 10, 4 * MiB, "3s")
     pg_apply(a)
 
     def target() -> dict[str, Any]:
@@ -1078,12 +1085,7 @@ def test_a_transfer_stops_when_a_reload_removes_its_target(sites: Sites,
     retention. Now the reload cancels it, and no replica appears at the target."""
     a, b = make_sites(sites, "site-a", "site-b")
     sites.start()
-    image = tmp_path / "img"
-    image.write_bytes(random.Random(12).randbytes(3 * MiB))
-    a.cli("volume", "import", "vm1", image)
-    text = policy("g", '["vm1"]', schedule="2s", keep=5, targets=(("site-b", "2h", 5),))
-    path = a.root / "policies" / "g.yaml"
-    path.write_text(text.replace("    rpo: 2h\n", "    rpo: 2h\n    bandwidth_limit: 256KiB/s\n"))
+    path = slow_group(a, tmp_path, 12, 3 * MiB, "2s")
     assert pg_apply(a).returncode == 0
     wait_for("the transfer to be under way", lambda: (status(a)["groups"]["g"]["targets"][
         "site-b"]["progress"] or {}).get("payload_bytes"), timeout=20)

@@ -23,24 +23,12 @@ import pytest
 
 from dvx_dr.site import lockfile
 from tests.conftest import ROOT
-from tests.integration.sites import Sites, child_env, dvx
+from tests.integration.sites import Sites, child_env, dvx, user_error
 
 NOBODY = 65534
 SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 Run = Callable[..., subprocess.CompletedProcess[bytes]]
-
-
-def user_error(proc: subprocess.CompletedProcess[bytes], *words: str) -> str:
-    """Assert a clear user error: exit 2, one line on stderr, no traceback. Return the line."""
-    err = proc.stderr.decode(errors="replace")
-    assert proc.returncode == 2, f"expected exit 2, got {proc.returncode}: {err}"
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {err}"
-    for word in words:
-        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -1184,9 +1184,9 @@ def test_import_of_a_qcow2_image_is_refused(site_with_volume: tuple[Site, bytes]
     assert site.export("as-is") == qcow2.read_bytes()
 
 
-def test_shrink_container_and_unknown_volume_refusals_through_a_running_site(
-        tmp_path: Path) -> None:
-    """The same refusals when the commands go through a running site's admin socket."""
+def test_shrink_and_container_images_through_a_running_site(tmp_path: Path) -> None:
+    """The same refusals when the commands go through a running site's admin socket, and
+    --shrink and --any-format reach the site's operations."""
     content = random.Random(12).randbytes(MiB)
     qcow2 = make_qcow2(tmp_path, content)
     with Sites(tmp_path / "sites") as sites:
@@ -1205,16 +1205,6 @@ def test_shrink_container_and_unknown_volume_refusals_through_a_running_site(
         assert "unknown volume 'nosuch'; 'dvx-dr volume list' shows the volumes" in err
         assert site.json("snapshot", "list", "v") == []
 
-
-def test_shrink_and_any_format_through_a_running_site(tmp_path: Path) -> None:
-    """--shrink and --any-format reach the running site's operations."""
-    content = random.Random(13).randbytes(MiB)
-    qcow2 = make_qcow2(tmp_path, content)
-    with Sites(tmp_path / "sites") as sites:
-        (site,) = sites.add_many("site-a")
-        sites.start()
-        site.cli("volume", "create", "v", "--size", "1MiB")
-        site.cli("volume", "write", "v", "-", input=content)
         site.cli("volume", "resize", "v", "--size", "512KiB", "--shrink")
         assert site.cli("volume", "export", "v", "-").stdout == content[:MiB // 2]
         site.cli("volume", "import", "as-is", qcow2, "--any-format")

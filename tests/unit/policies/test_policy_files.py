@@ -19,19 +19,9 @@ from dvx_dr.policies.loader import (
     policy_files,
 )
 from dvx_dr.site.config import load_site_config
+from tests.unit.policies.test_policies import GOOD
 
 SITES = {"dr-east"}
-GOOD = """\
-name: {name}
-members: [{members}]
-snapshot:
-  schedule: 15m
-  retention: {{keep_last: 4}}
-replication:
-  - site: dr-east
-    retention: {{daily: 7}}
-    rpo: 1h
-"""
 
 SITE_YAML = """\
 name: site-a
