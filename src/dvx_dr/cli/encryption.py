@@ -200,6 +200,8 @@ def cmd_crypto_erase(args: argparse.Namespace) -> int:
         "startup_key": str(args.startup_key.resolve()) if args.startup_key else None},
         locked_ok=True)
     print("keys destroyed: encrypted data in this store is unrecoverable")
+    for problem in r.get("not_destroyed", []):
+        print(f"dvx-dr: warning: {problem}", file=sys.stderr)
     if r["plain_bytes_left"]:
         print(f"{format_size(r['plain_bytes_left'])} ({r['plain_extents_left']} extents) were "
               "stored unencrypted: they are still on disk in the clear, though dvx-dr can no "

@@ -38,14 +38,16 @@ def timestamp(iso: str | None) -> float | None:
 
 
 def newest_scheduled(store: Store, pgs: list[str]) -> dict[str, datetime]:
-    """When each group's newest scheduler snapshot (a time-stamp name) was taken."""
+    """When each group's newest scheduler snapshot (a time-stamp name) was taken: the time
+    the store recorded, not the name (an operator may give any such name), and never later
+    than now (a clock that ran ahead and was set back must not put off the schedule)."""
+    now = datetime.now(UTC)
     out = {}
     for pg in pgs:
-        names = [g.name for g in groups.list_groups(store, pg)
+        taken = [g.created_at for g in groups.list_groups(store, pg)
                  if snapshots.is_default_name(g.name)]
-        if names:
-            out[pg] = datetime.strptime(max(names), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-                tzinfo=UTC)
+        if taken:
+            out[pg] = min(max(taken), now)
     return out
 
 

@@ -403,12 +403,13 @@ def crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,
         store.blobs.cipher = None
         store.blobs.index = NoIndexKeys(store.keyless_error)
         store.blobs.pages.clear()  # what was encrypted is not to be read from memory either
-        finish_erase(store.path, store.db, doomed)
+        left = finish_erase(store.path, store.db, doomed)
         deleted = 0
         if delete_plain:
             deleted = _delete_all_data(store)
     return {"erased": True, "plain_extents_left": 0 if delete_plain else plain_n,
-            "plain_bytes_left": 0 if delete_plain else plain_b, "deleted_bytes": deleted}
+            "plain_bytes_left": 0 if delete_plain else plain_b, "deleted_bytes": deleted,
+            "not_destroyed": left}
 
 
 def _startup_keys_to_destroy(store: Store, given: Path | None) -> set[Path]:

@@ -93,15 +93,23 @@ ERASE_PENDING = "erase_pending"
 
 
 def finish_erase(path: Path, db: sqlite3.Connection, startup_keys: Iterable[Path] = ()
-                 ) -> None:
+                 ) -> list[str]:
     """Destroy the keystore and the startup key files of a crypto erase (``startup_keys``,
-    or those it recorded before a crash interrupted it), then record that it is done."""
+    or those it recorded before a crash interrupted it), then record that it is done.
+    Returns what could not be destroyed (a path that is no longer a regular file: a link is
+    not followed); that is logged and reported, and does not keep the store from opening."""
     pending = dbmod.get_meta(db, ERASE_PENDING)
     doomed = {*map(Path, json.loads(pending) if pending else []), *startup_keys}
-    destroy_key_file(path / KEYSTORE_NAME, None)
-    for key in sorted(doomed):
-        destroy_key_file(key, STARTUP_KEY_BYTES)
+    left = []
+    for key, size in [(path / KEYSTORE_NAME, None),
+                      *((k, STARTUP_KEY_BYTES) for k in sorted(doomed))]:
+        try:
+            destroy_key_file(key, size)
+        except UserError as exc:
+            log.warning("crypto erase: %s", exc)
+            left.append(str(exc))
     dbmod.delete_meta(db, ERASE_PENDING)  # one statement: committed on its own
+    return left
 
 
 def now_iso() -> str:

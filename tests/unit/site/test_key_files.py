@@ -162,3 +162,27 @@ def test_a_locked_store_names_and_writes_nothing(new_store: Callable[..., Store]
         assert locked.db.execute("SELECT COUNT(*) FROM blobs").fetchone()[0] == 0
     finally:
         locked.close()
+
+
+def test_an_erase_that_meets_a_link_finishes_and_says_so(new_store: Callable[..., Store],
+                                                         tmp_path: Path) -> None:
+    """A startup key path that became a link: the erase had destroyed the keystore, then
+    raised, and left its 'pending' mark, so every later opening raised the same."""
+    store = new_store()
+    key = tmp_path / "startup.key"
+    keys.set_modes(store, None, PASSWORD, "unlocked", key)
+    other = tmp_path / "other-file"
+    other.write_bytes(b"not ours")
+    key.unlink()
+    key.symlink_to(other)
+
+    result = keys.crypto_erase(store, "site-a")
+    assert [m for m in result["not_destroyed"] if f"{key} is not a regular file" in m]
+    assert not (store.path / KEYSTORE_NAME).exists()
+    assert other.read_bytes() == b"not ours"
+    store.close()
+    erased = Store.open(store.path, allow_locked=True)
+    try:
+        assert erased.meta(store_module.ERASE_PENDING) is None
+    finally:
+        erased.close()
