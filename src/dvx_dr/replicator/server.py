@@ -486,6 +486,9 @@ async def serve(config: SiteConfig, config_path: Path | None,
         listening = await listener.start(
             peer_runner.server, config.listen.host, config.listen.port, peer_ssl,
             lambda ssl_object: check_peer(ssl_object, set(service.config.peers)))
+        # The policies load before the admin socket opens: a command that reaches the site
+        # finds its groups there (they load off the event loop, which takes a moment).
+        await service.scheduler.start()
         sock = config.admin_socket
         await admin_server.start(sock)
         if config.metrics_listen is not None:
@@ -496,7 +499,6 @@ async def serve(config: SiteConfig, config_path: Path | None,
             await metrics_runner.setup()
             await web.TCPSite(metrics_runner, config.metrics_listen.host,
                               config.metrics_listen.port).start()
-        await service.scheduler.start()
         log.info("site %s serving peers on %s, admin socket %s", config.name, config.listen,
                  sock)
         print(f"site {config.name} ready on https://{config.listen} (admin socket {sock})",
