@@ -69,4 +69,4 @@ def test_snapshot_diff_shows_a_size_change(tmp_path: Path) -> None:
     assert diff("d@a", "d@c") == [{"offset": 4 * KiB, "length": 12 * KiB}]
     text = run_cli("snapshot", "diff", "d@a", "d@b", *args).stdout.decode()
     assert "d@a is 8192 bytes (8.0 KiB), d@b 16384 bytes (16.0 KiB)" in text
-    assert "in whole blocks" in text
+    assert "# 1 range, 8192 bytes (8.0 KiB) differ, in whole blocks" in text

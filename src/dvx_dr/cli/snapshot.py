@@ -79,8 +79,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for r in ranges:
         print(f"{r['offset']}\t{r['length']}")
     total = sum(r["length"] for r in ranges)
-    print(f"# {len(ranges)} ranges, {total} bytes ({format_size(total)}) differ, in whole "
-          "blocks")
+    count = f"{len(ranges)} range" + ("" if len(ranges) == 1 else "s")
+    print(f"# {count}, {total} bytes ({format_size(total)}) differ, in whole blocks")
     if sizes[0] != sizes[1]:
         print(f"# {args.a} is {sizes[0]} bytes ({format_size(sizes[0])}), {args.b} "
               f"{sizes[1]} bytes ({format_size(sizes[1])})")
