@@ -156,12 +156,7 @@ def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
         socket = exc.admin_socket
     else:
         try:
-            if local is not None:
-                return local(store)
-            result = ops.run(store, name, params)
-            if name == "datastore.unlock":
-                raise UserError(_nothing_to_unlock(store))
-            return result
+            return local(store) if local is not None else ops.run(store, name, params)
         finally:
             store.close()
     try:
@@ -176,21 +171,6 @@ def run_op(args: argparse.Namespace, name: str, params: dict[str, Any],
                              f"{lockfile.holder(path)[0]}) does not answer on its admin socket "
                              f"{socket}: it is starting or stopping; retry in a moment"
                              ) from None
-
-
-def _nothing_to_unlock(store: Store) -> str:
-    """Why ``datastore unlock`` with no site running is refused (after its password was
-    checked): a store is unlocked in the memory of the site that serves it, for as long as
-    that site runs, so nothing stays unlocked when this command ends. Refused (exit 2)
-    rather than reported done: a script that unlocks a site it means to use must not go on
-    when there is no site."""
-    if not store.keyed:
-        return (f"store {store.path} is not encrypted, and no site is running on it: there "
-                "is nothing to unlock")
-    return (f"no site is running on store {store.path}, so there is nothing to unlock (the "
-            "password is correct; a store stays unlocked only in the site that serves it): "
-            "start it with 'dvx-dr site serve --config site.yaml', then unlock it, or give "
-            "'site serve' --password-file")
 
 
 def current_password(args: argparse.Namespace) -> str | None:

@@ -67,9 +67,31 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     password = current_password(args)
     if password is None:
         raise UserError("no password: pass --password-file FILE or run on a terminal")
-    result = run_op(args, "datastore.unlock", {"password": password}, locked_ok=True)
+    def offline(store: Store) -> Any:
+        from dvx_dr.site import ops
+
+        ops.run(store, "datastore.unlock", {"password": password})  # checks the password
+        raise UserError(_nothing_to_unlock(store))
+
+    result = run_op(args, "datastore.unlock", {"password": password}, offline,
+                    locked_ok=True)
     print("unlocked" if result["was_locked"] else "password accepted; the store was not locked")
     return 0
+
+
+def _nothing_to_unlock(store: Store) -> str:
+    """Why ``datastore unlock`` with no site running is refused (after its password was
+    checked): a store is unlocked in the memory of the site that serves it, for as long as
+    that site runs, so nothing stays unlocked when this command ends. Refused (exit 2)
+    rather than reported done: a script that unlocks a site it means to use must not go on
+    when there is no site."""
+    if not store.keyed:
+        return (f"store {store.path} is not encrypted, and no site is running on it: there "
+                "is nothing to unlock")
+    return (f"no site is running on store {store.path}, so there is nothing to unlock (the "
+            "password is correct; a store stays unlocked only in the site that serves it): "
+            "start it with 'dvx-dr site serve --config site.yaml', then unlock it, or give "
+            "'site serve' --password-file")
 
 
 def cmd_enable(args: argparse.Namespace) -> int:

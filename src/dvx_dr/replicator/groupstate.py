@@ -11,7 +11,7 @@ from dvx_dr.errors import StoreLockedError
 from dvx_dr.policies.model import Policy
 from dvx_dr.replicator.retention import prune_groups
 from dvx_dr.site import db as dbmod
-from dvx_dr.site import groups, keys, snapshots, volumes
+from dvx_dr.site import groups, snapshots, volumes
 from dvx_dr.site.store import Store, now_iso
 
 #: Store metadata key prefix: when a group's target was first configured (``PG:SITE``).
@@ -111,7 +111,7 @@ def prune_local(store: Store, pg: str, policy: Policy, sites: list[str],
 
 def check_usable(store: Store, until: str) -> None:
     """Raise if the store's keys were crypto-erased, or it is locked (saying ``until``)."""
-    refused = keys.refusal(store)
+    refused = store.refusal()
     if isinstance(refused, StoreLockedError):
         raise StoreLockedError(f"store is locked: {until}")
     if refused is not None:

@@ -35,7 +35,7 @@ from dvx_dr.replicator import protocol
 from dvx_dr.replicator.retention import prune_groups
 from dvx_dr.site import groups, snapshots, tree, treeblobs, volumes
 from dvx_dr.site.blobs import Payload, blob_id, decompress
-from dvx_dr.site.store import PIN_IDLE, Store
+from dvx_dr.site.store import PIN_IDLE, Store, utc_iso
 from dvx_dr.site.tree import HOLE, GroupRoot, Root
 
 log = logging.getLogger("dvx_dr.receiver")
@@ -444,4 +444,4 @@ def _utc(created: str) -> str:
     when = when.astimezone(UTC)
     if not 1970 <= when.year <= 9999:
         raise ValueError("out of range")
-    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return utc_iso(when)

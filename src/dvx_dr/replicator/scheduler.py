@@ -170,7 +170,7 @@ class Scheduler:
             # (admin socket, peer API, other groups' jobs, SIGTERM). The groups running now
             # keep their names and volumes against a file added beside theirs, and against
             # an edit of another running group's file.
-            first = await _off_loop(self._precedence)
+            first = self._precedence()
             policies, errors = await _off_loop(
                 lambda: load_policy_dir(directory, peers, names, files=files, first=first))
         except DvxError as exc:
@@ -210,7 +210,7 @@ class Scheduler:
             self.status[name].members = self._members(name, names)[0]
         self.files = {name: files[name] for name in self.policies}
         fresh = [n for n in self.policies if n in loaded]
-        signatures = await _off_loop(lambda: {n: _signature(self.files[n]) for n in fresh})
+        signatures = {n: _signature(self.files[n]) for n in fresh}
         self._signatures = {n: signatures.get(n, self._signatures.get(n))
                             for n in self.policies}
         configured = await self.service.store.run(

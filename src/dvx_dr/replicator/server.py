@@ -59,7 +59,6 @@ from dvx_dr.replicator.tls import (
     client_context,
     server_context,
 )
-from dvx_dr.site import keys
 from dvx_dr.site.config import SiteConfig, load_site_config
 from dvx_dr.site.store import PasswordSource, Store
 
@@ -102,7 +101,7 @@ class SiteService:
     def check_transfer(self, target: str) -> PeerClient:
         """The peer a transfer to ``target`` would use; raises what would refuse it now (a
         locked store, a site that is not a peer)."""
-        if (refused := keys.refusal(self.store.store)) is not None:
+        if (refused := self.store.store.refusal()) is not None:
             raise refused
         return self.peer(target)
 
@@ -142,7 +141,7 @@ class SiteService:
     def status(self) -> dict[str, Any]:
         return {"site": self.config.name, "pid": os.getpid(), "started": self.started,
                 "locked": self.store.store.locked,
-                "keys_destroyed": isinstance(keys.refusal(self.store.store), KeysDestroyedError),
+                "keys_destroyed": isinstance(self.store.store.refusal(), KeysDestroyedError),
                 "peers": dict(self.config.peers),
                 "transfers": list(self.transfers.values()),
                 "sessions": len(self.receiver.sessions), "tls": self.tls_status()
@@ -271,7 +270,7 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
         peername = request.transport.get_extra_info("peername") if request.transport else None
         log.warning("rejected connection from %s: %s", peername, exc)
         return error_response(exc)
-    refused = keys.refusal(service.store.store)
+    refused = service.store.store.refusal()
     if isinstance(refused, StoreLockedError):
         return error_response(StoreLockedError(
             f"site {service.config.name} is locked: its operator must unlock it first"))
@@ -456,7 +455,7 @@ async def serve(config: SiteConfig, config_path: Path | None,
         raise UserError(f"the store at {config.store} belongs to site {store.site}, but "
                         f"{config_path or 'site.yaml'} names site {config.name}: point 'store' "
                         "at this site's own store, or fix 'name'")
-    if isinstance(keys.refusal(store), KeysDestroyedError):
+    if isinstance(store.refusal(), KeysDestroyedError):
         log.warning("the store's keys were crypto-erased: serving only status")
     elif store.locked:
         log.warning("store is locked: serving only status and unlock until "

@@ -39,10 +39,10 @@ from typing import Any
 
 from cryptography.hazmat.bindings._rust import openssl as rust_openssl
 
-from dvx_dr.errors import KeysDestroyedError, StoreFullError, StoreLockedError, UserError
+from dvx_dr.errors import KeysDestroyedError, StoreFullError, UserError
 from dvx_dr.site import db as dbmod
 from dvx_dr.site import gc
-from dvx_dr.site.crypto import IndexKeys, NoIndexKeys, new_index_key, new_tek
+from dvx_dr.site.crypto import IndexKeys, new_index_key, new_tek
 from dvx_dr.site.keystore import (
     KeyMaterial,
     Keystore,
@@ -68,18 +68,8 @@ def fips_provider_active() -> bool:
     return bool(rust_openssl.is_fips_enabled())
 
 
-def refusal(store: Store) -> KeysDestroyedError | StoreLockedError | None:
-    """Why the store cannot be used now: its keys were crypto-erased, or it is locked."""
-    if store.meta("keys_destroyed") == "1":
-        return KeysDestroyedError("keys destroyed: this store's keys were crypto-erased; its "
-                                  "encrypted data cannot be read and it takes no new data")
-    if store.locked:
-        return StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
-    return None
-
-
 def _require_keys(store: Store) -> KeyMaterial:
-    if (refused := refusal(store)) is not None:
+    if (refused := store.refusal()) is not None:
         raise refused
     if store.keys is None or store.keystore is None:
         raise UserError("encryption has never been enabled on this store; "
@@ -396,13 +386,9 @@ def crypto_erase(store: Store, confirm_name: str, delete_plain: bool = False,
             # What is left to destroy: a crash before the end has the store finish it when
             # it next opens (``store.finish_erase``).
             dbmod.set_meta(db, ERASE_PENDING, json.dumps(sorted(str(p) for p in doomed)))
-        # From here on the store names, writes and reads nothing: an inbound transfer or an
-        # import still under way fails at its next batch instead of going on in the clear.
-        store.keys = None
-        store.keystore = None
-        store.blobs.cipher = None
-        store.blobs.index = NoIndexKeys(store.keyless_error)
-        store.blobs.pages.clear()  # what was encrypted is not to be read from memory either
+        # An inbound transfer or an import still under way fails at its next batch instead
+        # of going on in the clear.
+        store.drop_keys()
         left = finish_erase(store.path, store.db, doomed)
         deleted = 0
         if delete_plain:

@@ -57,7 +57,7 @@ def run(store: Store, name: str, params: dict[str, Any],
 
 def check_usable(store: Store) -> None:
     """Refuse an operation on a store whose keys are destroyed or not unwrapped yet."""
-    if (refused := keys.refusal(store)) is not None:
+    if (refused := store.refusal()) is not None:
         raise refused
 
 

@@ -85,6 +85,7 @@ PIN_IDLE = 600.0
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 PasswordSource = Callable[[], str]
+LOCKED = "store is locked: unlock it with 'dvx-dr datastore unlock'"
 
 
 #: Store metadata key: the startup key files (a JSON list) a crypto erase has still to
@@ -113,7 +114,12 @@ def finish_erase(path: Path, db: sqlite3.Connection, startup_keys: Iterable[Path
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return utc_iso(datetime.now(UTC))
+
+
+def utc_iso(when: datetime) -> str:
+    """``when`` (aware) as the store writes its times: UTC, to the second, ``Z``."""
+    return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _check_block_size(block_size: int) -> None:
@@ -151,7 +157,7 @@ class Store:
         if keys is not None:
             self.install_keys(keys)
         elif self.keyed:  # locked, or crypto-erased: nothing is named or written keyless
-            self.blobs.index = NoIndexKeys(self.keyless_error)
+            self.blobs.index = NoIndexKeys(self._keyless)
         self.apply_write_setting()
 
     @property
@@ -164,12 +170,28 @@ class Store:
         """An encrypted store whose keys are not unwrapped yet: only status and unlock work."""
         return self.keyed and self.keys is None
 
-    def keyless_error(self) -> KeysDestroyedError | StoreLockedError:
-        """What refuses a use of the store's keys while it has none in memory."""
+    def refusal(self) -> KeysDestroyedError | StoreLockedError | None:
+        """Why the store cannot be used now: its keys were crypto-erased, or it is locked."""
         if self.meta("keys_destroyed") == "1":
             return KeysDestroyedError("keys destroyed: this store's keys were crypto-erased; "
-                                      "it takes no new data")
-        return StoreLockedError("store is locked: unlock it with 'dvx-dr datastore unlock'")
+                                      "its encrypted data cannot be read and it takes no new "
+                                      "data")
+        if self.locked:
+            return StoreLockedError(LOCKED)
+        return None
+
+    def _keyless(self) -> KeysDestroyedError | StoreLockedError:
+        """What refuses a use of the keys while none are in memory (see ``NoIndexKeys``)."""
+        return self.refusal() or StoreLockedError(LOCKED)
+
+    def drop_keys(self) -> None:
+        """Forget every key (a crypto erase): from here on the store names, writes and reads
+        nothing, and what was decrypted is not kept in memory either."""
+        self.keys = None
+        self.keystore = None
+        self.blobs.cipher = None
+        self.blobs.index = NoIndexKeys(self._keyless)
+        self.blobs.pages.clear()
 
     def install_keys(self, keys: KeyMaterial) -> None:
         self.keys = keys

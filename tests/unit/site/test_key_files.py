@@ -25,7 +25,7 @@ def keystore_fips(store: Store) -> bool:
 
 
 class Crash(Exception):
-    pass
+    """A process killed at this point (raised where the kill would land)."""
 
 
 def test_leaving_fips_mode_never_leaves_the_mode_on_with_a_scrypt_keystore(
