@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -17,6 +18,23 @@ PASSWORD = "correct horse battery"
 #: The project root, put on the child's import path so ``python -m dvx_dr`` works whether or
 #: not the package is installed in the interpreter running the tests.
 ROOT = Path(__file__).resolve().parent.parent
+#: What the whole suite needs free on the disk of its temporary directory: at most about 2.1 GiB
+#: was in use at once in a full run (passed tests' directories are removed as they end), plus room.
+DISK_NEEDED = 3 << 30
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once, in one line, on a disk too full for the suite.
+
+    On a nearly full disk the first tests pass, then every test that starts a site errors in its
+    set-up (its certificate cannot be written), hundreds of them, and the cause is easy to miss.
+    """
+    temp = session.config._tmp_path_factory.getbasetemp().parent  # type: ignore[attr-defined]
+    free = shutil.disk_usage(temp).free
+    if free < DISK_NEEDED:
+        pytest.exit(f"only {free / 2**30:.1f} GiB free on the disk of {temp}; the test suite "
+                    f"needs about {DISK_NEEDED >> 30} GiB there: free some space and run it again",
+                    returncode=3)
 
 
 @pytest.fixture(autouse=True)
