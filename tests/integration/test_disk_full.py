@@ -147,6 +147,7 @@ def test_key_changes_on_a_full_disk_say_so_and_keep_the_old_password(
             f.write(bytes(1024 * 1024))
     new = tmp_path / "new-password"
     new.write_text("a brand new password\n")
+    new.chmod(0o600)
     failed = run_cli("datastore", "encryption", "change-password", "--new-password-file", new,
                      *args, check=False)
     err = failed.stderr.decode()

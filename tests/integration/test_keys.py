@@ -86,6 +86,7 @@ def segments(store: Path) -> dict[str, int]:
 def write_password(path: Path, password: str) -> Path:
     path.write_text(password + "\n")
     path.chmod(0o600)
+    path.chmod(0o600)
     return path
 
 

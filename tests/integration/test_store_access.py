@@ -209,6 +209,7 @@ def test_unlock_with_no_site_running_is_refused_after_checking_the_password(
     were there, unlocked."""
     password = tmp_path / "password"
     password.write_text("correct horse battery\n")
+    password.chmod(0o600)
     store = tmp_path / "store"
     dvx("site", "init", "--store", store, "--name", "site-a", "--password-file", password)
     user_error(dvx("datastore", "unlock", "--store", store, "--password-file", password,
@@ -217,6 +218,7 @@ def test_unlock_with_no_site_running_is_refused_after_checking_the_password(
                "the password is correct", "dvx-dr site serve --config site.yaml")
     wrong = tmp_path / "wrong"
     wrong.write_text("not the password at all\n")
+    wrong.chmod(0o600)
     user_error(dvx("datastore", "unlock", "--store", store, "--password-file", wrong,
                    check=False), "wrong password")
     plain = plain_store(tmp_path / "plain")

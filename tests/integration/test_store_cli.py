@@ -396,6 +396,7 @@ def test_wrong_password_changes_nothing(site_with_volume: tuple[Site, bytes],
         file_bytes(site.path)
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not the password\n")
+    wrong.chmod(0o600)
     proc = site.cli("volume", "write", "v", tmp_path / "payload", "--store", site.path,
                     "--password-file", wrong, check=False)
     err = assert_one_line_error(proc)
@@ -853,6 +854,7 @@ def test_encryption_is_enabled_again_offline_after_it_was_disabled(
     site("datastore", "encryption", "disable")
     wrong = tmp_path / "wrong"
     wrong.write_text("not the password at all\n")
+    wrong.chmod(0o600)
     proc = cli("datastore", "encryption", "enable", "--yes", "--store", store_dir,
                "--password-file", wrong, check=False)
     err = proc.stderr.decode()

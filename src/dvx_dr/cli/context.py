@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -78,20 +79,38 @@ def store_path(args: argparse.Namespace) -> Path:
                     f"{STORE_ENV} or {CONFIG_ENV}")
 
 
+#: Password files already warned about in this process (a command may read one twice).
+_warned_open: set[Path] = set()
+
+
+def _warn_if_others_may_read(path: Path, st: os.stat_result) -> None:
+    """Warn, as ssh does for a private key, when a regular password file can be read or
+    written by users other than its owner; a pipe or process substitution is left alone."""
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o077 or path in _warned_open:
+        return
+    _warned_open.add(path)
+    print(f"dvx-dr: warning: password file {path} can be read or changed by other users "
+          f"(mode {stat.S_IMODE(st.st_mode):04o}); make it private with 'chmod 600 {path}'",
+          file=sys.stderr)
+
+
 def read_password_file(path: Path) -> str:
     forbid_core_dumps()
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            text = f.read().decode("utf-8")
     except OSError as exc:
         raise UserError(f"cannot read password file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise UserError(f"password file {path} is not UTF-8 text") from None
-    # The first line, ended by a newline only (or CR LF), as a terminal ends what getpass
-    # reads: str.splitlines would also end it at a form feed, U+0085 or U+2028, and cut a
-    # password there without a word.
-    password = text.split("\n", 1)[0].removesuffix("\r")
+    # The first line, ended by a line feed, CR LF or a lone CR (as a text file is read, and
+    # as a terminal ends what getpass reads): str.splitlines would also end it at a form
+    # feed, U+0085 or U+2028, and cut a password there without a word.
+    password = text.replace("\r\n", "\n").replace("\r", "\n").split("\n", 1)[0]
     if not password:
         raise UserError(f"password file {path} is empty")
+    _warn_if_others_may_read(path, st)
     return password
 
 
