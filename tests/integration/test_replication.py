@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import random
+import re
 import socket
 import ssl
 import struct
@@ -410,13 +411,20 @@ def test_connection_cut_mid_stream_is_retried_and_completes(
         a.set_peer("site-b", f"https://{HOST}:{proxy.port}")
         a.restart()
 
-        stats = a.replicate("vm1@s1", to="site-b")
+        done = a.cli("replicate", "vm1@s1", "--to", "site-b", "--json")
     finally:
         proxy.close()
 
+    stats = json.loads(done.stdout)
     assert proxy.cuts == 2
     retries = [line for line in a.log().splitlines() if "retrying in" in line]
     assert len(retries) == 2, retries
+    # The command says so too, instead of going quiet while the site waits to retry.
+    told = done.stderr.decode().splitlines()
+    assert len(told) == 2, told
+    for n, line in enumerate(told, 1):
+        assert re.fullmatch(rf"dvx-dr: attempt {n} of 8 failed: .+; retrying in \d+\.\d s",
+                            line), line
     assert stats["payload_bytes"] < full_payload, "the last attempt resent durable blobs"
     assert b.snapshots() == ["site-a/vm1@s1"]
     replica = tmp_path / "replica.img"

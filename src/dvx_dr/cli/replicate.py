@@ -221,6 +221,14 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         nonlocal bar
         if "snapshot_created" in line and not args.json:
             print(f"created snapshot {line['snapshot_created']}", file=sys.stderr)
+        if "retrying" in line:
+            r = line["retrying"]
+            message = (f"dvx-dr: attempt {r['attempt']} of {r['attempts']} failed: "
+                       f"{r['error']}; retrying in {r['delay']:.1f} s")
+            if bar is not None:
+                bar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr)
         if "progress" in line and sys.stderr.isatty():
             p = line["progress"]
             if bar is None:

@@ -317,7 +317,8 @@ async def _replicate(service: SiteService, params: dict[str, Any], send: Send,
             raise UserError("a 'replicate' call names a 'snapshot' (or a 'volume') and 'to'")
         stats = await service.replicate(
             spec, params["to"], lambda s: lines.put_nowait({"progress": s.to_json()}),
-            group=bool(params.get("group")))
+            group=bool(params.get("group")),
+            retrying=lambda r: lines.put_nowait({"retrying": r}))
         return stats.to_json()
 
     task = asyncio.create_task(run())

@@ -107,9 +107,12 @@ class SiteService:
 
     async def replicate(self, spec: str, target: str,
                         progress: Callable[[TransferStats], None] | None = None,
-                        attempts: int = 8, group: bool = False) -> TransferStats:
+                        attempts: int = 8, group: bool = False,
+                        retrying: Callable[[dict[str, Any]], None] | None = None
+                        ) -> TransferStats:
         """Replicate a volume snapshot (VOLUME@NAME) or, with ``group``, a group snapshot
-        (PG@NAME), retrying transient failures with backoff."""
+        (PG@NAME), retrying transient failures with backoff; ``retrying`` is told of each
+        failed attempt before its wait."""
         peer = self.check_transfer(target)
         label = f"{spec} -> {target}"
         # Keyed by transfer, not by snapshot and target: two commands may send the same
@@ -122,6 +125,9 @@ class SiteService:
             log.warning("transfer %s: attempt %d failed (%s); retrying in %.1fs", label, n,
                         exc, delay)
             self.transfers[key].update(attempt=n + 1, last_error=str(exc))
+            if retrying:
+                retrying({"attempt": n, "attempts": attempts, "error": str(exc),
+                          "delay": round(delay, 1)})
 
         pg, _, name = spec.rpartition("@")
 
