@@ -17,6 +17,7 @@ import importlib.util
 import json
 import random
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -395,6 +396,46 @@ class CuttingProxy:
     def close(self) -> None:
         self.closed = True
         self.listener.close()
+
+
+@pytest.mark.slow
+def test_target_stopped_mid_stream_exits_in_seconds_and_the_transfer_resumes(
+        two_sites: Sites, tmp_path: Path) -> None:
+    """SIGTERM to a site receiving a blob stream: it waited for the stream's handler for
+    aiohttp's default 60 s, the source hearing nothing all that time, and a command sent to
+    it meanwhile was told that no site runs (exit 2) and to start one."""
+    a, b = two_sites["site-a"], two_sites["site-b"]
+    image = tmp_path / "vm1.img"
+    random_image(image, seed=35)
+    a.cli("volume", "import", "vm1", image)
+    a.cli("snapshot", "create", "vm1", "--name", "s1")
+    start = segment_bytes(b)
+    transfer = a.popen("replicate", "vm1@s1", "--to", "site-b", "--json")
+    deadline = time.monotonic() + 60
+    while segment_bytes(b) < start + 24 * MiB:
+        assert transfer.poll() is None, f"the transfer ended early: {transfer.communicate()}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.002)
+
+    stopping = time.monotonic()
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    # While it stops, a command is told so (exit 4, to be retried), not that no site runs.
+    told = b.cli("status", check=False)
+    assert told.returncode == 4, told
+    assert told.stderr.decode() == ("dvx-dr: error: site site-b is stopping and takes no more "
+                                    "commands; run the command again once it is back\n")
+    assert b.stop(timeout=15) == 0
+    assert time.monotonic() - stopping < 10
+    # The source, retrying meanwhile, finishes the transfer once site-b is back.
+    two_sites.start("site-b")
+    out, err = transfer.communicate(timeout=120)
+    assert transfer.returncode == 0, err.decode()
+    assert json.loads(out)["replica"] == "site-a/vm1@s1"
+    replica = tmp_path / "replica.img"
+    b.cli("snapshot", "export", "site-a/vm1@s1", replica)
+    assert_same_file(replica, image)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import json
 import logging
@@ -76,6 +77,10 @@ class AdminServer:
         self.connections: set[asyncio.Task[Any]] = set()
         #: connection -> when it began waiting for its command to take an answer
         self.sending: dict[asyncio.Task[Any], float] = {}
+        #: Set when the site begins to stop: a command that connects from then on is told
+        #: so (exit 4, to be retried), instead of finding nothing there and being told that
+        #: no site runs while this one still holds the store.
+        self.stopping = False
 
     async def start(self, path: Path) -> None:
         """Listen on ``path`` (replacing a stale socket file), mode 0600 from the start. Any
@@ -97,6 +102,10 @@ class AdminServer:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
+
+    def refuse_new(self) -> None:
+        """Answer every command that connects from now on that the site is stopping."""
+        self.stopping = True
 
     def close(self) -> None:
         """Accept no more connections."""
@@ -125,7 +134,10 @@ class AdminServer:
         assert task is not None
         self.connections.add(task)
         try:
-            await _serve_one(self.service, reader, writer, self.sending)
+            if self.stopping:
+                await _refuse_stopping(self.service, reader, writer)
+            else:
+                await _serve_one(self.service, reader, writer, self.sending)
         except asyncio.CancelledError:
             # Cut off while closing. End normally: Python 3.11's asyncio logs a connection
             # task that ends cancelled as an error.
@@ -133,6 +145,23 @@ class AdminServer:
         finally:
             self.connections.discard(task)
             self.sending.pop(task, None)
+
+
+async def _refuse_stopping(service: SiteService, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+    """Tell a command that connects while the site stops that it is stopping (exit 4). Its
+    request is read first, so that the command is not cut off while still sending it."""
+    try:
+        with contextlib.suppress(ValueError, TimeoutError):  # too long or too slow: answered
+            await asyncio.wait_for(reader.readline(), CLOSE_SECONDS)
+        writer.write(adminwire.encode({
+            "error": f"site {service.config.name} is stopping and takes no more commands; run "
+                     "the command again once it is back",
+            "exit_code": TransientError.exit_code}))
+        with contextlib.suppress(ConnectionError, TimeoutError):  # the command went away
+            await asyncio.wait_for(writer.drain(), CLOSE_SECONDS)
+    finally:
+        writer.close()
 
 
 async def _serve_one(service: SiteService, reader: asyncio.StreamReader,

@@ -295,6 +295,11 @@ async def peer_middleware(request: web.Request, handler: Handler) -> web.StreamR
 BODY_SECONDS = 60.0
 #: Seconds between requests before an idle peer connection is closed.
 KEEPALIVE_SECONDS = 75.0
+#: Seconds a stopping site gives a peer's request in progress to end, and then again to
+#: unwind once cancelled. A commit ends well within it; a blob stream still coming in is
+#: cancelled (the source's retry resends only what was not durable). aiohttp's default of 60 s
+#: kept a target told to stop for a minute, its source hearing nothing all that time.
+PEER_SHUTDOWN_SECONDS = 3.0
 
 
 async def _body(request: web.Request) -> bytes:
@@ -475,7 +480,8 @@ async def serve(config: SiteConfig, config_path: Path | None,
     store.announce(str(config.admin_socket))
     await service.start_http(client_ssl)
     peer_runner = web.AppRunner(create_app(service), access_log=None,
-                                keepalive_timeout=KEEPALIVE_SECONDS)
+                                keepalive_timeout=KEEPALIVE_SECONDS,
+                                shutdown_timeout=PEER_SHUTDOWN_SECONDS)
     listening: asyncio.Server | None = None
     admin_server = admin.AdminServer(service)
     metrics_runner: web.AppRunner | None = None
@@ -512,7 +518,7 @@ async def serve(config: SiteConfig, config_path: Path | None,
         log.info("stopping: cancelling %d transfers and reloads, finishing %d admin requests",
                  len(service.tasks), len(admin_server.connections))
     finally:
-        admin_server.close()  # no new admin requests
+        admin_server.refuse_new()  # commands that connect now are told the site is stopping
         await service.scheduler.stop()
         for task in list(service.tasks):
             task.cancel()
@@ -525,6 +531,7 @@ async def serve(config: SiteConfig, config_path: Path | None,
         await peer_runner.cleanup()
         if service.http is not None:
             await service.http.close()
+        admin_server.close()
         if admin_server.server is not None:  # this site's socket, not a file it refused
             with contextlib.suppress(FileNotFoundError):
                 config.admin_socket.unlink()
