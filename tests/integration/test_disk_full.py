@@ -182,6 +182,42 @@ def test_an_import_that_fills_the_disk_of_a_running_site_can_be_retried(
             == small.read_bytes()
 
 
+def test_a_target_whose_disk_fills_can_run_gc_at_once(
+        tmp_path: Path, tmpfs: Callable[[int], Path]) -> None:
+    """A replication that filled the target's disk left its session open there for 10
+    minutes, and that session held off the very gc the error message asked for ("N
+    replication transfers ... were running, so no blob was deleted"); a source that kept
+    retrying kept opening more."""
+    with Sites(tmp_path / "sites") as sites:
+        a, b = sites.add_many("site-a", "site-b")
+        sites.mesh()
+        disk = tmpfs(20)
+        shutil.copytree(b.store, disk / "store", symlinks=True)
+        shutil.rmtree(b.store)
+        b.store.symlink_to(disk / "store")
+        sites.start()
+        a.cli("volume", "import", "vm1", random_file(tmp_path / "vm1.img", 32 * MiB, 8))
+        a.cli("snapshot", "create", "vm1", "--name", "s1")
+        before = free(disk)
+
+        failed = a.cli("replicate", "vm1@s1", "--to", "site-b", check=False)
+        assert failed.returncode == 2, failed
+        assert "no space left on the device holding store" in failed.stderr.decode()
+        assert "the session ended" in failed.stderr.decode()
+        assert free(disk) < before
+        assert b.json("status")["sessions"] == 0
+
+        out = b.cli("datastore", "gc").stdout.decode()
+        assert "no blob was deleted" not in out, out
+        assert free(disk) >= before - MiB, "gc gave back what the failed transfer stored"
+        # With room made, the transfer goes through and the replica is whole.
+        subprocess.run(["mount", "-o", "remount,size=96m", str(disk)], check=True)
+        a.cli("replicate", "vm1@s1", "--to", "site-b")
+        replica = tmp_path / "replica.img"
+        b.cli("snapshot", "export", "site-a/vm1@s1", replica)
+        assert replica.read_bytes() == (tmp_path / "vm1.img").read_bytes()
+
+
 def test_gc_frees_a_disk_the_store_filled_with_data_since_deleted(
     tmpfs: Callable[[int], Path], password_file: Path
 ) -> None:

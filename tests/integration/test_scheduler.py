@@ -910,7 +910,7 @@ def test_gc_deletes_nothing_a_running_transfer_still_reads(sites: Sites, tmp_pat
     a.cli("pg", "snapshot-delete", spec)
     a.cli("volume", "delete", "vm1")
     out = a.cli("datastore", "gc").stdout.decode()
-    assert "were running, so no blob was deleted" in out, out
+    assert "were open, so no blob was deleted" in out, out
     replica = f"site-a/{spec}"
     wait_for("the replica at site-b", lambda: any(
         g["snapshot"] == replica for g in op(b, "group.list", pg=None)), timeout=40)

@@ -86,9 +86,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
           f"{report['segments_compacted']} segments, deleted {report['segments_deleted']} "
           f"segment files; reclaimed {format_size(report['reclaimed'])}")
     if report.get("sessions_open"):
-        print(f"gc: {report['sessions_open']} replication transfers (sent or received) or "
-              "snapshot reads through the site were running, so no blob was deleted; run gc "
-              "again when they have ended")
+        print(f"gc: {report['sessions_open']} replication sessions (sent or received) or "
+              "snapshot reads through the site were open, so no blob was deleted; run gc "
+              "again when they have ended (a session an interrupted transfer left is kept "
+              "for its resume until 10 minutes after its last use)")
     if report.get("segments_skipped"):
         print(f"gc: {report['segments_skipped']} sparse segments were not compacted for lack "
               f"of free space (the smallest needs {format_size(report['space_needed'])} free); "

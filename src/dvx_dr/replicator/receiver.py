@@ -243,10 +243,16 @@ class Receiver:
                     treeblobs.mark(db, marked, level)
         except StoreFullError:
             # The batches before this one stay durable: a rerun sends only what is missing.
+            # The session ends here, so that its pin does not hold off the gc that the
+            # operator must now run to free space (for up to SESSION_IDLE, and a source that
+            # kept retrying kept opening more); that gc may take its blobs too.
+            self.sessions.pop(sid, None)
+            self.store.unpin(sid)
             raise StoreFullError(self.store.full_message(
                 f"this transfer's session had stored {s.blobs} blobs" if s.blobs else None,
-                "free space at this site (delete snapshots or volumes, then 'dvx-dr datastore "
-                "gc'); the transfer's next run sends only what is still missing")) from None
+                "the session ended; free space at this site (delete snapshots or volumes, "
+                "then 'dvx-dr datastore gc', which may also take the blobs of this session), "
+                "then run the transfer again: it sends only what is still missing")) from None
         for r, plain in zip(records, plains, strict=True):
             if r.kind == protocol.KIND_PAGE and plain is not None:
                 self.store.blobs.pages.put(r.id, plain)  # the next replica's base pages

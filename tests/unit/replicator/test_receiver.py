@@ -267,6 +267,12 @@ def test_a_full_disk_says_the_batches_before_stay_stored(
     assert "nothing of this operation was committed" not in message
     assert "sends only what is still missing" in message
     assert set(rx.store.blobs.lookup([sha(b) for b in data])) == {sha(b) for b in data[:2]}
+    # The session is over, so it holds off no gc: the operator must run one to free space.
+    # (It had: for its 10 idle minutes, and a source retrying opened one more each time.)
+    with pytest.raises(TransientError, match="unknown replication session"):
+        rx.session("src", sid)
+    report = gc.gc(rx.store)
+    assert report.sessions_open == 0 and report.blobs_deleted == 2
 
 
 def test_a_session_under_way_when_the_keys_are_erased_writes_nothing_more(
