@@ -206,6 +206,8 @@ def test_a_target_whose_disk_fills_can_run_gc_at_once(
         assert "the session ended" in failed.stderr.decode()
         assert free(disk) < before
         assert b.json("status")["sessions"] == 0
+        assert "transfer vm1@s1 -> site-b failed (attempt 1): site site-b: no space left" \
+            in a.log(), a.log()[-2000:]
 
         out = b.cli("datastore", "gc").stdout.decode()
         assert "no blob was deleted" not in out, out

@@ -466,6 +466,9 @@ def test_connection_cut_mid_stream_is_retried_and_completes(
     for n, line in enumerate(told, 1):
         assert re.fullmatch(rf"dvx-dr: attempt {n} of 8 failed: .+; retrying in \d+\.\d s",
                             line), line
+    # The site's log says how it ended (it stopped at the last retry).
+    assert re.search(r"transfer vm1@s1 -> site-b: replicated \(\d+ bytes on the wire",
+                     a.log()), a.log()[-2000:]
     assert stats["payload_bytes"] < full_payload, "the last attempt resent durable blobs"
     assert b.snapshots() == ["site-a/vm1@s1"]
     replica = tmp_path / "replica.img"

@@ -138,11 +138,25 @@ class SiteService:
 
         # A group snapshot sent by hand is kept from local retention like a scheduled one.
         sending = self.scheduler.sending(pg, name) if group else contextlib.nullcontext()
+        # The outcome is logged here as the scheduler logs its own: the command that asked
+        # may be gone, and the log is where an operator looks afterwards.
         try:
             with sending:
-                return await with_retries(attempt, attempts=attempts, on_retry=on_retry)
+                stats = await with_retries(attempt, attempts=attempts, on_retry=on_retry)
+        except asyncio.CancelledError:
+            log.info("transfer %s: stopped (the command went away or the site is stopping)",
+                     label)
+            raise
+        except DvxError as exc:
+            log.warning("transfer %s failed (attempt %d): %s", label,
+                        self.transfers[key]["attempt"], exc)
+            raise
         finally:
             self.transfers.pop(key, None)
+        log.info("transfer %s: %s (%d bytes on the wire, %d skipped, %.2fs)", label,
+                 "already replicated" if stats.already_replicated else "replicated",
+                 stats.bytes_on_wire, stats.bytes_skipped, stats.seconds)
+        return stats
 
     def status(self) -> dict[str, Any]:
         return {"site": self.config.name, "pid": os.getpid(), "started": self.started,
