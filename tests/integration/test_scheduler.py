@@ -242,17 +242,18 @@ def test_group_replicas_are_crash_consistent_and_retention_holds(sites: Sites) -
     sites.start()
     for volume in ("db-data", "db-log"):
         op(a, "volume.create", name=volume, size=1 * MiB)
+    # The writer writes N into db-data, then into db-log, then N+1 ...: at any one instant
+    # db-data holds N and db-log N or N-1. A group snapshot taken at one instant shows exactly
+    # such a pair; members snapshotted at different instants would show other pairs. It runs
+    # before the group loads, whose first snapshot is taken at once.
+    writer = Writer(a, ["db-data", "db-log"])
+    writer.start()
+    wait_for("the writer's first generation", lambda: writer.gen > 0, timeout=10)
     (a.root / "policies" / "db.yaml").write_text(
         policy("db", '["db-*"]', targets=(("site-b", "1m", 2),)))
     applied = pg_apply(a)
     assert applied.returncode == 0, applied.stderr
     assert b"loaded 1 protection group: db" in applied.stdout
-
-    # The writer writes N into db-data, then into db-log, then N+1 ...: at any one instant
-    # db-data holds N and db-log N or N-1. A group snapshot taken at one instant shows exactly
-    # such a pair; members snapshotted at different instants would show other pairs.
-    writer = Writer(a, ["db-data", "db-log"])
-    writer.start()
     checked: dict[str, tuple[int, int]] = {}   # replica name -> (db-data gen, db-log gen)
     seen: set[str] = set()
     deadline = time.monotonic() + 45
@@ -581,18 +582,33 @@ def test_validate_checks_targets_against_the_site_config(sites: Sites) -> None:
 
 
 def test_a_group_lists_its_members_before_its_first_snapshot(sites: Sites) -> None:
+    """Its members, as soon as it loads (it had none until its first snapshot)."""
     (a,) = make_sites(sites, "site-a")
     configure(a, a.root / "policies")
     sites.start("site-a")
     for volume in ("db-data", "db-log", "web"):
         op(a, "volume.create", name=volume, size=256 * KiB)
-    (a.root / "policies" / "db.yaml").write_text(policy("db", '["db-*"]', schedule="1h"))
+    # A cron schedule: an interval's first snapshot is taken at once.
+    (a.root / "policies" / "db.yaml").write_text(
+        policy("db", '["db-*"]', schedule="'0 3 * * *'"))
     assert pg_apply(a).returncode == 0
     group = status(a)["groups"]["db"]
     assert group["last_snapshot"] is None
     assert group["members"] == ["db-data", "db-log"]
     listed = dvx("pg", "list", "--config", a.config).stdout.decode().splitlines()
     assert listed[1].split()[:2] == ["db", "2"], listed
+
+
+def test_a_new_group_is_snapshotted_at_once_not_an_interval_later(sites: Sites) -> None:
+    """A group applied with 'schedule: 1h' took its first snapshot an hour later: its volumes
+    had no protection for a whole interval."""
+    (a,) = make_sites(sites, "site-a")
+    sites.start("site-a")
+    op(a, "volume.create", name="vm1", size=256 * KiB)
+    (a.root / "policies" / "g.yaml").write_text(policy("g", '["vm1"]', schedule="1h"))
+    assert pg_apply(a).returncode == 0
+    wait_for("the group's first snapshot", lambda: group_names(a, "g"), timeout=10)
+    assert status(a)["groups"]["g"]["last_snapshot"] is not None
 
 
 def hook(command: str, timeout: str, which: str = "pre_snapshot") -> str:
@@ -1066,8 +1082,10 @@ def test_a_target_behind_the_newest_snapshot_is_replicated_at_start(sites: Sites
     a, b = make_sites(sites, "site-a", "site-b")
     sites.start("site-a")
     a.cli("volume", "create", "vm1", "--size", "1MiB")
-    (a.root / "policies" / "g.yaml").write_text(
-        policy("g", '["vm1"]', schedule="1h", keep=5, targets=(("site-b", "2h", 5),)))
+    # A cron schedule, so that the one snapshot is the one taken here (an interval schedule
+    # takes a new group's first one at once).
+    (a.root / "policies" / "g.yaml").write_text(policy(
+        "g", '["vm1"]', schedule="'0 3 * * *'", keep=5, targets=(("site-b", "2d", 5),)))
     assert pg_apply(a).returncode == 0
     a.cli("pg", "snapshot-create", "g", "vm1")
     (name,) = group_names(a, "g")

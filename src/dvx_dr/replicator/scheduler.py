@@ -721,14 +721,16 @@ async def _off_loop(fn: Callable[[], T]) -> T:
 def _first_run(schedule: Schedule, last: datetime | None,
                now: datetime | None = None) -> datetime | None:
     """When a snapshot job added now is first due, given the group's newest scheduler
-    snapshot at ``last``: an interval after it (now, if that is past); for a cron schedule,
-    now if a run fell due since ``last`` (made up once), else None (its next run)."""
-    if last is None:
-        return None
+    snapshot at ``last``: an interval after it (now, if that is past, or if the group has no
+    such snapshot yet: a new group is protected at once, not an interval later); for a cron
+    schedule, now if a run fell due since ``last`` (made up once), else None (its next run:
+    the operator chose its times)."""
     now = now or datetime.now(UTC)
     interval = schedule.interval_seconds
     if interval is not None:
-        return max(now, last + timedelta(seconds=interval))
+        return now if last is None else max(now, last + timedelta(seconds=interval))
+    if last is None:
+        return None
     missed = schedule.to_trigger().get_next_fire_time(None, last + timedelta(seconds=1))
     return now if missed is not None and missed <= now else None
 
