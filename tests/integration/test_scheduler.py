@@ -1096,6 +1096,25 @@ def test_a_target_behind_the_newest_snapshot_is_replicated_at_start(sites: Sites
              timeout=15)
 
 
+def test_a_reload_that_raises_the_bandwidth_limit_speeds_up_the_transfer_in_flight(
+        sites: Sites, tmp_path: Path) -> None:
+    """An operator raising the limit to let a slow first sync finish saw no change: the
+    transfer in flight kept the limit it started with, to its end."""
+    a, b = make_sites(sites, "site-a", "site-b")
+    sites.start()
+    path = slow_group(a, tmp_path, 14, 8 * MiB, "1h")  # 32 s at 256 KiB/s
+    assert pg_apply(a).returncode == 0
+    wait_for("the transfer to be under way", lambda: (status(a)["groups"]["g"]["targets"][
+        "site-b"]["progress"] or {}).get("payload_bytes"), timeout=20)
+    path.write_text(path.read_text().replace("256KiB/s", "256MiB/s"))
+    raised = time.monotonic()
+    assert pg_apply(a).returncode == 0
+    wait_for("the replica at site-b", lambda: any(
+        g["snapshot"].startswith("site-a/g@") for g in op(b, "group.list", pg=None)),
+        timeout=15)
+    assert time.monotonic() - raised < 10
+
+
 def test_a_transfer_stops_when_a_reload_removes_its_target(sites: Sites,
                                                            tmp_path: Path) -> None:
     """The replication entry removed from the policy while a slow transfer ran: status showed

@@ -546,11 +546,17 @@ class Scheduler:
             log.warning("group %s -> %s: attempt %d failed (%s); retrying in %.1fs", name,
                         target.site, n, exc, delay)
 
+        def limit() -> float | None:
+            """The target's limit in the policy loaded now: a reload applies at once."""
+            policy = self.policies.get(name)
+            now = [t for t in policy.replication if t.site == target.site] if policy else []
+            return now[0].bandwidth_limit if now else target.bandwidth_limit
+
         try:
             with self.sending(name, snap.name):
                 stats = await with_retries(
                     lambda: send_group(store, peer, name, snap.name, progress=progress,
-                                       bandwidth_limit=target.bandwidth_limit),
+                                       bandwidth_limit=limit),
                     attempts=TARGET_ATTEMPTS, base=1.0, cap=30.0, on_retry=retrying)
         finally:
             status.progress = {}

@@ -81,6 +81,9 @@ class TransferStats:
 
 
 Progress = Callable[[TransferStats], None]
+#: A bandwidth limit in bytes per second (None: none), or a function that says the current
+#: one, so that a reload changing it applies to the transfer in flight.
+Limit = float | None | Callable[[], float | None]
 
 
 class _Batcher:
@@ -119,13 +122,14 @@ class _Streamer:
 
     def __init__(self, queue: asyncio.Queue[bytes | None], stats: TransferStats,
                  started: float, progress: Progress | None,
-                 bandwidth_limit: float | None, check: Callable[[], None]) -> None:
+                 bandwidth_limit: Limit, check: Callable[[], None]) -> None:
         self.queue = queue
         self.check = check  # raises when the transfer must stop (the peer was removed)
         self.stats = stats
         self.started = started
         self.progress = progress
-        self.bandwidth_limit = bandwidth_limit
+        self.limit = bandwidth_limit if callable(bandwidth_limit) else lambda: bandwidth_limit
+        self.bandwidth_limit = self.limit()
         self.window_start = time.monotonic()
         self.window_bytes = 0
         self.done = False
@@ -159,17 +163,27 @@ class _Streamer:
         yield protocol.STREAM_END
         self.stats.bytes_on_wire += len(protocol.STREAM_END)
 
+    def _follow_limit(self) -> None:
+        """Take up a limit a reload changed; the new rate counts from now."""
+        if (limit := self.limit()) != self.bandwidth_limit:
+            self.bandwidth_limit = limit
+            self.window_start = time.monotonic()
+            self.window_bytes = 0
+
+    def _ahead(self) -> float:
+        """Seconds the stream is ahead of the limit (none without one)."""
+        if not self.bandwidth_limit:
+            return 0.0
+        return self.window_bytes / self.bandwidth_limit - (time.monotonic() - self.window_start)
+
     async def _sent(self, size: int) -> None:
         self.stats.bytes_on_wire += size
-        if self.bandwidth_limit:
-            self.window_bytes += size
-            ahead = (self.window_bytes / self.bandwidth_limit
-                     - (time.monotonic() - self.window_start))
-            while ahead > 0:  # in slices: a removed peer stops the wait too
-                await asyncio.sleep(min(ahead, 0.5))
-                self.check()
-                ahead = (self.window_bytes / self.bandwidth_limit
-                         - (time.monotonic() - self.window_start))
+        self._follow_limit()
+        self.window_bytes += size
+        while (ahead := self._ahead()) > 0:  # in slices: a removed peer, or a reload
+            await asyncio.sleep(min(ahead, 0.5))  # that changes the limit, ends the wait too
+            self.check()
+            self._follow_limit()
         if self.progress:
             self.stats.seconds = time.monotonic() - self.started
             self.progress(self.stats)
@@ -180,7 +194,7 @@ async def send_snapshot(
     peer: PeerClient,
     spec: str,
     progress: Progress | None = None,
-    bandwidth_limit: float | None = None,
+    bandwidth_limit: Limit = None,
 ) -> TransferStats:
     """One attempt at replicating volume snapshot ``spec``. Safe to rerun after a failure."""
     with _holding_gc_off(store, f"{spec} -> {peer.site}"):
@@ -188,7 +202,7 @@ async def send_snapshot(
 
 
 async def _send_snapshot(store: StoreThread, peer: PeerClient, spec: str,
-                         progress: Progress | None, bandwidth_limit: float | None
+                         progress: Progress | None, bandwidth_limit: Limit
                          ) -> TransferStats:
     snap, root_id, root, bases = await store.run(_snapshot_and_bases, store, spec)
     request = {"version": protocol.VERSION, "volume": snap.volume, "snapshot": snap.name,
@@ -217,7 +231,7 @@ async def send_group(
     pg: str,
     name: str,
     progress: Progress | None = None,
-    bandwidth_limit: float | None = None,
+    bandwidth_limit: Limit = None,
 ) -> TransferStats:
     """One attempt at replicating group snapshot ``pg@name`` (all members, one commit)."""
     with _holding_gc_off(store, f"{pg}@{name} -> {peer.site}"):
@@ -225,7 +239,7 @@ async def send_group(
 
 
 async def _send_group(store: StoreThread, peer: PeerClient, pg: str, name: str,
-                      progress: Progress | None, bandwidth_limit: float | None
+                      progress: Progress | None, bandwidth_limit: Limit
                       ) -> TransferStats:
     if "/" in pg:
         raise UserError(f"{pg}@{name} is a group replica received from another site; "
@@ -275,7 +289,7 @@ async def _transfer(
     bases: Bases,
     stats: TransferStats,
     progress: Progress | None,
-    bandwidth_limit: float | None,
+    bandwidth_limit: Limit,
 ) -> TransferStats:
     started = time.monotonic()
     stats.logical_bytes = sum(r.mapped_blocks * r.block_size for _, r in roots)
