@@ -789,6 +789,10 @@ def test_hand_made_sessions_that_break_the_rules_are_refused(two_sites: Sites) -
     status, answer = send_root("pg", group_root((b"\xff\xfe", member)),
                                kind=protocol.KIND_GROUP)
     assert status == 422 and "not UTF-8" in answer["error"], answer
+    # Each refusal ended its session: none is left to hold off gc at site-b (they did, for
+    # their 10 idle minutes, though no source would resume them).
+    assert b.json("status")["sessions"] == 0
+    assert "no blob was deleted" not in b.cli("datastore", "gc").stdout.decode()
 
     for extra, phrase in [
         ({"version": 3.9}, "protocol version 3.9"),

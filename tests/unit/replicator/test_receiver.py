@@ -111,6 +111,12 @@ def test_a_root_whose_top_is_a_data_block_is_refused(rx: Receiver) -> None:
     send(rx, sid, rec(protocol.KIND_BLOCK, decoy))
     with pytest.raises(ProtocolError, match="pages must follow their children"):
         send(rx, sid, rec(protocol.KIND_ROOT, root))
+    # The refusal ended the session: it holds off no gc, and nothing more goes into it
+    # (it had held gc off for its 10 idle minutes, as a session no source would resume).
+    assert gc.gc(rx.store).sessions_open == 0
+    with pytest.raises(TransientError, match="unknown replication session"):
+        rx.commit("src", sid)
+    sid, _ = open_session(rx, "s1", sha(root))
     with pytest.raises(ProtocolError, match="root was sent"):
         rx.commit("src", sid)
 
@@ -125,6 +131,7 @@ def test_an_upper_page_must_list_complete_pages_of_the_level_below(rx: Receiver)
     sid, _ = open_session(rx, "s1", sha(root))
     with pytest.raises(ProtocolError, match="pages must follow their children"):
         send(rx, sid, rec(protocol.KIND_PAGE, upper, level=1))
+    sid, _ = open_session(rx, "s1", sha(root))  # the refusal ended the session
     # The same bytes as a leaf page are fine (its entries are blocks) ...
     send(rx, sid, rec(protocol.KIND_PAGE, upper, level=0))
     # ... but that does not make them a level-1 page: asked as one, it is lacking.
@@ -138,6 +145,7 @@ def test_a_real_base_page_lets_the_target_check_only_the_changes(rx: Receiver) -
     forged = sha(b"never sent") + leaf[32:]
     with pytest.raises(ProtocolError, match="pages must follow their children"):
         send(rx, sid, rec(protocol.KIND_PAGE, forged, base=sha(leaf)))
+    sid, _ = open_session(rx, "s2", sha(root_of(leaf2)))  # the refusal ended the session
     send(rx, sid, rec(protocol.KIND_BLOCK, changed), rec(protocol.KIND_PAGE, leaf2, sha(leaf)),
          rec(protocol.KIND_ROOT, root_of(leaf2)))
     rx.commit("src", sid)
@@ -287,8 +295,8 @@ def test_a_session_under_way_when_the_keys_are_erased_writes_nothing_more(
     keys.crypto_erase(store, "site-a")
     with pytest.raises(KeysDestroyedError):
         send(rx, sid, *[rec(protocol.KIND_BLOCK, b) for b in data[4:]])
-    with pytest.raises(KeysDestroyedError):
-        rx.commit("src", sid)
+    with pytest.raises(TransientError, match="unknown replication session"):
+        rx.commit("src", sid)  # the refusal ended the session
     # Not one byte more on disk, and above all no extent in the clear.
     after = {p: p.read_bytes() for p in (store.path / "segments").glob("*.seg")}
     assert after == segments
@@ -305,9 +313,11 @@ def test_a_leaf_page_naming_a_blob_that_is_not_a_block_is_refused(rx: Receiver) 
         send(rx, sid, *[rec(protocol.KIND_BLOCK, b) for b in (data[0], short, data[2])],
              rec(protocol.KIND_PAGE, leaf), rec(protocol.KIND_ROOT, root))
     # Held from an earlier batch, it is refused all the same.
+    sid, _ = open_session(rx, "s1", sha(root))  # the refusal ended the session
     send(rx, sid, rec(protocol.KIND_BLOCK, short), *[rec(protocol.KIND_BLOCK, b) for b in data])
     with pytest.raises(ProtocolError, match=r"of 100 bytes as a block"):
         send(rx, sid, rec(protocol.KIND_PAGE, leaf), rec(protocol.KIND_ROOT, root))
+    sid, _ = open_session(rx, "s1", sha(root))
     with pytest.raises(ProtocolError):
         rx.commit("src", sid)
 
