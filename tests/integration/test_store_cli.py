@@ -1091,6 +1091,44 @@ def test_failed_export_leaves_the_old_file_and_no_partial_one(
         assert list(out_dir.iterdir()) == [], command
 
 
+def test_an_export_stopped_by_sigterm_leaves_the_old_file_and_no_partial_one(
+        tmp_path: Path, password_file: Path) -> None:
+    """SIGTERM (``kill``, ``timeout``, systemd) ended an export without unwinding it, as an
+    outright kill does: a hidden partial image as large as the data written so far stayed
+    beside the target (350 MB in a review), and no later export removed it. It unwinds as
+    for Ctrl-C now, and says so (exit 143)."""
+    store = tmp_path / "store"
+    access = ("--store", store, "--password-file", password_file)
+    run_cli("site", "init", *access, "--name", "site-a")
+    image = tmp_path / "big.img"
+    with image.open("wb") as f:
+        for _ in range(48):
+            f.write(os.urandom(4 * MiB))
+    run_cli("volume", "import", "big", image, *access)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "old.raw"
+    target.write_bytes(b"OLD IMAGE")
+    proc = subprocess.Popen([sys.executable, "-m", "dvx_dr", "volume", "export", "big", target,
+                             *map(str, access)], stderr=subprocess.PIPE, env=cli_env())
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.name != "old.raw" and p.stat().st_size for p in out_dir.iterdir()):
+            assert proc.poll() is None, "the export ended before it could be stopped"
+            assert time.monotonic() < deadline, "the export wrote nothing"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert err.decode() == "dvx-dr: terminated\n"
+    assert target.read_bytes() == b"OLD IMAGE"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["old.raw"]
+
+
 def _limit_file_size() -> None:
     import resource
 

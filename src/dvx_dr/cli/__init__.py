@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 import sys
 
 from dvx_dr import __version__
@@ -56,6 +57,16 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, systemd stopping a job), raised where the command is,
+    so that it unwinds as it does for Ctrl-C: an export or read removes its unfinished file,
+    an import its volume, instead of leaving them behind as an outright kill does."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None, *, leave: bool = False) -> int:
     """Run one command; its exit code. With ``leave`` (the console script), a command that
     only talked to a running site leaves the process at once (``leave_at_once``)."""
@@ -68,6 +79,9 @@ def main(argv: list[str] | None = None, *, leave: bool = False) -> int:
     except DvxError as exc:
         print(f"dvx-dr: error: {exc}", file=sys.stderr)
         result = exc.exit_code
+    except Terminated:
+        print("dvx-dr: terminated", file=sys.stderr)
+        result = 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("dvx-dr: interrupted", file=sys.stderr)
         result = 130
@@ -100,7 +114,9 @@ def leave_at_once(code: int) -> None:
 
 
 def run() -> int:
-    """The ``dvx-dr`` console script."""
+    """The ``dvx-dr`` console script. (``site serve`` replaces the SIGTERM handler with its
+    own, which stops the site cleanly.)"""
+    signal.signal(signal.SIGTERM, _terminated)
     return main(leave=True)
 
 
