@@ -614,11 +614,15 @@ def test_malformed_batches_are_refused_and_change_nothing(
     before = b.stats()
     block = random.Random(51).randbytes(BS)
     other = random.Random(52).randbytes(BS)
-    status, opened = post(b.port, client, "/sessions", json_body={
-        "version": protocol.VERSION, "volume": "evil", "snapshot": "s1",
-        "root": hashlib.sha256(b"no such root").hexdigest()})
-    assert status == 200, opened
-    sid = opened["session"]
+
+    def new_session() -> str:
+        status, opened = post(b.port, client, "/sessions", json_body={
+            "version": protocol.VERSION, "volume": "evil", "snapshot": "s1",
+            "root": hashlib.sha256(b"no such root").hexdigest()})
+        assert status == 200, opened
+        return str(opened["session"])
+
+    sid = new_session()
     good = record(block)
     cases = [
         ("truncated frame", stream(batch(good)[:_BATCH.size + _RECORD.size + 1000]), 400,
@@ -652,11 +656,17 @@ def test_malformed_batches_are_refused_and_change_nothing(
         status, answer = post(b.port, client, f"/sessions/{sid}/blobs", data=body)
         assert status == want_status, f"{what}: HTTP {status} {answer}"
         assert phrase in answer.get("error", ""), f"{what}: {answer}"
+        # The refusal aborted the session: nothing more goes into it, and it holds off no gc.
+        status, answer = post(b.port, client, f"/sessions/{sid}/blobs", data=stream(batch(good)))
+        assert status == 503 and "unknown replication session" in answer["error"], answer
+        sid = new_session()
 
     status, answer = post(b.port, client, f"/sessions/{sid}/have", data=b"\1" * 33)
     assert status == 400 and "multiple of 32" in answer["error"], answer
+    sid = new_session()
     status, answer = post(b.port, client, f"/sessions/{sid}/commit", json_body={})
     assert status == 400 and "root" in answer["error"], answer
+    sid = new_session()
     status, answer = post(b.port, client, "/sessions/0123abcd/blobs", data=stream(batch(good)))
     assert status == 503 and "unknown replication session" in answer["error"], answer
 
@@ -673,6 +683,7 @@ def test_malformed_batches_are_refused_and_change_nothing(
     status, answer = post(b.port, client, f"/sessions/{sid}/blobs", data=stream(
         batch(good), batch(record(other, blob=hashlib.sha256(b"x").digest()))))
     assert status == 422 and "does not match its id" in answer["error"], answer
+    sid = new_session()
     status, answer = post(b.port, client, f"/sessions/{sid}/have",
                           data=hashlib.sha256(block).digest() + hashlib.sha256(other).digest())
     assert status == 200 and answer == {"raw": "\0\1"}, answer  # held, lacking
@@ -715,20 +726,26 @@ def test_page_naming_a_base_is_checked_where_it_differs(two_sites: Sites,
 
     client = client_context(a.cert, a.key, a.ca)
     unknown = hashlib.sha256(b"never stored").digest()
-    status, opened = post(b.port, client, "/sessions", json_body={
-        "version": protocol.VERSION, "volume": "crafted", "snapshot": "s1",
-        "root": unknown.hex(), "ask": [root.hex(), base.hex(), unknown.hex()]})
-    assert status == 200, opened
-    # The 'ask' folded into the opening is about roots: a page, even one held, is not one.
-    assert opened["lacking"] == [base.hex(), unknown.hex()]
-    sid = opened["session"]
 
+    def new_session() -> str:
+        """A session of the crafted replica (a refusal ends the one it happened in)."""
+        status, opened = post(b.port, client, "/sessions", json_body={
+            "version": protocol.VERSION, "volume": "crafted", "snapshot": "s1",
+            "root": unknown.hex(), "ask": [root.hex(), base.hex(), unknown.hex()]})
+        assert status == 200, opened
+        # The 'ask' folded into the opening is about roots: a page, even one held, is not
+        # one.
+        assert opened["lacking"] == [base.hex(), unknown.hex()]
+        return str(opened["session"])
+
+    sid = new_session()
     forged = list(ids)
     forged[3] = unknown
     status, answer = post(b.port, client, f"/sessions/{sid}/blobs",
                           data=stream(batch(page_record(b"".join(forged), base))))
     assert status == 400 and "pages must follow their children" in answer["error"], answer
 
+    sid = new_session()
     revised = list(ids)
     revised[3], revised[4] = held[-1], bytes(32)  # a block the target holds, and a hole
     status, answer = post(b.port, client, f"/sessions/{sid}/blobs",

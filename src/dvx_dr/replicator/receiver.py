@@ -17,14 +17,12 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from dvx_dr.errors import (
-    DvxError,
     IntegrityError,
     NotFoundError,
     ProtocolError,
@@ -186,36 +184,20 @@ class Receiver:
         records = protocol.decode_batch(body)
         return CheckedBatch(records, self._verify(records), len(body))
 
+    def end(self, source: str, sid: str) -> None:
+        """End session ``sid`` of ``source`` after a refusal of one of its steps (a bad
+        batch, a full disk, a block size this store cannot take): what a source does next is
+        a new attempt with a new session, and this one's pin would only hold off gc here for
+        ``SESSION_IDLE`` (gc that a full disk needs at once). What it stored stays, for gc to
+        judge."""
+        s = self.sessions.get(sid)
+        if s is not None and s.source == source:
+            del self.sessions[sid]
+            self.store.unpin(sid)
+            log.info("session %s from %s ended by the refusal", sid[:8], source)
+
     def receive(self, source: str, sid: str, checked: CheckedBatch) -> dict[str, int]:
         """Store a batch ``check_batch`` has checked, whole or not at all."""
-        with self._ended_by_refusal(source, sid):
-            return self._receive(source, sid, checked)
-
-    def commit(self, source: str, sid: str) -> dict[str, Any]:
-        """Make the session's snapshot (or group snapshot) a replica here."""
-        with self._ended_by_refusal(source, sid):
-            return self._commit(source, sid)
-
-    @contextmanager
-    def _ended_by_refusal(self, source: str, sid: str) -> Iterator[None]:
-        """End the session when a step of it is refused (a bad batch, a full disk, a block
-        size this store cannot take): what a source does next is a new attempt with a new
-        session, and this one's pin would only hold off gc here for ``SESSION_IDLE`` (gc that a
-        full disk needs at once). A passing error (``TransientError``: an unknown session, a
-        store busy) leaves it as it is."""
-        try:
-            yield
-        except TransientError:
-            raise
-        except DvxError:
-            s = self.sessions.get(sid)
-            if s is not None and s.source == source:
-                del self.sessions[sid]
-                self.store.unpin(sid)
-                log.info("session %s from %s ended by the refusal", sid[:8], source)
-            raise
-
-    def _receive(self, source: str, sid: str, checked: CheckedBatch) -> dict[str, int]:
         s = self.session(source, sid)
         records, plains = checked.records, checked.plains
         payloads = [Payload(r.id, r.compressed, r.payload, r.plain_len) for r in records]
@@ -274,7 +256,7 @@ class Receiver:
         except StoreFullError:
             # The batches before this one stay durable: a rerun sends only what is missing,
             # unless the gc that must now free space takes them (the session ends with this
-            # refusal, so its pin does not hold that gc off).
+            # refusal, ``end``, so its pin does not hold that gc off).
             raise StoreFullError(self.store.full_message(
                 f"this transfer's session had stored {s.blobs} blobs" if s.blobs else None,
                 "the session ended; free space at this site (delete snapshots or volumes, "
@@ -331,7 +313,7 @@ class Receiver:
         parts = [records[k:k + 16] for k in range(0, len(records), 16)]
         return [p for part in self.store.pool.map(check, parts) for p in part]
 
-    def _commit(self, source: str, sid: str) -> dict[str, Any]:
+    def commit(self, source: str, sid: str) -> dict[str, Any]:
         s = self.session(source, sid)
         blobs = self.store.blobs
         row = self._complete([s.root], treeblobs.GROUP if s.group else treeblobs.ROOT).get(s.root)

@@ -26,7 +26,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -344,12 +344,29 @@ async def open_session(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+@contextlib.asynccontextmanager
+async def _session_step(request: web.Request, sid: str) -> AsyncIterator[None]:
+    """A request of session ``sid``: its pin cannot lapse meanwhile (``Store.pin_busy``), and
+    a refusal (any error but a passing one) aborts the session: the source's next attempt
+    opens a new one, and this one would hold off gc here until it lapsed."""
+    service = request.app[SERVICE]
+    with service.store.store.pin_busy(sid):
+        try:
+            yield
+        except TransientError:
+            raise
+        except DvxError:
+            with contextlib.suppress(DvxError):  # the refusal is what the peer hears
+                await service.store.run(service.receiver.end, request["peer"], sid)
+            raise
+
+
 async def have(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    body = await _body(request)
-    level = protocol.decode_level(request.query.get("level"))
     sid = request.match_info["sid"]
-    with service.store.store.pin_busy(sid):
+    async with _session_step(request, sid):
+        body = await _body(request)
+        level = protocol.decode_level(request.query.get("level"))
         answer = await service.store.run(service.receiver.have, request["peer"], sid, body,
                                          level)
     return web.Response(body=answer, content_type="application/octet-stream")
@@ -380,7 +397,7 @@ async def blobs(request: web.Request) -> web.Response:
 
     # An unknown session is refused before anything of the stream is read.
     await service.store.run(receiver.session, request["peer"], sid)
-    with service.store.store.pin_busy(sid):
+    async with _session_step(request, sid):
         try:
             async for batch in protocol.read_stream(request.content):
                 # Not the store's pool: checking fans out to it, and waiting there for it
@@ -413,7 +430,7 @@ def _consumed(future: asyncio.Future[Any]) -> None:
 async def commit(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     sid = request.match_info["sid"]
-    with service.store.store.pin_busy(sid):
+    async with _session_step(request, sid):
         result = await service.store.run(service.receiver.commit, request["peer"], sid)
     return web.json_response(result)
 
