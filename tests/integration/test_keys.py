@@ -233,8 +233,13 @@ def test_enable_on_plain_data_then_convert_and_back(tmp_path: Path, password_fil
     assert by_version(cli.status()) == {0: (0, 0), 1: (32, sum(segments(store).values()))}
     assert cli.export() == image
 
+    # Enabling what is enabled says that nothing changed (it said "encryption enabled").
+    assert cli("datastore", "encryption", "enable").stdout == \
+        b"encryption is already enabled; nothing changed\n"
     # Disable: new data is plain again; convert --to plain decrypts the rest.
-    cli("datastore", "encryption", "disable")
+    assert cli("datastore", "encryption", "disable").stdout.startswith(b"encryption disabled:")
+    assert cli("datastore", "encryption", "disable").stdout == \
+        b"encryption is already disabled; nothing changed\n"
     block = random_blocks(rng, 1, plain_mark)
     (tmp_path / "block").write_bytes(block)
     cli("volume", "write", "vm1", tmp_path / "block", "--offset", 0)

@@ -101,7 +101,9 @@ def cmd_enable(args: argparse.Namespace) -> int:
             raise UserError("this store has encryption keys from before, and enabling "
                             "encryption again uses them and their password; leave out "
                             "--new-password-file ('change-password' changes the password)")
-        run_op(args, "encryption.enable", {"new_password": None})
+        if not run_op(args, "encryption.enable", {"new_password": None})["changed"]:
+            print("encryption is already enabled; nothing changed")
+            return 0
         print("encryption enabled with the store's existing keys (the password is unchanged): "
               "new data will be encrypted; existing plain data stays so until converted "
               "('dvx-dr datastore encryption convert --to encrypted')")
@@ -126,7 +128,9 @@ def cmd_enable(args: argparse.Namespace) -> int:
 
 
 def cmd_disable(args: argparse.Namespace) -> int:
-    run_op(args, "encryption.disable", {})
+    if not run_op(args, "encryption.disable", {})["changed"]:
+        print("encryption is already disabled; nothing changed")
+        return 0
     print("encryption disabled: new data is written unencrypted; encrypted data stays "
           "encrypted and readable ('convert --to plain' rewrites it)")
     return 0

@@ -123,6 +123,8 @@ def enable(store: Store, new_password: str | None) -> dict[str, Any]:
                         "('change-password' changes it)")
     if store.keyed:
         _require_keys(store)
+        if store.encrypted:
+            return {"encryption": "on", "changed": False, "new_keys": False}
         with store.transaction() as db:
             dbmod.set_meta(db, "encryption", "on")
         store.apply_write_setting()
@@ -161,10 +163,12 @@ def enable(store: Store, new_password: str | None) -> dict[str, Any]:
 
 def disable(store: Store) -> dict[str, Any]:
     _require_keys(store)
+    if not store.encrypted:
+        return {"encryption": "off", "changed": False}
     with store.transaction() as db:
         dbmod.set_meta(db, "encryption", "off")
     store.apply_write_setting()
-    return {"encryption": "off"}
+    return {"encryption": "off", "changed": True}
 
 
 def change_password(store: Store, password: str | None, new_password: str) -> dict[str, Any]:
