@@ -898,6 +898,19 @@ def test_empty_write_past_the_end_and_an_empty_snapshot_name_are_refused(
     assert site.export("v") == content
 
 
+def test_names_other_than_ascii_and_an_import_from_standard_input_are_refused_as_such(
+        site_with_volume: tuple[Site, bytes]) -> None:
+    """'é' is a letter, so "use letters" did not say why it was refused; and 'volume import
+    NAME -' said "cannot read image -: No such file or directory"."""
+    site, _ = site_with_volume
+    err = assert_one_line_error(site("volume", "create", "é", "--size", "1MiB", check=False))
+    assert "volume name 'é': use ASCII letters (a-z, A-Z)" in err
+    err = assert_one_line_error(site("snapshot", "create", "v", "--name", "日本", check=False))
+    assert "snapshot name '日本': use ASCII letters (a-z, A-Z)" in err
+    err = assert_one_line_error(site("volume", "import", "w", "-", input=b"data", check=False))
+    assert "not standard input" in err and "'dvx-dr volume write NAME -'" in err
+
+
 # -- sparse exports ----------------------------------------------------------------------
 
 THIN = 256 * MiB

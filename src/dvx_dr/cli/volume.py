@@ -82,6 +82,10 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    if str(args.file) == "-":
+        raise UserError("volume import reads a disk image file or block device, not standard "
+                        "input; from a pipe, create the volume ('dvx-dr volume create NAME "
+                        "--size SIZE') and write it ('dvx-dr volume write NAME -')")
     path = args.file.resolve()
     try:
         size = os.stat(path).st_size

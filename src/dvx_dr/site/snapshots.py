@@ -202,8 +202,8 @@ def _dirty_block_ids(store: Store, vol: int, nblocks: int, leaves: dict[int, byt
 def create(store: Store, volume: str, name: str | None = None) -> SnapshotInfo:
     name = default_name() if name is None else name
     if not SNAP_NAME.fullmatch(name):
-        raise UserError(f"snapshot name {name!r}: use letters, digits and . _ : + - "
-                        "(up to 128)")
+        raise UserError(f"snapshot name {name!r}: use ASCII letters (a-z, A-Z), digits and "
+                        ". _ : + - (up to 128)")
     info = volumes.get(store, volume)
     with store.transaction() as db:
         if db.execute("SELECT 1 FROM snapshots WHERE volume=? AND name=?",

@@ -61,8 +61,8 @@ def valid_name(name: str) -> bool:
 
 def check_name(name: str) -> None:
     if not valid_name(name):
-        raise UserError(f"volume name {name!r}: use letters, digits, '.', '_' and '-' "
-                        "(up to 128), starting with a letter or digit")
+        raise UserError(f"volume name {name!r}: use ASCII letters (a-z, A-Z), digits, '.', "
+                        "'_' and '-' (up to 128), starting with a letter or digit")
 
 
 def _check_size(size: int) -> None:
