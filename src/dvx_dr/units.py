@@ -60,6 +60,20 @@ def parse_duration(text: str | int | float, what: str = "duration") -> float:
     return total
 
 
+def count(n: int, thing: str) -> str:
+    """``count(1, "block")`` -> ``"1 block"``, ``count(2, "block")`` -> ``"2 blocks"``."""
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
+
+
+def format_size_exact(n: int) -> str:
+    """A size as ``format_size`` shows it, with its bytes when that rounds them:
+    65536 -> ``"64.0 KiB"``, 65537 -> ``"65537 bytes (64.0 KiB)"``."""
+    shown = format_size(n)
+    value, unit = shown.split()
+    scale = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}[unit]
+    return shown if float(value) * scale == n else f"{count(n, 'byte')} ({shown})"
+
+
 def format_size(n: float) -> str:
     """1536 -> ``"1.5 KiB"``."""
     value = float(n)

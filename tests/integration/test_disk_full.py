@@ -272,7 +272,7 @@ def test_a_store_too_full_to_open_gives_up_its_reserve_so_gc_still_runs(
     filler = fill(disk, 0)
     assert free(disk) == 0
     out = run_cli("datastore", "gc", *args).stdout.decode()
-    assert "deleted 1 segment files" in out and free(disk) >= 2 * MiB, out
+    assert "deleted 1 segment file" in out and free(disk) >= 2 * MiB, out
     filler.unlink()
     run_cli("volume", "list", *args)
     assert (store / RESERVE_NAME).stat().st_size == RESERVE_BYTES
@@ -306,7 +306,7 @@ def test_gc_deletes_dead_segments_when_a_compaction_does_not_fit(
 
     filler.unlink()
     out = run_cli("datastore", "gc", *args).stdout.decode()
-    assert "compacted 1 segments" in out and "00000001.seg" not in segments(store), out
+    assert "compacted 1 segment" in out and "00000001.seg" not in segments(store), out
     expected = over.read_bytes() + mix.read_bytes()[13 * MiB:]
     assert run_cli("volume", "read", "mix", "--length", 24 * MiB, *args).stdout == expected
     assert run_cli("datastore", "scrub", *args).returncode == 0
@@ -346,7 +346,7 @@ def test_convert_needs_room_for_one_segment_and_says_how_far_it_got(
     filler.unlink()
     fill(disk, 20 * MiB)  # room for the 14 MiB segment
     out = run_cli("datastore", "encryption", "convert", "--to", "encrypted", *args)
-    assert "(1 segments rewritten, 0 extents left)" in out.stdout.decode()
+    assert "(1 segment rewritten, 0 extents left)" in out.stdout.decode()
     assert sum(segments(store).values()) <= stored + 64 * 1024
     assert run_cli("datastore", "scrub", *args).returncode == 0
 

@@ -1262,3 +1262,23 @@ def test_shrink_and_container_images_through_a_running_site(tmp_path: Path) -> N
         assert site.cli("volume", "export", "v", "-").stdout == content[:MiB // 2]
         site.cli("volume", "import", "as-is", qcow2, "--any-format")
         assert site.cli("volume", "export", "as-is", "-").stdout == qcow2.read_bytes()
+
+
+def test_gc_that_frees_no_file_space_says_where_the_space_went(
+        tmp_path: Path, password_file: Path) -> None:
+    """'gc: removed 1 unused blobs ... reclaimed 0 B' read as if nothing had been freed (and
+    said '1 blobs')."""
+    store = tmp_path / "store"
+    access = ("--store", store, "--password-file", password_file)
+    run_cli("site", "init", *access, "--name", "site-a")
+    image = tmp_path / "img"
+    image.write_bytes(os.urandom(8 * MiB))
+    run_cli("volume", "import", "vm1", image, *access)
+    (tmp_path / "block").write_bytes(os.urandom(64 * 1024))
+    run_cli("volume", "write", "vm1", tmp_path / "block", "--offset", "0", *access)
+    out = run_cli("datastore", "gc", *access).stdout.decode().splitlines()
+    assert out[0] == ("gc: removed 1 unused blob, compacted 0 segments, deleted 0 segment "
+                      "files; reclaimed 0 B")
+    assert out[1] == ("gc: the removed blobs' space stays inside their segment files for now: "
+                      "a segment is rewritten without its dead extents once under half of it "
+                      "is live, and deleted once none is")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dvx_dr.errors import UserError
-from dvx_dr.units import parse_size
+from dvx_dr.units import count, format_size_exact, parse_size
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 
@@ -47,3 +47,17 @@ def test_fractions_of_a_byte_and_huge_numbers_are_refused() -> None:
         parse_size("1.1", "--size")
     with pytest.raises(UserError, match="far too large"):
         parse_size("9" * 40, "--size")
+
+
+@pytest.mark.parametrize(("n", "shown"), [
+    (0, "0 B"), (1000, "1000 B"), (65536, "64.0 KiB"), (65537, "65537 bytes (64.0 KiB)"),
+    (65540, "65540 bytes (64.0 KiB)"), (1 << 30, "1.0 GiB"), (1, "1 B"),
+    ((1 << 20) + (1 << 19), "1.5 MiB"), ((1 << 20) + 1, "1048577 bytes (1.0 MiB)"),
+])
+def test_a_size_shown_rounded_also_gives_its_bytes(n: int, shown: str) -> None:
+    """'imported ... (64.0 KiB, ...)' for 65,537 bytes hid the odd byte."""
+    assert format_size_exact(n) == shown
+
+
+def test_counts_are_singular_for_one() -> None:
+    assert [count(n, "blob") for n in (0, 1, 2)] == ["0 blobs", "1 blob", "2 blobs"]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from dvx_dr.cli import encryption
 from dvx_dr.cli.common import print_json
 from dvx_dr.cli.context import StoreCommands, progress_bar, run_op
-from dvx_dr.units import format_size
+from dvx_dr.units import count, format_size
 
 if TYPE_CHECKING:
     from dvx_dr.site.store import Store
@@ -82,9 +82,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
         return 0
-    print(f"gc: removed {report['blobs_deleted']} unused blobs, compacted "
-          f"{report['segments_compacted']} segments, deleted {report['segments_deleted']} "
-          f"segment files; reclaimed {format_size(report['reclaimed'])}")
+    print(f"gc: removed {count(report['blobs_deleted'], 'unused blob')}, compacted "
+          f"{count(report['segments_compacted'], 'segment')}, deleted "
+          f"{count(report['segments_deleted'], 'segment file')}; "
+          f"reclaimed {format_size(report['reclaimed'])}")
+    if report["blobs_deleted"] and report["reclaimed"] <= 0:
+        print("gc: the removed blobs' space stays inside their segment files for now: a "
+              "segment is rewritten without its dead extents once under half of it is live, "
+              "and deleted once none is")
     if report.get("sessions_open"):
         print(f"gc: {report['sessions_open']} replication sessions (sent or received) or "
               "snapshot reads through the site were open, so no blob was deleted; run gc "

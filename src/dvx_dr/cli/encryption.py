@@ -18,7 +18,7 @@ from dvx_dr.cli.context import (
     run_op,
 )
 from dvx_dr.errors import UserError
-from dvx_dr.units import format_size
+from dvx_dr.units import count, format_size
 
 if TYPE_CHECKING:
     from dvx_dr.site.store import Store
@@ -204,7 +204,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     r = run_op(args, "encryption.convert", {"to": args.to}, local)
     target = f"key version {r['key_version']}" if args.to == "encrypted" else "plain"
     print(f"converted {format_size(r['bytes_converted'])} to {target} "
-          f"({r['segments_rewritten']} segments rewritten, {r['extents_left']} extents left)")
+          f"({count(r['segments_rewritten'], 'segment')} rewritten, "
+          f"{count(r['extents_left'], 'extent')} left)")
     return 0
 
 

@@ -9,7 +9,7 @@ from dvx_dr.cli import remote
 from dvx_dr.cli.common import print_json, print_table
 from dvx_dr.cli.context import StoreCommands, progress_bar, run_op
 from dvx_dr.cli.volume import copy_out, counted
-from dvx_dr.units import format_size, parse_size
+from dvx_dr.units import count, format_size, parse_size
 
 if TYPE_CHECKING:
     from dvx_dr.site.store import Store
@@ -79,8 +79,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for r in ranges:
         print(f"{r['offset']}\t{r['length']}")
     total = sum(r["length"] for r in ranges)
-    count = f"{len(ranges)} range" + ("" if len(ranges) == 1 else "s")
-    print(f"# {count}, {total} bytes ({format_size(total)}) differ, in whole blocks")
+    print(f"# {count(len(ranges), 'range')}, {count(total, 'byte')} ({format_size(total)}) "
+          "differ, in whole blocks")
     if sizes[0] != sizes[1]:
         print(f"# {args.a} is {sizes[0]} bytes ({format_size(sizes[0])}), {args.b} "
               f"{sizes[1]} bytes ({format_size(sizes[1])})")

@@ -20,7 +20,7 @@ from dvx_dr.cli.common import print_json, print_table
 from dvx_dr.cli.context import StoreCommands, progress_bar, run_op
 from dvx_dr.errors import UserError
 from dvx_dr.site import lockfile
-from dvx_dr.units import format_size, parse_size
+from dvx_dr.units import count, format_size, format_size_exact, parse_size
 
 if TYPE_CHECKING:
     from dvx_dr.site.store import Store
@@ -77,7 +77,7 @@ def register(groups: Any) -> None:
 def cmd_create(args: argparse.Namespace) -> int:
     info = run_op(args, "volume.create", {"name": args.name,
                                           "size": parse_size(args.size, "--size")})
-    print(f"created volume {info['name']} ({format_size(info['size'])})")
+    print(f"created volume {info['name']} ({format_size_exact(info['size'])})")
     return 0
 
 
@@ -103,8 +103,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     # (``volumes.import_file``) unless --any-format.
     info = run_op(args, "volume.import", {"name": args.name, "path": str(path),
                                           "any_format": args.any_format}, local)
-    print(f"imported {args.file} as volume {info['name']} ({format_size(info['size'])}, "
-          f"{info['mapped_blocks']} blocks stored, the rest holes)")
+    print(f"imported {args.file} as volume {info['name']} ({format_size_exact(info['size'])}, "
+          f"{count(info['mapped_blocks'], 'block')} stored, the rest holes)")
     return 0
 
 
@@ -315,7 +315,7 @@ def cmd_write(args: argparse.Namespace) -> int:
     finally:
         if source is not sys.stdin.buffer:
             source.close()
-    print(f"wrote {result['written']} bytes to volume {args.name} at offset {offset}")
+    print(f"wrote {count(result['written'], 'byte')} to volume {args.name} at offset {offset}")
     return 0
 
 
@@ -368,7 +368,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
     # site alike.
     info = run_op(args, "volume.resize", {"name": args.name, "shrink": args.shrink,
                                           "size": parse_size(args.size, "--size")})
-    print(f"volume {info['name']} is now {format_size(info['size'])}")
+    print(f"volume {info['name']} is now {format_size_exact(info['size'])}")
     return 0
 
 

@@ -38,7 +38,7 @@ from dvx_dr.errors import StoreFullError
 from dvx_dr.site import refs, snapshots, treeblobs
 from dvx_dr.site.segments import fsync_dir, segment_path
 from dvx_dr.site.store import Store, make_reserve, release_reserve
-from dvx_dr.units import format_size
+from dvx_dr.units import count, format_size
 
 COMPACT_BELOW = 0.5
 #: Index rows deleted per sweep transaction. Each costs about one 4 KiB log page (its keyed
@@ -76,8 +76,9 @@ class GcReport:
         if not (self.blobs_deleted or self.segments_deleted or self.segments_compacted):
             return None
         return (f"gc reclaimed {format_size(max(0, self.reclaimed))} (removed "
-                f"{self.blobs_deleted} unused blobs, deleted {self.segments_deleted} segment "
-                f"files, compacted {self.segments_compacted} segments)")
+                f"{count(self.blobs_deleted, 'unused blob')}, deleted "
+                f"{count(self.segments_deleted, 'segment file')}, compacted "
+                f"{count(self.segments_compacted, 'segment')})")
 
 
 def _segment_bytes(store: Store) -> dict[int, int]:

@@ -59,7 +59,7 @@ from dvx_dr.site.store import (
     finish_erase,
     read_startup_key,
 )
-from dvx_dr.units import format_size
+from dvx_dr.units import count, format_size
 
 FIPS_MODES = ("off", "approved", "validated")
 
@@ -261,7 +261,7 @@ def _converted(store: Store, report: gc.GcReport, wanted: int) -> str:
     left_n, left_b = store.db.execute(
         "SELECT COUNT(*), COALESCE(SUM(length), 0) FROM blobs WHERE key_version != ?",
         (wanted,)).fetchone()
-    return (f"convert rewrote {report.segments_compacted} segments "
+    return (f"convert rewrote {count(report.segments_compacted, 'segment')} "
             f"({format_size(report.bytes_compacted)}; {left_n} extents, "
             f"{format_size(left_b)} of the old form are left, and no old copy of what it "
             f"rewrote stays on disk) and gc reclaimed {format_size(max(0, report.reclaimed))}")

@@ -151,7 +151,7 @@ def test_gc_stopped_by_a_full_disk_says_what_it_reclaimed(
         gc.gc(store)
     message = str(caught.value)
     assert "gc reclaimed" in message and "removed 28 unused blobs" in message, message
-    assert "deleted 1 segment files" in message and "run 'dvx-dr datastore gc' again" in message
+    assert "deleted 1 segment file" in message and "run 'dvx-dr datastore gc' again" in message
     assert "nothing of this operation was committed" not in message
     assert not (store_dir / "segments" / "00000001.seg").exists()
     assert (store_dir / RESERVE_NAME).stat().st_size == RESERVE_BYTES
