@@ -611,6 +611,22 @@ def test_a_new_group_is_snapshotted_at_once_not_an_interval_later(sites: Sites) 
     assert status(a)["groups"]["g"]["last_snapshot"] is not None
 
 
+def test_a_site_stopped_during_a_post_snapshot_step_logs_no_traceback(sites: Sites) -> None:
+    """The snapshot job caught the stop (a cancellation) while it took the snapshot, but not
+    in the steps after it (the post-snapshot hook, local retention): APScheduler logged a
+    traceback ("Job ... raised an exception ... CancelledError")."""
+    (a,) = make_sites(sites, "site-a")
+    sites.start("site-a")
+    op(a, "volume.create", name="vm1", size=256 * KiB)
+    (a.root / "policies" / "g.yaml").write_text(policy(
+        "g", '["vm1"]', schedule="1h", hooks=hook("sleep 20", "30s", "post_snapshot")))
+    assert pg_apply(a).returncode == 0
+    wait_for("the snapshot", lambda: group_names(a, "g"), timeout=10)
+    assert a.stop(timeout=15) == 0
+    assert "post-snapshot steps interrupted: the site is stopping" in a.log(), a.log()[-3000:]
+    assert site_bugs(sites) == {}
+
+
 def hook(command: str, timeout: str, which: str = "pre_snapshot") -> str:
     return f"hooks:\n  {which}:\n    command: {command!r}\n    timeout: {timeout}\n"
 

@@ -152,7 +152,7 @@ async def _refuse_stopping(service: SiteService, reader: asyncio.StreamReader,
     """Tell a command that connects while the site stops that it is stopping (exit 4). Its
     request is read first, so that the command is not cut off while still sending it."""
     try:
-        with contextlib.suppress(ValueError, TimeoutError):  # too long or too slow: answered
+        with contextlib.suppress(ValueError, TimeoutError, ConnectionError):  # answered anyway
             await asyncio.wait_for(reader.readline(), CLOSE_SECONDS)
         writer.write(adminwire.encode({
             "error": f"site {service.config.name} is stopping and takes no more commands; run "

@@ -398,11 +398,17 @@ class Scheduler:
                 return
             status.last_snapshot = snap.spec
             status.snapshots_total += 1
-            hook_error = await self._post_snapshot(name, policy, snap)
-            status.last_snapshot_error = "; ".join(e for e in (conflict, hook_error) if e) or None
-            if status.last_snapshot_error:
-                status.last_snapshot_error_time = time.time()
-            await self._apply_local_retention(name, policy)
+            try:
+                hook_error = await self._post_snapshot(name, policy, snap)
+                status.last_snapshot_error = "; ".join(
+                    e for e in (conflict, hook_error) if e) or None
+                if status.last_snapshot_error:
+                    status.last_snapshot_error_time = time.time()
+                await self._apply_local_retention(name, policy)
+            except asyncio.CancelledError:  # as above: the snapshot is taken, the rest waits
+                log.info("group %s: post-snapshot steps interrupted: the site is stopping",
+                         name)
+                return
         for target in policy.replication:
             if target.after_snapshot:
                 self._spawn(self.replicate_job(name, target.site))
