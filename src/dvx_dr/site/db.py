@@ -279,12 +279,15 @@ def select_in(db: sqlite3.Connection, query: str, values: Iterable[Any],
               params: Sequence[Any] = ()) -> Iterator[Any]:
     """Rows of ``query`` for every value in ``values``: ``query`` holds ``IN (?*)``, which
     becomes a list of placeholders, run once per ``IN_CHUNK`` values; ``params`` are bound
-    before each chunk's values."""
+    before each chunk's values. Each chunk's rows are fetched whole before any is yielded,
+    so no statement stays open between them: a generator left unfinished (its caller
+    interrupted by Ctrl-C or SIGTERM) has nothing to close in a database closed since
+    (SQLite's "Cannot operate on a closed database" at exit)."""
     wanted = list(values)
     for start in range(0, len(wanted), IN_CHUNK):
         part = wanted[start:start + IN_CHUNK]
         yield from db.execute(query.replace("(?*)", "(" + ",".join("?" * len(part)) + ")"),
-                              (*params, *part))
+                              (*params, *part)).fetchall()
 
 
 def get_meta(db: sqlite3.Connection, key: str) -> str | None:
