@@ -68,17 +68,22 @@ def count(n: int, thing: str) -> str:
 def format_size_exact(n: int) -> str:
     """A size as ``format_size`` shows it, with its bytes when that rounds them:
     65536 -> ``"64.0 KiB"``, 65537 -> ``"65537 bytes (64.0 KiB)"``."""
-    shown = format_size(n)
-    value, unit = shown.split()
-    scale = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}[unit]
-    return shown if float(value) * scale == n else f"{count(n, 'byte')} ({shown})"
+    shown, exact = _shown(n)
+    return shown if exact else f"{count(n, 'byte')} ({shown})"
 
 
 def format_size(n: float) -> str:
     """1536 -> ``"1.5 KiB"``."""
+    return _shown(n)[0]
+
+
+def _shown(n: float) -> tuple[str, bool]:
+    """``n`` bytes in the largest unit under 1024 of it (TiB at most), and whether what is
+    shown is exactly ``n``."""
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    for power, unit in enumerate(("B", "KiB", "MiB", "GiB", "TiB")):
         if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            shown = f"{value:.0f}" if unit == "B" else f"{value:.1f}"
+            return f"{shown} {unit}", float(shown) * 1024 ** power == n
         value /= 1024
     raise AssertionError("unreachable")

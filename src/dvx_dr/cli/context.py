@@ -80,15 +80,15 @@ def store_path(args: argparse.Namespace) -> Path:
 
 
 #: Password files already warned about in this process (a command may read one twice).
-_warned_open: set[Path] = set()
+_warned: set[Path] = set()
 
 
 def _warn_if_others_may_read(path: Path, st: os.stat_result) -> None:
     """Warn, as ssh does for a private key, when a regular password file can be read or
     written by users other than its owner; a pipe or process substitution is left alone."""
-    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o077 or path in _warned_open:
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o077 or path in _warned:
         return
-    _warned_open.add(path)
+    _warned.add(path)
     print(f"dvx-dr: warning: password file {path} can be read or changed by other users "
           f"(mode {stat.S_IMODE(st.st_mode):04o}); make it private with 'chmod 600 {path}'",
           file=sys.stderr)

@@ -18,7 +18,6 @@ from dvx_dr.site.store import Store, now_iso
 CONFIGURED = "target_configured:"
 
 
-
 def volume_names(store: Store) -> list[str]:
     return [v.name for v in volumes.list_volumes(store)]
 
